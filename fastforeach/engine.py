@@ -1,0 +1,264 @@
+"""The one engine behind every fastforeach optimizer.
+
+`ForEachOptimizer` is a `fastai.optimizer.Optimizer` whose `step` gathers, once per step, every param
+that has a gradient together with its gradient, its state and its `do_wd` flag, applies weight decay,
+and hands whole lists of tensors to a pure *step rule*.
+
+A step rule is a function over lists whose signature is its state spec::
+
+    def adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps): ...
+
+- positional `p, g`: the params and their gradients;
+- further positional names: per-param state tensors under fastai's own keys, created as zeros on the
+  first step;
+- keyword-only names: hypers read from the param group at every step, plus `step` (fastai's per-param
+  step count, already incremented) when the rule asks for it.
+
+A rule may return a dict of per-param values to store in the state (Larc's `local_lr`).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from numbers import Real
+from typing import Callable
+
+import torch
+from fastai.optimizer import Optimizer
+
+__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias']
+
+# On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
+# N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
+# loaded; on GPU one launch over everything is best.
+CPU_CHUNK_BYTES = 1 << 20
+
+
+def debias(mom: float, damp: float, step: int) -> float:
+    "Sum of the weights an exponential average with `mom` and `damp` has given to `step` values."
+    return damp * (1 - mom**step) / (1 - mom)
+
+
+def _at_least_zero(v): return v >= 0
+def _fraction(v): return 0 <= v < 1
+def _closed_fraction(v): return 0 <= v <= 1
+
+
+# Range of every hyper a rule may read: (predicate, what the predicate says).
+HYPER_RANGES: dict[str, tuple[Callable, str]] = {
+    'lr': (_at_least_zero, '>= 0'),
+    'wd': (_at_least_zero, '>= 0'),
+    'eps': (_at_least_zero, '>= 0'),
+    'mom': (_fraction, 'in [0, 1)'),
+    'sqr_mom': (_fraction, 'in [0, 1)'),
+    'beta': (_at_least_zero, '>= 0'),
+    'nu_1': (_closed_fraction, 'in [0, 1]'),
+    'nu_2': (_closed_fraction, 'in [0, 1]'),
+    'trust_coeff': (_at_least_zero, '>= 0'),
+}
+
+
+def check_hyper(name: str, value, where: str = '') -> None:
+    "Raise `ValueError` naming `name` and `value` when `value` is not a number in the hyper's range."
+    if name not in HYPER_RANGES: return
+    ok, expected = HYPER_RANGES[name]
+    if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
+    if not isinstance(value, Real) or isinstance(value, bool) or not ok(value):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a real number {expected})")
+
+
+@dataclass(frozen=True)
+class StepRule:
+    "What the engine reads off a step rule's signature: state keys and hypers."
+    fn: Callable
+    state_keys: tuple[str, ...]
+    hypers: tuple[str, ...]           # keyword-only names without a default: must be in every group
+    optional_hypers: tuple[str, ...]  # keyword-only names with a default: passed when a group has them
+    counts_steps: bool = field(default=False)
+
+    @classmethod
+    def of(cls, fn: Callable) -> 'StepRule':
+        return _rule_of(fn)
+
+    @property
+    def name(self) -> str:
+        fn = self.fn.func if hasattr(self.fn, 'func') else self.fn
+        return getattr(fn, '__name__', repr(fn))
+
+
+@lru_cache(maxsize=None)
+def _rule_of(fn: Callable) -> StepRule:
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional[:2] != ['p', 'g']:
+        raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
+    keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
+    return StepRule(fn, state_keys=tuple(positional[2:]),
+                    hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name != 'step'),
+                    optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty),
+                    counts_steps=any(p.name == 'step' for p in keyword))
+
+
+@dataclass
+class Bucket:
+    "Params of one group that share device, dtype and step count, with what the rule needs of them."
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    states: list = field(default_factory=list)   # the state dict of each param
+    do_wd: list = field(default_factory=list)
+    nbytes: int = 0
+
+    def add(self, p, state):
+        self.params.append(p.detach()); self.grads.append(p.grad.detach()); self.states.append(state)
+        self.do_wd.append(state.get('do_wd', True)); self.nbytes += p.numel() * p.element_size()
+
+    def chunks(self, max_bytes: int):
+        "Split into runs of params whose total size stays under `max_bytes` (a param alone may exceed it)."
+        start, size = 0, 0
+        for i, p in enumerate(self.params):
+            b = p.numel() * p.element_size()
+            if i > start and size + b > max_bytes:
+                yield self._slice(start, i); start, size = i, 0
+            size += b
+        if start < len(self.params): yield self._slice(start, len(self.params))
+
+    def _slice(self, i, j):
+        return Bucket(self.params[i:j], self.grads[i:j], self.states[i:j], self.do_wd[i:j])
+
+
+class ForEachOptimizer(Optimizer):
+    """A fastai `Optimizer` that updates whole lists of tensors with one step rule.
+
+    Weight decay comes first, as in fastai: decoupled, `p ← p·(1 − lr·wd)`, or L2, `g ← g + wd·p`, on the
+    params whose state does not say `do_wd=False`. Then `opt_step` (see the module docstring) runs once
+    per (group, device, dtype, step count), cut into cache-sized chunks on CPU.
+    """
+    def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, **defaults):
+        self.rule = StepRule.of(opt_step)
+        self.decouple_wd = decouple_wd
+        missing = [h for h in self.rule.hypers if h not in defaults]
+        if missing: raise TypeError(f"{self.rule.name} needs hypers {missing}; give them as keywords")
+        params = list(params)
+        if not params: raise ValueError("Invalid params: an empty list (the optimizer has nothing to update)")
+        super().__init__(params, cbs=[], **defaults)
+
+    # --- hypers -------------------------------------------------------------------------------------
+    def _set_hyper(self, k, v):
+        v = list(v)
+        for i, value in enumerate(v): check_hyper(k, value, self._group_label(i, len(v)))
+        super()._set_hyper(k, v)
+
+    def _group_label(self, i, n): return f" for param group {i}" if n > 1 else ''
+
+    def check_hypers(self) -> None:
+        "Validate every group's hypers; raise `ValueError` before anything is modified."
+        for i, hyper in enumerate(self.hypers):
+            for k, v in hyper.items(): check_hyper(k, v, self._group_label(i, len(self.hypers)))
+
+    # --- step ---------------------------------------------------------------------------------------
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        self.check_hypers()
+        groups = self._gather()
+        for hyper, buckets in groups:
+            kwargs = {k: hyper[k] for k in self.rule.hypers}
+            kwargs.update({k: hyper[k] for k in self.rule.optional_hypers if k in hyper})
+            for bucket in buckets:
+                if self.rule.counts_steps:
+                    step = bucket.states[0].get('step', 0) + 1
+                    for state in bucket.states: state['step'] = step
+                    kwargs['step'] = step
+                chunks = bucket.chunks(CPU_CHUNK_BYTES) if bucket.params[0].device.type == 'cpu' else [bucket]
+                for chunk in chunks:
+                    self._weight_decay(chunk, hyper)
+                    self._run_rule(chunk, kwargs)
+        return loss
+
+    def _gather(self):
+        "Per group: its hypers and its buckets of params with a gradient, state created where missing."
+        groups = []
+        for pg, hyper in zip(self.param_lists, self.hypers):
+            buckets = defaultdict(Bucket)
+            for p in pg:
+                if p.grad is None: continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"fastforeach does not support sparse gradients (param of shape {tuple(p.shape)})")
+                state = self.state[p]
+                step = state.get('step', 0) if self.rule.counts_steps else 0
+                buckets[(p.device, p.dtype, step)].add(p, state)
+            if buckets: groups.append((hyper, list(buckets.values())))
+        # State is created after every check has passed, so a refused step leaves no trace.
+        for _, buckets in groups:
+            for bucket in buckets:
+                for p, state in zip(bucket.params, bucket.states):
+                    for key in self.rule.state_keys:
+                        if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return groups
+
+    def _weight_decay(self, chunk: Bucket, hyper: dict):
+        lr, wd = hyper['lr'], hyper.get('wd', 0.)
+        if wd == 0: return
+        idx = [i for i, d in enumerate(chunk.do_wd) if d]
+        if not idx: return
+        params = [chunk.params[i] for i in idx]
+        if self.decouple_wd: torch._foreach_mul_(params, 1 - lr * wd)
+        else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
+
+    def _run_rule(self, chunk: Bucket, kwargs: dict):
+        lists = [[state[key] for state in chunk.states] for key in self.rule.state_keys]
+        out = self.rule.fn(chunk.params, chunk.grads, *lists, **kwargs)
+        for key, values in (out or {}).items():
+            for state, value in zip(chunk.states, values): state[key] = value
+
+    # --- state dict ---------------------------------------------------------------------------------
+    def check_state_dict(self, sd: dict) -> None:
+        "Raise `ValueError` saying which group, param and key of `sd` does not fit this optimizer."
+        if not isinstance(sd, dict) or 'state' not in sd or 'hypers' not in sd:
+            raise ValueError("Invalid state dict: expected a dict with 'state' and 'hypers'")
+        n_groups, n_params = len(self.param_lists), sum(len(pg) for pg in self.param_lists)
+        if len(sd['hypers']) != n_groups:
+            raise ValueError(f"Invalid state dict: {len(sd['hypers'])} param groups, the optimizer has {n_groups}")
+        if len(sd['state']) != n_params:
+            raise ValueError(f"Invalid state dict: {len(sd['state'])} params, the optimizer has {n_params}")
+        for i, hyper in enumerate(sd['hypers']):
+            missing = [h for h in self.rule.hypers if h not in hyper]
+            if missing: raise ValueError(f"Invalid state dict: param group {i} lacks hypers {missing}")
+            for k, v in hyper.items(): check_hyper(k, v, f" in the state dict's param group {i}")
+        states = iter(sd['state'])
+        for gi, pg in enumerate(self.param_lists):
+            for pi, p in enumerate(pg):
+                state = next(states)
+                where = f"param group {gi}, param {pi} (shape {tuple(p.shape)})"
+                if not isinstance(state, dict): raise ValueError(f"Invalid state dict: {where}: state is not a dict")
+                for key in self.rule.state_keys:
+                    # A param that never stepped has no state in fastai either.
+                    if key not in state:
+                        if 'step' in state or any(k in state for k in self.rule.state_keys):
+                            raise ValueError(f"Invalid state dict: {where}: missing state {key!r}")
+                        continue
+                    t = state[key]
+                    if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                        raise ValueError(f"Invalid state dict: {where}: state {key!r} has shape {got}")
+                if self.rule.counts_steps and any(k in state for k in self.rule.state_keys):
+                    step = state.get('step')
+                    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+                        raise ValueError(f"Invalid state dict: {where}: state 'step' is {step!r}, expected an int >= 1")
+
+    def load_state_dict(self, sd: dict):
+        "Load a state dict saved by this optimizer or by fastai's native one of the same kind."
+        self.check_state_dict(sd)
+        params = [p for pg in self.param_lists for p in pg]
+        state = defaultdict(dict)
+        for p, s in zip(params, sd['state']):
+            s = dict(s)
+            for key in self.rule.state_keys:
+                if key in s: s[key] = s[key].to(device=p.device, dtype=p.dtype)
+            state[p] = s
+        self.hypers = type(self.hypers)(dict(h) for h in sd['hypers'])
+        self.state = state

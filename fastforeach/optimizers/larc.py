@@ -1,0 +1,44 @@
+"LARC (clipped) and LARS: SGD with a per-layer trust ratio."
+from functools import partial
+
+import torch
+
+from ..engine import ForEachOptimizer
+
+__all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs']
+
+
+def layer_lrs(p, g, *, lr, trust_coeff, wd, eps, clip):
+    """Every layer's lr at once: lr·trust_coeff·‖p‖ / (‖g‖ + wd·‖p‖ + eps), at most lr when `clip`.
+
+    A list of 0-d tensors, so nothing waits for the device."""
+    p_norm, g_norm = torch.stack(torch._foreach_norm(p)), torch.stack(torch._foreach_norm(g))
+    local_lr = lr * trust_coeff * p_norm / (g_norm + p_norm * wd + eps)
+    if clip: local_lr = local_lr.clamp_max(lr)
+    return local_lr.unbind()
+
+
+def _layerwise_step(p, g, direction, **hypers):
+    local_lr = layer_lrs(p, g, **hypers)
+    torch._foreach_addcmul_(p, direction, [-lr for lr in local_lr])
+    return {'local_lr': local_lr}
+
+
+def larc_step(p, g, *, lr, trust_coeff, wd, eps, clip=True):
+    "p ← p − local_lr·g (see `layer_lrs`)"
+    return _layerwise_step(p, g, g, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
+
+
+def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, clip=True):
+    "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg (see `layer_lrs`)"
+    torch._foreach_mul_(grad_avg, mom)
+    torch._foreach_add_(grad_avg, g)
+    return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
+
+
+class LarcForEachOptimizer(ForEachOptimizer):
+    "fastai's `Larc` as one foreach step: LARC with `clip=True`, LARS with `clip=False`."
+    def __init__(self, params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0., decouple_wd=True):
+        rule = larc_step if mom == 0 else momentum_larc_step
+        super().__init__(params, partial(rule, clip=clip), decouple_wd=decouple_wd,
+                         lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)

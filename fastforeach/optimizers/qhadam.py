@@ -1,0 +1,26 @@
+"QHAdam: quasi-hyperbolic Adam."
+import torch
+
+from ..engine import ForEachOptimizer, debias
+from .adam import average_grads
+
+__all__ = ['QHAdamForEachOptimizer', 'qhadam_step']
+
+
+def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, eps):
+    """p ← p − lr · ((1 − ν₁)·g + ν₁·grad_avg/debias1) / (√((1 − ν₂)·g² + ν₂·sqr_avg/debias2) + eps)"""
+    average_grads(g, grad_avg, sqr_avg, mom=mom, sqr_mom=sqr_mom)
+    numer = torch._foreach_mul(grad_avg, nu_1 / debias(mom, 1 - mom, step))
+    torch._foreach_add_(numer, g, alpha=1 - nu_1)
+    denom = torch._foreach_mul(sqr_avg, nu_2 / debias(sqr_mom, 1 - sqr_mom, step))
+    torch._foreach_addcmul_(denom, g, g, 1 - nu_2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, numer, denom, -lr)
+
+
+class QHAdamForEachOptimizer(ForEachOptimizer):
+    "fastai's `QHAdam` as one foreach step."
+    def __init__(self, params, lr, mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8, wd=0., decouple_wd=True):
+        super().__init__(params, qhadam_step, decouple_wd=decouple_wd,
+                         lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd)

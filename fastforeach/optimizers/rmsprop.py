@@ -1,0 +1,36 @@
+"RMSProp, with or without momentum."
+import torch
+
+from ..engine import ForEachOptimizer
+
+__all__ = ['RMSPropForEachOptimizer', 'rmsprop_step', 'momentum_rmsprop_step']
+
+
+def _scaled_by_rms(p, direction, sqr_avg, g, *, lr, sqr_mom, eps):
+    torch._foreach_mul_(sqr_avg, sqr_mom)
+    torch._foreach_addcmul_(sqr_avg, g, g, 1 - sqr_mom)
+    denom = torch._foreach_sqrt(sqr_avg)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, direction, denom, -lr)
+
+
+def rmsprop_step(p, g, sqr_avg, *, lr, sqr_mom, eps):
+    "sqr_avg ← sqr_mom·sqr_avg + (1 − sqr_mom)·g²;  p ← p − lr·g / (√sqr_avg + eps)"
+    _scaled_by_rms(p, g, sqr_avg, g, lr=lr, sqr_mom=sqr_mom, eps=eps)
+
+
+def momentum_rmsprop_step(p, g, grad_avg, sqr_avg, *, lr, mom, sqr_mom, eps):
+    "grad_avg ← mom·grad_avg + g;  sqr_avg as in `rmsprop_step`;  p ← p − lr·grad_avg / (√sqr_avg + eps)"
+    torch._foreach_mul_(grad_avg, mom)
+    torch._foreach_add_(grad_avg, g)
+    _scaled_by_rms(p, grad_avg, sqr_avg, g, lr=lr, sqr_mom=sqr_mom, eps=eps)
+
+
+class RMSPropForEachOptimizer(ForEachOptimizer):
+    """fastai's `RMSProp` as one foreach step.
+
+    fastai's own `RMSProp` drops its `eps` argument and always uses 1e-8; this one uses the `eps` given
+    (the same result at the default)."""
+    def __init__(self, params, lr, mom=0., sqr_mom=0.99, eps=1e-8, wd=0., decouple_wd=True):
+        super().__init__(params, rmsprop_step if mom == 0 else momentum_rmsprop_step, decouple_wd=decouple_wd,
+                         lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -1,0 +1,100 @@
+"""The one table of optimizers: it makes the factories and drives the tests and the benchmark.
+
+Each row names a fastai factory and the fastforeach class that does the same job, and the option sets
+(`configs`) that together exercise every option fastai has for it.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import fastai.optimizer as native
+
+from .lookahead import Lookahead, RangerForEachOptimizer
+from .optimizers import (AdamForEachOptimizer, LambForEachOptimizer, LarcForEachOptimizer, QHAdamForEachOptimizer,
+                         RAdamForEachOptimizer, RMSPropForEachOptimizer, SGDForEachOptimizer)
+
+__all__ = ['OptimizerSpec', 'REGISTRY', 'make_factory']
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    native: Callable        # fastai's factory: (params, lr, **options) -> fastai Optimizer
+    foreach: Callable       # the same signature -> fastforeach optimizer
+    configs: dict = field(default_factory=dict)  # config name -> options (besides params and lr)
+    reference: Callable = None  # what tests and benchmarks compare with, when not exactly `native`
+    lr: float = 1e-2        # a learning rate that suits it in tests and benchmarks
+    factory: bool = True    # whether `fastforeach.<name>` is made from this row
+
+    def make(self, impl: str, params, lr=None, **options):
+        "Build the optimizer with `impl` in ('native', 'foreach')."
+        build = (self.reference or self.native) if impl == 'native' else self.foreach
+        return build(params, self.lr if lr is None else lr, **options)
+
+
+def _rmsprop_reference(params, lr, eps=1e-8, **options):
+    "fastai's RMSProp with the `eps` it is given: fastai's own drops its `eps` argument and keeps 1e-8."
+    opt = native.RMSProp(params, lr, **options)
+    opt.set_hypers(eps=eps)
+    return opt
+
+
+def _native_lookahead(params, lr, k=6, alpha=0.5, **options):
+    return native.Lookahead(native.SGD(params, lr, **options), k=k, alpha=alpha)
+
+
+def _foreach_lookahead(params, lr, k=6, alpha=0.5, **options):
+    return Lookahead(SGDForEachOptimizer(params, lr, **options), k=k, alpha=alpha)
+
+
+_WD = {'wd': 0.01}
+REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+    OptimizerSpec('SGD', native.SGD, SGDForEachOptimizer, {
+        'plain': {}, 'wd': _WD, 'mom': {'mom': 0.9}, 'mom_wd': {'mom': 0.9, **_WD},
+        'mom_l2': {'mom': 0.9, **_WD, 'decouple_wd': False}}),
+    OptimizerSpec('RMSProp', native.RMSProp, RMSPropForEachOptimizer, {
+        'plain': {}, 'wd': _WD, 'mom': {'mom': 0.9, 'sqr_mom': 0.9}, 'mom_l2': {'mom': 0.8, **_WD, 'decouple_wd': False},
+        'eps': {'eps': 1e-3}}, reference=_rmsprop_reference, lr=1e-3),
+    OptimizerSpec('Adam', native.Adam, AdamForEachOptimizer, {
+        'default': {}, 'no_wd': {'wd': 0.}, 'l2': {'decouple_wd': False},
+        'betas_eps': {'mom': 0.8, 'sqr_mom': 0.9, 'eps': 1e-3, 'wd': 0.1}, 'no_mom': {'mom': 0.}}, lr=1e-3),
+    OptimizerSpec('RAdam', native.RAdam, RAdamForEachOptimizer, {
+        'default': {}, 'wd': _WD, 'l2': {**_WD, 'decouple_wd': False}, 'sadam': {'beta': 5., **_WD},
+        'betas_eps': {'mom': 0.8, 'sqr_mom': 0.9, 'eps': 0.}}, lr=1e-3),
+    OptimizerSpec('QHAdam', native.QHAdam, QHAdamForEachOptimizer, {
+        'default': {}, 'wd': _WD, 'l2': {**_WD, 'decouple_wd': False},
+        'nus': {'nu_1': 0.5, 'nu_2': 0.8, 'mom': 0.9, 'sqr_mom': 0.99, 'eps': 1e-5}}, lr=1e-3),
+    OptimizerSpec('Larc', native.Larc, LarcForEachOptimizer, {
+        'larc': {}, 'larc_wd': _WD, 'lars': {'clip': False}, 'lars_l2': {'clip': False, **_WD, 'decouple_wd': False},
+        'no_mom': {'mom': 0.}, 'lars_no_mom': {'mom': 0., 'clip': False, 'trust_coeff': 0.05, 'eps': 1e-6}}, lr=0.1),
+    OptimizerSpec('Lamb', native.Lamb, LambForEachOptimizer, {
+        'default': {}, 'wd': _WD, 'l2': {**_WD, 'decouple_wd': False}, 'betas_eps': {'mom': 0.8, 'sqr_mom': 0.9, 'eps': 1e-3}},
+        lr=1e-3),
+    OptimizerSpec('ranger', native.ranger, RangerForEachOptimizer, {
+        'default': {}, 'l2': {'decouple_wd': False}, 'k_alpha': {'k': 3, 'alpha': 0.8, 'sqr_mom': 0.9},
+        'sadam': {'beta': 5., 'k': 2, 'alpha': 1.0}, 'mom_wd_eps': {'mom': 0.9, 'wd': 0., 'eps': 1e-5}}, lr=1e-3),
+    OptimizerSpec('Lookahead', _native_lookahead, _foreach_lookahead, {
+        'default': {}, 'k_alpha': {'k': 2, 'alpha': 0.3, 'mom': 0.9, 'wd': 0.01}}, factory=False),
+]}
+
+
+def make_factory(spec: OptimizerSpec) -> Callable:
+    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach`.
+
+    `foreach=True` builds the fastforeach optimizer; `foreach=False` returns fastai's own."""
+    sig = inspect.signature(spec.native)
+    flags = [inspect.Parameter('foreach', inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)]
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+
+    def factory(*args, foreach: bool = True, **kwargs):
+        bound = sig.bind(*args, **kwargs)  # TypeError for an unknown keyword, as a plain function gives
+        return (spec.foreach if foreach else spec.native)(*bound.args, **bound.kwargs)
+
+    factory.__name__ = factory.__qualname__ = spec.name
+    factory.__doc__ = (f"fastai's `{spec.name}` with the same parameters and defaults. `foreach=True` (the default) "
+                       f"gives `{spec.foreach.__name__}`; `foreach=False` gives fastai's native optimizer.")
+    factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])
+    return factory
