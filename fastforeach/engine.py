@@ -102,31 +102,24 @@ def _rule_of(fn: Callable) -> StepRule:
                     counts_steps=any(p.name == 'step' for p in keyword))
 
 
-@dataclass
 class Bucket:
     "Params of one group that share device, dtype and step count, with what the rule needs of them."
-    params: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
-    states: list = field(default_factory=list)   # the state dict of each param
-    do_wd: list = field(default_factory=list)
-    nbytes: int = 0
+    __slots__ = ('params', 'grads', 'states')
 
-    def add(self, p, state):
-        self.params.append(p.detach()); self.grads.append(p.grad.detach()); self.states.append(state)
-        self.do_wd.append(state.get('do_wd', True)); self.nbytes += p.numel() * p.element_size()
+    def __init__(self, params=None, grads=None, states=None):
+        self.params, self.grads, self.states = params or [], grads or [], states or []
 
     def chunks(self, max_bytes: int):
         "Split into runs of params whose total size stays under `max_bytes` (a param alone may exceed it)."
         start, size = 0, 0
         for i, p in enumerate(self.params):
-            b = p.numel() * p.element_size()
+            b = p.nbytes
             if i > start and size + b > max_bytes:
                 yield self._slice(start, i); start, size = i, 0
             size += b
         if start < len(self.params): yield self._slice(start, len(self.params))
 
-    def _slice(self, i, j):
-        return Bucket(self.params[i:j], self.grads[i:j], self.states[i:j], self.do_wd[i:j])
+    def _slice(self, i, j): return Bucket(self.params[i:j], self.grads[i:j], self.states[i:j])
 
 
 class ForEachOptimizer(Optimizer):
@@ -164,7 +157,10 @@ class ForEachOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         self.check_hypers()
-        groups = self._gather()
+        with torch.no_grad(): self._step(self._gather())
+        return loss
+
+    def _step(self, groups):
         for hyper, buckets in groups:
             kwargs = {k: hyper[k] for k in self.rule.hypers}
             kwargs.update({k: hyper[k] for k in self.rule.optional_hypers if k in hyper})
@@ -177,20 +173,22 @@ class ForEachOptimizer(Optimizer):
                 for chunk in chunks:
                     self._weight_decay(chunk, hyper)
                     self._run_rule(chunk, kwargs)
-        return loss
 
     def _gather(self):
         "Per group: its hypers and its buckets of params with a gradient, state created where missing."
-        groups = []
+        groups, counts_steps = [], self.rule.counts_steps
         for pg, hyper in zip(self.param_lists, self.hypers):
-            buckets = defaultdict(Bucket)
+            buckets = {}
             for p in pg:
-                if p.grad is None: continue
-                if p.grad.is_sparse:
+                g = p.grad
+                if g is None: continue
+                if g.is_sparse:
                     raise RuntimeError(f"fastforeach does not support sparse gradients (param of shape {tuple(p.shape)})")
                 state = self.state[p]
-                step = state.get('step', 0) if self.rule.counts_steps else 0
-                buckets[(p.device, p.dtype, step)].add(p, state)
+                key = (p.device, p.dtype, state.get('step', 0) if counts_steps else 0)
+                bucket = buckets.get(key)
+                if bucket is None: bucket = buckets[key] = Bucket()
+                bucket.params.append(p); bucket.grads.append(g); bucket.states.append(state)
             if buckets: groups.append((hyper, list(buckets.values())))
         # State is created after every check has passed, so a refused step leaves no trace.
         for _, buckets in groups:
@@ -203,7 +201,7 @@ class ForEachOptimizer(Optimizer):
     def _weight_decay(self, chunk: Bucket, hyper: dict):
         lr, wd = hyper['lr'], hyper.get('wd', 0.)
         if wd == 0: return
-        idx = [i for i, d in enumerate(chunk.do_wd) if d]
+        idx = [i for i, state in enumerate(chunk.states) if state.get('do_wd', True)]
         if not idx: return
         params = [chunk.params[i] for i in idx]
         if self.decouple_wd: torch._foreach_mul_(params, 1 - lr * wd)

@@ -34,10 +34,11 @@ class Lookahead(_FastaiLookahead):
         self.opt.step()
         self.count += 1
         if self.count % self.k == 0:
-            for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
-                slow, fast = list(slow_pg), [p.detach() for p in fast_pg]
-                torch._foreach_lerp_(slow, fast, self.alpha)
-                torch._foreach_copy_(fast, slow)
+            with torch.no_grad():
+                for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
+                    slow, fast = list(slow_pg), list(fast_pg)
+                    torch._foreach_lerp_(slow, fast, self.alpha)
+                    torch._foreach_copy_(fast, slow)
         return loss
 
     def _set_hyper(self, k, v): self.opt._set_hyper(k, v)

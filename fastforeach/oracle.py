@@ -27,18 +27,24 @@ def _clone_groups(groups):
     return [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
 
 
+def _set_hyper(opt, key: str, values: list):
+    "fastai's `set_hyper`, or its torch.optim counterpart for the benchmark's torch contenders."
+    if hasattr(opt, 'set_hyper'): return opt.set_hyper(key, values)
+    for group, v in zip(opt.param_groups, values): group[key] = v
+
+
 class Twins:
     """Optimizer `a` and optimizer `b` on identical copies of `groups`, given identical gradients.
 
-    `no_wd` holds the (group, index) pairs marked `do_wd=False` (fastai's Learner does this for norm and
-    bias params); the last param of the last group never gets a gradient."""
-    def __init__(self, build_a: Callable, build_b: Callable, groups, seed: int = 0):
+    With `mark_no_wd`, 1-d params (norm and bias) are marked `do_wd=False`, as fastai's Learner does; the
+    last param of the last group never gets a gradient."""
+    def __init__(self, build_a: Callable, build_b: Callable, groups, seed: int = 0, mark_no_wd: bool = True):
         self.params_a, self.params_b = _clone_groups(groups), _clone_groups(groups)
         self.opt_a, self.opt_b = build_a(self.params_a), build_b(self.params_b)
         self.no_grad = (len(groups) - 1, len(groups[-1]) - 1)
         for opt, params in ((self.opt_a, self.params_a), (self.opt_b, self.params_b)):
             for p in (p for g in params for p in g):
-                if p.ndim <= 1: opt.state[p]['do_wd'] = False
+                if mark_no_wd and p.ndim <= 1: opt.state[p]['do_wd'] = False
         self.gen = torch.Generator().manual_seed(seed)
         self.t = 0
 
@@ -56,9 +62,8 @@ class Twins:
         lr = base_lr * (1 + 0.5 * math.sin(self.t / 7))
         n = len(self.params_a)
         for opt in (self.opt_a, self.opt_b):
-            opt.set_hyper('lr', [lr / 3 ** (n - 1 - i) for i in range(n)])
-            mom = opt.hypers[0].get('mom', 0)
-            if vary_mom and mom: opt.set_hyper('mom', self._mom)
+            _set_hyper(opt, 'lr', [lr / 3 ** (n - 1 - i) for i in range(n)])
+            if vary_mom and opt.hypers[0].get('mom', 0): opt.set_hyper('mom', self._mom)
         for opt in (self.opt_a, self.opt_b): opt.step()
 
     @property
@@ -69,7 +74,8 @@ class Twins:
     def compared(self) -> Iterator[tuple[str, object, object]]:
         "Every param and every state value of both, labelled."
         for where, pa, pb in self.pairs(): yield f"param {where}", pa.detach(), pb.detach()
-        yield from compare_states(self.opt_a.state_dict(), self.opt_b.state_dict())
+        if all(hasattr(o, 'hypers') for o in (self.opt_a, self.opt_b)):
+            yield from compare_states(self.opt_a.state_dict(), self.opt_b.state_dict())
 
 
 def compare_states(sd_a: dict, sd_b: dict) -> Iterator[tuple[str, object, object]]:
@@ -87,10 +93,9 @@ def compare_states(sd_a: dict, sd_b: dict) -> Iterator[tuple[str, object, object
 
 
 def max_relative_difference(twins: Twins) -> float:
-    "Largest |a − b| / max(|a|, |b|, tiny) over every tensor of the twins (0 when they are equal)."
+    "Largest max|a − b| / max|a| over every tensor of the twins: 0 when they are equal."
     worst = 0.
     for _, a, b in twins.compared():
         a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-        scale = torch.maximum(a.abs(), b.abs()).clamp_min(1e-12)
-        worst = max(worst, ((a - b).abs() / scale).max().item() if a.numel() else 0.)
+        if a.numel(): worst = max(worst, ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item())
     return worst

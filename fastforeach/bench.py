@@ -1,0 +1,266 @@
+"""`fastforeach-bench`: optimizer step time against fastai native, and equality on real models.
+
+For each model x optimizer x implementation: the median step time over `--steps` interleaved steps after
+warm-up, the speed-up against fastai native, and the largest relative difference from fastai native
+after `--check-steps` steps with fresh gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .oracle import Twins, max_relative_difference
+from .registry import REGISTRY, OptimizerSpec
+
+__all__ = ['MODELS', 'BENCH', 'run_bench', 'main']
+
+
+def mlp(depth=100, width=64) -> nn.Module:
+    "The 100-layer, 64-wide MLP: 200 small tensors."
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth)])
+
+
+def transformer() -> nn.Module:
+    "A small transformer encoder: 4 layers, width 256."
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+    return nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+
+
+def _xresnet(name):
+    def build():
+        from fastai.vision.models import xresnet
+        return getattr(xresnet, name)()
+    build.__doc__ = f"fastai's {name}"
+    return build
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    'xresnet18': _xresnet('xresnet18'), 'xresnet50': _xresnet('xresnet50'), 'transformer': transformer, 'mlp': mlp}
+QUICK_MODELS, QUICK_OPTIMIZERS = ['mlp', 'xresnet18'], ['SGD', 'Adam']
+
+
+def _torch_sgd(impl):
+    def build(params, lr, mom, wd):
+        return torch.optim.SGD(params, lr, momentum=mom, weight_decay=wd, **{impl: True})
+    return build
+
+
+def _torch_adamw(impl):
+    def build(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01):
+        return torch.optim.AdamW(params, lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, **{impl: True})
+    return build
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    "What the benchmark runs for one optimizer: its options and torch.optim's equal, if it has one."
+    options: dict
+    torch_equal: Callable | None = None   # (impl) -> builder with the same options
+
+
+# SGD with momentum and L2 is exactly torch's SGD; fastai's Adam with decoupled wd is exactly AdamW.
+BENCH: dict[str, BenchCase] = {
+    'SGD': BenchCase({'mom': 0.9, 'wd': 0.01, 'decouple_wd': False}, _torch_sgd),
+    'RMSProp': BenchCase({'mom': 0.9, 'wd': 0.01}),
+    'Adam': BenchCase({}, _torch_adamw),
+    'RAdam': BenchCase({'wd': 0.01}),
+    'QHAdam': BenchCase({'wd': 0.01}),
+    'Larc': BenchCase({'wd': 0.01}),
+    'Lamb': BenchCase({'wd': 0.01}),
+    'ranger': BenchCase({}),
+    'Lookahead': BenchCase({'mom': 0.9, 'wd': 0.01}),
+}
+
+
+def implementations(name: str) -> dict[str, Callable]:
+    "Implementation name -> builder `(params, lr) -> optimizer` for the optimizer `name`."
+    spec, case = REGISTRY[name], BENCH[name]
+    impls = {impl: _builder(spec, impl, case.options) for impl in ('native', 'foreach')}
+    if case.torch_equal is not None:
+        for impl in ('foreach', 'fused'):
+            impls[f'torch_{impl}'] = _torch_builder(case.torch_equal(impl), spec, case.options)
+    return impls
+
+
+def _builder(spec: OptimizerSpec, impl, options):
+    return lambda params, lr: spec.make(impl, params, lr, **options)
+
+
+def _torch_builder(build, spec, options):
+    defaults = {k: v.default for k, v in _signature(spec.native).items() if k not in ('params', 'lr')}
+    kwargs = {k: v for k, v in {**defaults, **options}.items() if k != 'decouple_wd'}
+    return lambda params, lr: build(params, lr, **kwargs)
+
+
+def _signature(fn):
+    import inspect
+    return inspect.signature(fn).parameters
+
+
+@dataclass
+class Row:
+    model: str
+    optimizer: str
+    impl: str
+    ms: float
+    speedup: float
+    max_rel_diff: float | None
+    n_tensors: int
+    n_elements: int
+
+
+def _params_like(model: nn.Module, device) -> list[nn.Parameter]:
+    return [nn.Parameter(p.detach().clone().to(device)) for p in model.parameters()]
+
+
+def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: int, warmup: int, device) -> dict:
+    "Median seconds per step of each implementation, interleaved so that they share the machine's moods."
+    opts = {}
+    for impl, build in impls.items():
+        params = _params_like(model, device)
+        gen = torch.Generator().manual_seed(0)
+        for p in params: p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+        opts[impl] = build(params, lr)
+    times = {impl: [] for impl in opts}
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    for i in range(warmup + steps):
+        for impl, opt in opts.items():
+            sync(); start = time.perf_counter()
+            opt.step()
+            sync(); elapsed = time.perf_counter() - start
+            if i >= warmup: times[impl].append(elapsed)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def max_difference(model: nn.Module, impl_build: Callable, native_build: Callable, lr, steps, device) -> float:
+    """Largest relative difference from fastai native after `steps` steps with fresh gradients: over params
+    and state, or over params alone for torch.optim, whose state keys differ."""
+    # One param group, handed over as a flat list, which torch.optim takes too.
+    twins = Twins(lambda groups: native_build(groups[0], lr), lambda groups: impl_build(groups[0], lr),
+                  [_params_like(model, device)], mark_no_wd=False)
+    for _ in range(steps): twins.step(lr, vary_mom=False)
+    return max_relative_difference(twins)
+
+
+def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='cpu', progress=True) -> list[Row]:
+    from fastprogress.fastprogress import progress_bar
+    jobs = [(m, o) for m in models for o in optimizers]
+    rows, built = [], {}
+    for model_name, opt_name in (progress_bar(jobs) if progress else jobs):
+        if model_name not in built: built = {model_name: MODELS[model_name]()}  # one model in memory at a time
+        model, spec = built[model_name], REGISTRY[opt_name]
+        impls = implementations(opt_name)
+        times = time_steps(model, impls, spec.lr, steps, warmup, device)
+        n_tensors = sum(1 for _ in model.parameters())
+        n_elements = sum(p.numel() for p in model.parameters())
+        for impl, seconds in times.items():
+            diff = 0. if impl == 'native' else max_difference(model, impls[impl], impls['native'], spec.lr,
+                                                               check_steps, device)
+            rows.append(Row(model_name, opt_name, impl, seconds * 1e3, times['native'] / seconds, diff,
+                            n_tensors, n_elements))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'model':<12} {'optimizer':<10} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13}"
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        lines.append(f"{r.model:<12} {r.optimizer:<10} {r.impl:<14} {r.ms:>9.2f} {r.speedup:>8.2f}x "
+                     f"{r.max_rel_diff:>13.1e}")
+    return '\n'.join(lines)
+
+
+def machine_info(threads: int, device: str) -> dict:
+    import fastai
+    return {'machine': platform.machine(), 'processor': platform.processor() or platform.platform(),
+            'python': platform.python_version(), 'torch': torch.__version__, 'fastai': fastai.__version__,
+            'threads': threads, 'device': device,
+            'cuda': torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else None}
+
+
+def plot(rows: list[Row], path: str) -> None:
+    "A PNG bar chart of the speed-ups against fastai native, one panel per model."
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(len(models), 1, figsize=(10, 3 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        mine = [r for r in rows if r.model == model]
+        optimizers = list(dict.fromkeys(r.optimizer for r in mine))
+        impls = list(dict.fromkeys(r.impl for r in mine))
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            xs = [j + i * width for j, o in enumerate(optimizers) if any(r.optimizer == o and r.impl == impl for r in mine)]
+            ys = [r.speedup for o in optimizers for r in mine if r.optimizer == o and r.impl == impl]
+            ax.bar(xs, ys, width, label=impl)
+        ax.axhline(1, color='grey', lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(optimizers))], optimizers)
+        ax.set_ylabel('speed-up vs fastai')
+        ax.set_title(model)
+        ax.legend(fontsize='small', ncol=len(impls))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='fastforeach-bench', description=__doc__.splitlines()[0])
+    ap.add_argument('--models', nargs='+', metavar='MODEL', help=f"any of {', '.join(MODELS)} (default: all)")
+    ap.add_argument('--optimizers', nargs='+', metavar='OPT', help=f"any of {', '.join(BENCH)} (default: all)")
+    ap.add_argument('--quick', action='store_true', help='a subset that runs in under a minute on 2 CPU cores')
+    ap.add_argument('--threads', type=int, default=2, help='torch threads (default 2)')
+    ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (default cpu)")
+    ap.add_argument('--steps', type=int, default=7, help='timed steps per contender (default 7)')
+    ap.add_argument('--warmup', type=int, default=3, help='untimed steps first (default 3)')
+    ap.add_argument('--check-steps', type=int, default=20, help='steps before the correctness check (default 20)')
+    ap.add_argument('--json', metavar='PATH', help='write the results as JSON')
+    ap.add_argument('--plot', metavar='PATH', help='write a PNG chart of the speed-ups')
+    ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation')
+    return ap
+
+
+def _choose(given, known, quick, what, ap):
+    chosen = given or (quick if quick is not None else list(known))
+    unknown = [c for c in chosen if c not in known]
+    if unknown: ap.error(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    models = _choose(args.models, MODELS, QUICK_MODELS if args.quick else None, 'model', ap)
+    optimizers = _choose(args.optimizers, BENCH, QUICK_OPTIMIZERS if args.quick else None, 'optimizer', ap)
+    if args.threads < 1: ap.error(f"--threads must be >= 1, got {args.threads}")
+    if min(args.steps, args.check_steps) < 1 or args.warmup < 0: ap.error("--steps and --check-steps must be >= 1")
+    if args.device not in ('cpu', 'cuda'): ap.error(f"unknown device {args.device!r}; choose cpu or cuda")
+    if args.device == 'cuda' and not torch.cuda.is_available(): ap.error("--device cuda: no CUDA device here")
+    if args.quick: args.steps, args.warmup, args.check_steps = min(args.steps, 5), min(args.warmup, 2), min(args.check_steps, 5)
+    torch.set_num_threads(args.threads)
+    rows = run_bench(models, optimizers, steps=args.steps, warmup=args.warmup, check_steps=args.check_steps,
+                     device=args.device)
+    print(format_table(rows))
+    result = {'info': machine_info(args.threads, args.device), 'steps': args.steps, 'warmup': args.warmup,
+              'check_steps': args.check_steps, 'rows': [asdict(r) for r in rows]}
+    if args.train:
+        from .training import train_table
+        result['train'] = train = train_table(device=args.device)
+        print(); print(train['table'])
+    if args.json:
+        with open(args.json, 'w') as f: json.dump(result, f, indent=2)
+    if args.plot: plot(rows, args.plot)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
