@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from fastai.optimizer import Optimizer
 
+from .ops import mul_scalar_
+
 __all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
@@ -66,8 +68,8 @@ def check_hyper(name: str, value, where: str = '') -> None:
     if name not in HYPER_RANGES: return
     ok, expected = HYPER_RANGES[name]
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
-    if not isinstance(value, Real) or isinstance(value, bool) or not ok(value):
-        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a real number {expected})")
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite real number {expected})")
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ class ForEachOptimizer(Optimizer):
         idx = [i for i, state in enumerate(chunk.states) if state.get('do_wd', True)]
         if not idx: return
         params = [chunk.params[i] for i in idx]
-        if self.decouple_wd: torch._foreach_mul_(params, 1 - lr * wd)
+        if self.decouple_wd: mul_scalar_(params, 1 - lr * wd)
         else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
 
     def _run_rule(self, chunk: Bucket, kwargs: dict):

@@ -1,6 +1,7 @@
 "Adam, AdamW (decoupled weight decay) and the pieces the Adam family shares."
 import torch
 
+from ..ops import mul_scalar_, add_scalar_
 from ..engine import ForEachOptimizer, debias
 
 __all__ = ['AdamForEachOptimizer', 'adam_step', 'average_grads', 'debiased_rms']
@@ -9,7 +10,7 @@ __all__ = ['AdamForEachOptimizer', 'adam_step', 'average_grads', 'debiased_rms']
 def average_grads(g, grad_avg, sqr_avg, *, mom, sqr_mom):
     "grad_avg ← mom·grad_avg + (1 − mom)·g;  sqr_avg ← sqr_mom·sqr_avg + (1 − sqr_mom)·g²"
     torch._foreach_lerp_(grad_avg, g, 1 - mom)
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    mul_scalar_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, g, g, 1 - sqr_mom)
 
 
@@ -17,7 +18,7 @@ def debiased_rms(sqr_avg, *, step, sqr_mom, eps):
     "A new list: √(sqr_avg / debias2) + eps."
     denom = torch._foreach_div(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step))
     torch._foreach_sqrt_(denom)
-    if eps: torch._foreach_add_(denom, eps)
+    if eps: add_scalar_(denom, eps)
     return denom
 
 

@@ -3,6 +3,7 @@ from functools import partial
 
 import torch
 
+from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
 
 __all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs']
@@ -31,7 +32,7 @@ def larc_step(p, g, *, lr, trust_coeff, wd, eps, clip=True):
 
 def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, clip=True):
     "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg (see `layer_lrs`)"
-    torch._foreach_mul_(grad_avg, mom)
+    mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
     return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
 

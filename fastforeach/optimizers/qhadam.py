@@ -1,6 +1,7 @@
 "QHAdam: quasi-hyperbolic Adam."
 import torch
 
+from ..ops import add_scalar_
 from ..engine import ForEachOptimizer, debias
 from .adam import average_grads
 
@@ -15,7 +16,7 @@ def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, 
     denom = torch._foreach_mul(sqr_avg, nu_2 / debias(sqr_mom, 1 - sqr_mom, step))
     torch._foreach_addcmul_(denom, g, g, 1 - nu_2)
     torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
+    add_scalar_(denom, eps)
     torch._foreach_addcdiv_(p, numer, denom, -lr)
 
 

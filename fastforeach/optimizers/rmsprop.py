@@ -1,16 +1,17 @@
 "RMSProp, with or without momentum."
 import torch
 
+from ..ops import mul_scalar_, add_scalar_
 from ..engine import ForEachOptimizer
 
 __all__ = ['RMSPropForEachOptimizer', 'rmsprop_step', 'momentum_rmsprop_step']
 
 
 def _scaled_by_rms(p, direction, sqr_avg, g, *, lr, sqr_mom, eps):
-    torch._foreach_mul_(sqr_avg, sqr_mom)
+    mul_scalar_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, g, g, 1 - sqr_mom)
     denom = torch._foreach_sqrt(sqr_avg)
-    torch._foreach_add_(denom, eps)
+    add_scalar_(denom, eps)
     torch._foreach_addcdiv_(p, direction, denom, -lr)
 
 
@@ -21,7 +22,7 @@ def rmsprop_step(p, g, sqr_avg, *, lr, sqr_mom, eps):
 
 def momentum_rmsprop_step(p, g, grad_avg, sqr_avg, *, lr, mom, sqr_mom, eps):
     "grad_avg ← mom·grad_avg + g;  sqr_avg as in `rmsprop_step`;  p ← p − lr·grad_avg / (√sqr_avg + eps)"
-    torch._foreach_mul_(grad_avg, mom)
+    mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
     _scaled_by_rms(p, grad_avg, sqr_avg, g, lr=lr, sqr_mom=sqr_mom, eps=eps)
 

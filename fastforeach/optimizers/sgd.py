@@ -1,6 +1,7 @@
 "SGD, with or without momentum."
 import torch
 
+from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
 
 __all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step']
@@ -13,7 +14,7 @@ def sgd_step(p, g, *, lr):
 
 def momentum_sgd_step(p, g, grad_avg, *, lr, mom):
     "grad_avg ← mom·grad_avg + g;  p ← p − lr·grad_avg"
-    torch._foreach_mul_(grad_avg, mom)
+    mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
     torch._foreach_add_(p, grad_avg, alpha=-lr)
 

@@ -1,0 +1,79 @@
+"""Small real training with fastai's Learner: scikit-learn's bundled digits images (no download) and a
+small CNN with batch norm. Used by the Learner tests and by `fastforeach-bench --train`."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+__all__ = ['digits_dls', 'digits_cnn', 'cnn_splitter', 'digits_learner', 'train_table']
+
+
+def digits_dls(n_train=512, n_valid=256, bs=64, shuffle=True, seed=0, device='cpu'):
+    "fastai `DataLoaders` over scikit-learn's 8x8 digits images, scaled to [0, 1]."
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(y)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    train, valid = order[:n_train], order[n_train:n_train + n_valid]
+    as_list = lambda idx: list(zip(x[idx], y[idx]))
+    return DataLoaders(DataLoader(as_list(train), bs=bs, shuffle=shuffle, drop_last=True, device=device, num_workers=0),
+                       DataLoader(as_list(valid), bs=bs, device=device, num_workers=0), device=device)
+
+
+def digits_cnn() -> nn.Sequential:
+    """A body of two conv/batch-norm blocks and a linear head. No conv bias before batch norm: its gradient
+    is rounding noise, which Adam-like optimizers with a small eps turn into full-size steps."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def cnn_splitter(model):
+    "Two param groups, body and head, for discriminative learning rates and freezing."
+    return [list(model[:6].parameters()), list(model[6:].parameters())]
+
+
+def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', **kwargs):
+    "A seeded Learner on digits with `opt_func`; the same seed gives the same data order and init."
+    import fastai.callback.schedule  # noqa: F401  (adds fit_one_cycle, fine_tune and lr_find to Learner)
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
+    set_seed(seed, reproducible=True)
+    dls = digits_dls(shuffle=shuffle, seed=seed, device=device)
+    learn = Learner(dls, digits_cnn(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy,
+                    splitter=cnn_splitter, path=path or '.', **kwargs)
+    learn.model.to(device)
+    return learn
+
+
+def train_table(epochs=3, lr=slice(1e-3, 3e-2), device='cpu', optimizers=('SGD', 'Adam')) -> dict:
+    "`fit_one_cycle` with each implementation: seconds per epoch, final accuracy and loss."
+    from fastai.callback.progress import ProgressCallback
+
+    from .registry import REGISTRY
+    rows = []
+    for name in optimizers:
+        spec = REGISTRY[name]
+        for impl in ('native', 'foreach'):
+            learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr), device=device)
+            learn.remove_cb(ProgressCallback)
+            with learn.no_logging():
+                start = time.perf_counter()
+                learn.fit_one_cycle(epochs, lr_max=lr)
+                seconds = (time.perf_counter() - start) / epochs
+                loss, acc = learn.validate()
+            rows.append({'optimizer': name, 'impl': impl, 's_per_epoch': seconds, 'accuracy': float(acc),
+                         'loss': float(loss)})
+    head = f"{'optimizer':<10} {'impl':<10} {'s/epoch':>8} {'accuracy':>9} {'valid loss':>11}"
+    lines = [head, '-' * len(head)] + [
+        f"{r['optimizer']:<10} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
+        for r in rows]
+    return {'rows': rows, 'table': '\n'.join(lines)}

@@ -1,0 +1,131 @@
+"""Real training with fastai's Learner: every fastforeach optimizer against fastai's native one of the same
+kind, same seeds, same data order. Runs are float32 through a CNN, so an ulp of difference in a step can
+grow through later forward and backward passes: 1e-3 relative (1e-5 absolute) after a few dozen batches
+is still far below any difference between two genuinely different optimizers (the last test checks that).
+"""
+from functools import partial
+
+import pytest
+import torch
+from fastai.callback.training import GradientAccumulation
+
+import fastforeach
+from fastforeach.registry import REGISTRY
+from fastforeach.training import digits_learner
+
+OPTIMIZERS = list(REGISTRY)
+TOL = dict(rtol=1e-3, atol=1e-5)
+
+
+def make_opt(name, impl, params, lr):
+    return REGISTRY[name].make(impl, params, lr)
+
+
+def learner(name, impl, tmp_path, **kwargs):
+    learn = digits_learner(partial(make_opt, name, impl), path=tmp_path, **kwargs)
+    learn.recorder.train_metrics = False
+    return learn
+
+
+def assert_same_model(a, b):
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(pa.float(), pb.float(), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_opt_state(a, b):
+    from fastforeach.oracle import compare_states
+    for label, x, y in compare_states(a.opt.state_dict(), b.opt.state_dict()):
+        if isinstance(x, torch.Tensor): torch.testing.assert_close(x, torch.as_tensor(y).to(x), **TOL, msg=label)
+        else: assert x == y, label
+
+
+def twin_runs(name, tmp_path, train, **kwargs):
+    "The same `train(learn)` with fastai's native optimizer and with fastforeach's."
+    runs = []
+    for impl in ('native', 'foreach'):
+        learn = learner(name, impl, tmp_path / impl, **kwargs)
+        with learn.no_logging(), learn.no_bar(): train(learn)
+        runs.append(learn)
+    return runs
+
+
+SCENARIOS = {
+    'fit': lambda learn, lr: learn.fit(2, lr),
+    'fit_one_cycle_slice': lambda learn, lr: learn.fit_one_cycle(2, lr_max=slice(lr / 10, lr)),
+    'fine_tune': lambda learn, lr: learn.fine_tune(1, base_lr=lr, freeze_epochs=1),
+}
+
+
+@pytest.mark.parametrize('scenario', list(SCENARIOS))
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_learner_scenarios(name, scenario, tmp_path):
+    native, foreach = twin_runs(name, tmp_path, lambda learn: SCENARIOS[scenario](learn, REGISTRY[name].lr))
+    assert isinstance(foreach.opt, (fastforeach.ForEachOptimizer, fastforeach.Lookahead))
+    assert_same_model(native, foreach)
+    assert_same_opt_state(native, foreach)
+
+
+@pytest.mark.parametrize('wd_bn_bias,train_bn', [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize('name', ['SGD', 'Adam', 'Lamb'])
+def test_wd_bn_bias_and_train_bn(name, wd_bn_bias, train_bn, tmp_path):
+    def train(learn): learn.fine_tune(1, base_lr=REGISTRY[name].lr, freeze_epochs=1, wd=0.1)
+    native, foreach = twin_runs(name, tmp_path, train, wd_bn_bias=wd_bn_bias, train_bn=train_bn)
+    assert_same_model(native, foreach)
+    bias = foreach.model[8].bias
+    assert foreach.opt.state[bias].get('do_wd', True) == wd_bn_bias
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_gradient_accumulation(name, tmp_path):
+    def train(learn):
+        learn.add_cb(GradientAccumulation(n_acc=128))
+        learn.fit(1, REGISTRY[name].lr)
+    native, foreach = twin_runs(name, tmp_path, train)
+    assert_same_model(native, foreach)
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_lr_find_restores_model_and_optimizer(name, tmp_path):
+    learn = learner(name, 'foreach', tmp_path)
+    with learn.no_logging(), learn.no_bar():
+        learn.fit(1, REGISTRY[name].lr)
+        before_model = {k: v.clone() for k, v in learn.model.state_dict().items()}
+        before_opt = learn.opt.state_dict()
+        learn.lr_find(num_it=10, show_plot=False)
+    for k, v in learn.model.state_dict().items(): torch.testing.assert_close(v, before_model[k], rtol=0, atol=0)
+    from fastforeach.oracle import compare_states
+    for label, x, y in compare_states(before_opt, learn.opt.state_dict()):
+        assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), label
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_save_load_resumes_exactly(name, tmp_path):
+    lr = REGISTRY[name].lr
+    straight = learner(name, 'foreach', tmp_path / 'a', shuffle=False)
+    with straight.no_logging(), straight.no_bar(): straight.fit(2, lr)
+    first = learner(name, 'foreach', tmp_path / 'b', shuffle=False)
+    with first.no_logging(), first.no_bar(): first.fit(1, lr)
+    first.save('half', with_opt=True)
+    resumed = learner(name, 'foreach', tmp_path / 'b', shuffle=False, seed=1)  # another init, overwritten by load
+    resumed.load('half', with_opt=True)
+    with resumed.no_logging(), resumed.no_bar(): resumed.fit(1, lr)
+    assert_same_model(straight, resumed)
+    assert_same_opt_state(straight, resumed)
+
+
+def test_factories_drop_into_learner(tmp_path):
+    "`opt_func=fastforeach.Adam` and the like, as a fastai user writes it."
+    for factory in (fastforeach.Adam, fastforeach.ranger, partial(fastforeach.SGD, mom=0.9)):
+        learn = digits_learner(factory, path=tmp_path)
+        with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(1, 1e-2)
+        assert isinstance(learn.opt, (fastforeach.ForEachOptimizer, fastforeach.Lookahead))
+        assert learn.validate()[1] > 0.3  # it learned something (10 classes)
+
+
+def test_different_optimizers_are_told_apart(tmp_path):
+    "The tolerance above is tight enough to see a real difference, e.g. another momentum."
+    native = learner('Adam', 'native', tmp_path / 'n')
+    other = digits_learner(partial(fastforeach.Adam, mom=0.89), path=tmp_path / 'o')
+    for learn in (native, other):
+        with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
+    with pytest.raises(AssertionError): assert_same_model(native, other)
