@@ -40,14 +40,14 @@ def cnn_splitter(model):
 
 
 def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', **kwargs):
-    "A seeded Learner on digits with `opt_func`; the same seed gives the same data order and init."
+    "A seeded Learner on digits with `opt_func`; the same seed gives the same init and data order."
     import fastai.callback.schedule  # noqa: F401  (adds fit_one_cycle, fine_tune and lr_find to Learner)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     set_seed(seed, reproducible=True)
-    dls = digits_dls(shuffle=shuffle, seed=seed, device=device)
+    dls = digits_dls(shuffle=shuffle, device=device)
     learn = Learner(dls, digits_cnn(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy,
                     splitter=cnn_splitter, path=path or '.', **kwargs)
     learn.model.to(device)
