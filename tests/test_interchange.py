@@ -1,0 +1,96 @@
+"""Checkpoints move between fastai and fastforeach, and what fastforeach does beyond fastai."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastforeach
+from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.registry import REGISTRY
+from test_oracle import TOLERANCES, assert_twins_equal
+
+CASES = [pytest.param(spec, options, id=f"{name}-{cfg}")
+         for name, spec in REGISTRY.items() for cfg, options in spec.configs.items()]
+
+
+@pytest.mark.parametrize('direction', ['native_to_foreach', 'foreach_to_native'])
+@pytest.mark.parametrize('spec,options', CASES)
+def test_state_dict_interchange(spec, options, direction):
+    """Run the saving side 7 steps, load its state dict (through torch.save) into a fresh optimizer of the
+    other side, then both go on for 13 steps beside an uninterrupted optimizer of the loading side's kind."""
+    saver, loader = direction.split('_to_')
+    dtype = torch.float64
+    twins = Twins(lambda ps: spec.make(saver, ps, **options), lambda ps: spec.make(loader, ps, **options),
+                  oracle_layers(dtype))
+    for _ in range(7): twins.step(spec.lr)
+    # The loader side starts again from the saver's params and state.
+    for _, pa, pb in twins.pairs(): pb.data.copy_(pa.data)
+    buffer = __import__('io').BytesIO()
+    torch.save(twins.opt_a.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = spec.make(loader, twins.params_b, **options)
+    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    twins.opt_b = fresh
+    for t in range(13):
+        twins.step(spec.lr)
+    assert_twins_equal(twins, dtype, 'a checkpoint and 13')
+
+
+def test_closure_is_called_with_grad_and_its_loss_returned():
+    model = nn.Linear(3, 1)
+    opt = fastforeach.Adam(model.parameters(), 1e-2)
+    x = torch.randn(8, 3)
+    seen = {}
+
+    def closure():
+        seen['grad_enabled'] = torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with torch.no_grad(): loss = opt.step(closure)
+    assert seen['grad_enabled'] and isinstance(loss, torch.Tensor)
+    assert opt.state[model.weight]['step'] == 1
+
+
+@pytest.mark.parametrize('name', ['SGD', 'Adam', 'Lamb', 'Larc', 'ranger'])
+def test_group_mixing_dtypes_is_bucketed(name):
+    "float32, float64 and bfloat16 params in one group, each compared with fastai native in its own dtype."
+    spec = REGISTRY[name]
+    layers = oracle_layers(torch.float64)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16]
+    mixed = [[p.detach().to(dtypes[i % 3]) for i, p in enumerate(g)] for g in layers]
+    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('foreach', ps), mixed)
+    for _ in range(20): twins.step(spec.lr)
+    loose = {torch.float64: TOLERANCES[torch.float64], torch.float32: TOLERANCES[torch.float32],
+             torch.bfloat16: dict(rtol=2e-2, atol=1e-3)}
+    for where, pa, pb in twins.pairs():
+        torch.testing.assert_close(pb, pa, **loose[pa.dtype], msg=str(where))
+    for p in (p for g in twins.params_b for p in g[:-1]):
+        for key, t in twins.opt_b.state[p].items():
+            if key in ('grad_avg', 'sqr_avg'): assert t.dtype == p.dtype
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_group_mixing_devices_is_bucketed():
+    spec = REGISTRY['Adam']
+    layers = oracle_layers(torch.float32)
+    mixed = [[p.detach().to('cuda' if i % 2 else 'cpu') for i, p in enumerate(g)] for g in layers]
+    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('foreach', ps), mixed)
+    for _ in range(20): twins.step(spec.lr)
+    assert_twins_equal(twins, torch.float32, 20)
+
+
+def test_empty_group_and_no_gradients_are_no_ops():
+    layers = oracle_layers(torch.float64)
+    opt = fastforeach.Adam([layers[0], [], layers[1]], 1e-3)
+    before = [p.detach().clone() for g in layers for p in g]
+    opt.step()  # no gradients at all
+    assert all(torch.equal(a, b) for a, b in zip(before, (p for g in layers for p in g)))
+    assert all(not opt.state[p] for g in layers for p in g)
+    for p in layers[1]: p.grad = torch.randn_like(p)
+    opt.step()  # group 0 and the empty group have nothing to do
+    assert all(torch.equal(a, b) for a, b in zip(before, layers[0]))
+    assert all(opt.state[p]['step'] == 1 for p in layers[1])
