@@ -39,7 +39,7 @@ def cnn_splitter(model):
     return [list(model[:6].parameters()), list(model[6:].parameters())]
 
 
-def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', **kwargs):
+def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_train=512, **kwargs):
     "A seeded Learner on digits with `opt_func`; the same seed gives the same init and data order."
     import fastai.callback.schedule  # noqa: F401  (adds fit_one_cycle, fine_tune and lr_find to Learner)
     from fastai.learner import Learner
@@ -47,27 +47,31 @@ def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', **kw
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     set_seed(seed, reproducible=True)
-    dls = digits_dls(shuffle=shuffle, device=device)
+    dls = digits_dls(n_train=n_train, shuffle=shuffle, device=device)
     learn = Learner(dls, digits_cnn(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy,
                     splitter=cnn_splitter, path=path or '.', **kwargs)
     learn.model.to(device)
     return learn
 
 
-def train_table(epochs=3, lr=slice(1e-3, 3e-2), device='cpu', optimizers=('SGD', 'Adam')) -> dict:
-    "`fit_one_cycle` with each implementation: seconds per epoch, final accuracy and loss."
+def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam')) -> dict:
+    """`fit_one_cycle` with each implementation and the benchmark's options, discriminative lrs up to 10x the
+    optimizer's registry lr:
+    seconds per epoch, final accuracy and loss."""
     from fastai.callback.progress import ProgressCallback
 
+    from .bench import BENCH
     from .registry import REGISTRY
     rows = []
     for name in optimizers:
-        spec = REGISTRY[name]
+        spec, options = REGISTRY[name], BENCH[name].options
         for impl in ('native', 'foreach'):
-            learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr), device=device)
+            learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr, **options), device=device,
+                                   n_train=1280)
             learn.remove_cb(ProgressCallback)
             with learn.no_logging():
                 start = time.perf_counter()
-                learn.fit_one_cycle(epochs, lr_max=lr)
+                learn.fit_one_cycle(epochs, lr_max=slice(spec.lr, 10 * spec.lr))
                 seconds = (time.perf_counter() - start) / epochs
                 loss, acc = learn.validate()
             rows.append({'optimizer': name, 'impl': impl, 's_per_epoch': seconds, 'accuracy': float(acc),

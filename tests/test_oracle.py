@@ -30,9 +30,9 @@ def assert_twins_equal(twins, dtype, when):
             assert a == b, f"{label} after {when} steps: {a!r} != {b!r}"
 
 
-def run_oracle(spec, options, dtype, impl='foreach', steps=100):
+def run_oracle(spec, options, dtype, impl='foreach', steps=100, device='cpu'):
     twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make(impl, ps, **options),
-                  oracle_layers(dtype))
+                  oracle_layers(dtype, device))
     for t in range(1, steps + 1):
         twins.step(spec.lr)
         if t in CHECKPOINTS: assert_twins_equal(twins, dtype, t)
@@ -49,6 +49,12 @@ def test_foreach_equals_fastai(spec, options, dtype):
     gi, pi = twins.no_grad
     assert torch.equal(twins.params_b[gi][pi], oracle_layers(dtype)[gi][pi])
     assert set(twins.opt_b.state[twins.params_b[gi][pi]]) <= {'do_wd'}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize('spec,options', CASES)
+def test_foreach_equals_fastai_on_cuda(spec, options):
+    run_oracle(spec, options, torch.float32, device='cuda')
 
 
 def test_every_factory_option_is_exercised():
