@@ -22,7 +22,6 @@ import inspect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from numbers import Real
 from typing import Callable
 
@@ -91,7 +90,6 @@ class StepRule:
         return getattr(fn, '__name__', repr(fn))
 
 
-@lru_cache(maxsize=None)
 def _rule_of(fn: Callable) -> StepRule:
     params = list(inspect.signature(fn).parameters.values())
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
