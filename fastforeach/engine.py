@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 from fastai.optimizer import Optimizer
+from fastcore.foundation import L
 
 from .ops import mul_scalar_
 
@@ -134,7 +135,7 @@ class ForEachOptimizer(Optimizer):
         self.decouple_wd = decouple_wd
         missing = [h for h in self.rule.hypers if h not in defaults]
         if missing: raise TypeError(f"{self.rule.name} needs hypers {missing}; give them as keywords")
-        params = list(params)
+        params = L(params)  # as fastai reads it: a lone tensor is one param, a list of lists is param groups
         if not params: raise ValueError("Invalid params: an empty list (the optimizer has nothing to update)")
         super().__init__(params, cbs=[], **defaults)
 

@@ -142,5 +142,10 @@ def test_bad_lookahead_state_dict_is_refused_whole(break_it, message):
     assert sd.keys() == kept.keys()  # the caller's dict is not consumed
 
 
+def test_a_lone_tensor_is_one_param_as_in_fastai():
+    p = nn.Parameter(torch.randn(3, 4))
+    assert len(fastforeach.SGD(p, 1e-2).param_lists[0]) == len(fastforeach.SGD(p, 1e-2, foreach=False).param_lists[0]) == 1
+
+
 def test_empty_params_are_refused():
     with pytest.raises(ValueError, match='empty'): fastforeach.Adam([], 1e-3)
