@@ -7,6 +7,7 @@ after `--check-steps` steps with fresh gradients.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -96,14 +97,9 @@ def _builder(spec: OptimizerSpec, impl, options):
 
 
 def _torch_builder(build, spec, options):
-    defaults = {k: v.default for k, v in _signature(spec.native).items() if k not in ('params', 'lr')}
+    defaults = {k: v.default for k, v in inspect.signature(spec.native).parameters.items() if k not in ('params', 'lr')}
     kwargs = {k: v for k, v in {**defaults, **options}.items() if k != 'decouple_wd'}
     return lambda params, lr: build(params, lr, **kwargs)
-
-
-def _signature(fn):
-    import inspect
-    return inspect.signature(fn).parameters
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Checkpoints move between fastai and fastforeach, and what fastforeach does beyond fastai."""
-import copy
+import io
 
 import pytest
 import torch
@@ -26,14 +26,13 @@ def test_state_dict_interchange(spec, options, direction):
     for _ in range(7): twins.step(spec.lr)
     # The loader side starts again from the saver's params and state.
     for _, pa, pb in twins.pairs(): pb.data.copy_(pa.data)
-    buffer = __import__('io').BytesIO()
+    buffer = io.BytesIO()
     torch.save(twins.opt_a.state_dict(), buffer)
     buffer.seek(0)
     fresh = spec.make(loader, twins.params_b, **options)
     fresh.load_state_dict(torch.load(buffer, weights_only=False))
     twins.opt_b = fresh
-    for t in range(13):
-        twins.step(spec.lr)
+    for _ in range(13): twins.step(spec.lr)
     assert_twins_equal(twins, dtype, 'a checkpoint and 13')
 
 
