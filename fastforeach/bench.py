@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .oracle import Twins, max_relative_difference
-from .registry import REGISTRY, OptimizerSpec
+from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
 __all__ = ['MODELS', 'BENCH', 'run_bench', 'main']
 
@@ -85,7 +85,7 @@ BENCH: dict[str, BenchCase] = {
 def implementations(name: str) -> dict[str, Callable]:
     "Implementation name -> builder `(params, lr) -> optimizer` for the optimizer `name`."
     spec, case = REGISTRY[name], BENCH[name]
-    impls = {impl: _builder(spec, impl, case.options) for impl in ('native', 'foreach')}
+    impls = {impl: _builder(spec, impl, case.options) for impl in IMPLEMENTATIONS}
     if case.torch_equal is not None:
         for impl in ('foreach', 'fused'):
             impls[f'torch_{impl}'] = _torch_builder(case.torch_equal(impl), spec, case.options)

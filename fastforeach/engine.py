@@ -29,6 +29,7 @@ import torch
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
+from .fused import FusedStep
 from .ops import mul_scalar_
 
 __all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias']
@@ -129,9 +130,13 @@ class ForEachOptimizer(Optimizer):
     Weight decay comes first, as in fastai: decoupled, `p ← p·(1 − lr·wd)`, or L2, `g ← g + wd·p`, on the
     params whose state does not say `do_wd=False`. Then `opt_step` (see the module docstring) runs once
     per (group, device, dtype, step count), cut into cache-sized chunks on CPU.
+
+    `opt_step` may also be a `FusedStep` (see `fused.py`): the same rule done in one pass over memory,
+    weight decay included.
     """
     def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, **defaults):
-        self.rule = StepRule.of(opt_step)
+        self.fused = opt_step if isinstance(opt_step, FusedStep) else None
+        self.rule = StepRule.of(opt_step.rule if self.fused else opt_step)
         self.decouple_wd = decouple_wd
         missing = [h for h in self.rule.hypers if h not in defaults]
         if missing: raise TypeError(f"{self.rule.name} needs hypers {missing}; give them as keywords")
@@ -170,6 +175,9 @@ class ForEachOptimizer(Optimizer):
                     step = bucket.states[0].get('step', 0) + 1
                     for state in bucket.states: state['step'] = step
                     kwargs['step'] = step
+                if self.fused is not None and self.fused.ready(bucket.params[0], kwargs):
+                    self._run_fused(bucket, hyper, kwargs)
+                    continue
                 chunks = bucket.chunks(CPU_CHUNK_BYTES) if bucket.params[0].device.type == 'cpu' else [bucket]
                 for chunk in chunks:
                     self._weight_decay(chunk, hyper)
@@ -208,9 +216,19 @@ class ForEachOptimizer(Optimizer):
         if self.decouple_wd: mul_scalar_(params, 1 - lr * wd)
         else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
 
+    def _state_lists(self, chunk: Bucket):
+        return [[state[key] for state in chunk.states] for key in self.rule.state_keys]
+
     def _run_rule(self, chunk: Bucket, kwargs: dict):
-        lists = [[state[key] for state in chunk.states] for key in self.rule.state_keys]
-        out = self.rule.fn(chunk.params, chunk.grads, *lists, **kwargs)
+        self._store(chunk, self.rule.fn(chunk.params, chunk.grads, *self._state_lists(chunk), **kwargs))
+
+    def _run_fused(self, bucket: Bucket, hyper: dict, kwargs: dict):
+        do_wd = [state.get('do_wd', True) for state in bucket.states]
+        self._store(bucket, self.fused.run(bucket.params, bucket.grads, self._state_lists(bucket), do_wd, kwargs,
+                                           wd=hyper.get('wd', 0.), decouple_wd=self.decouple_wd))
+
+    @staticmethod
+    def _store(chunk: Bucket, out):
         for key, values in (out or {}).items():
             for state, value in zip(chunk.states, values): state[key] = value
 

@@ -5,9 +5,16 @@ import torch
 from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
+from .fused import Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, run_chunks
 from .optimizers.radam import RAdamForEachOptimizer
 
-__all__ = ['Lookahead', 'RangerForEachOptimizer']
+__all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update']
+
+
+def lookahead_update(slow, fast, c):
+    "One tensor of the slow-weight sync, in one pass: slow ← slow + α·(fast − slow);  fast ← slow.  c = (α,)"
+    slow.lerp_(fast, c[0])
+    fast.copy_(slow)
 
 
 def check_lookahead(k, alpha) -> None:
@@ -20,10 +27,12 @@ def check_lookahead(k, alpha) -> None:
 class Lookahead(_FastaiLookahead):
     """fastai's `Lookahead` with foreach slow-weight updates: every `k` steps of `opt`,
     slow ← slow + alpha·(fast − slow), then fast ← slow. Wraps fastforeach and fastai optimizers alike;
-    its `state_dict` has fastai's shape (`count`, `slow_weights`)."""
-    def __init__(self, opt, k=6, alpha=0.5):
+    its `state_dict` has fastai's shape (`count`, `slow_weights`). `fused=True` compiles the sync into one
+    pass per tensor (see `fused.py`)."""
+    def __init__(self, opt, k=6, alpha=0.5, *, fused=False):
         check_lookahead(k, alpha)
         super().__init__(opt, k=k, alpha=alpha)
+        self.fused, self._plans = fused, Plans()
 
     def step(self, closure=None):
         loss = None
@@ -36,10 +45,20 @@ class Lookahead(_FastaiLookahead):
         if self.count % self.k == 0:
             with torch.no_grad():
                 for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
-                    slow, fast = list(slow_pg), list(fast_pg)
-                    torch._foreach_lerp_(slow, fast, self.alpha)
-                    torch._foreach_copy_(fast, slow)
+                    self._sync(list(slow_pg), list(fast_pg))
         return loss
+
+    def _sync(self, slow, fast):
+        if not slow: return
+        if self.fused and all(is_dense(f) and s.stride() == f.stride() and s.dtype == f.dtype == fast[0].dtype
+                              for s, f in zip(slow, fast)) and compiles(lookahead_update, False, fast[0], 2, 1):
+            c = torch.tensor([self.alpha], dtype=coefficient_dtype(fast[0].dtype), device=fast[0].device)
+            chunks, _ = self._plans.get(id(fast[0]), slow + fast,
+                                        lambda: (chunked([[flat_alias(t) for t in ts] for ts in (slow, fast)]), ()))
+            run_chunks(lookahead_update, False, chunks, c, len(fast))
+        else:
+            torch._foreach_lerp_(slow, fast, self.alpha)
+            torch._foreach_copy_(fast, slow)
 
     def _set_hyper(self, k, v): self.opt._set_hyper(k, v)
 
@@ -74,7 +93,7 @@ class Lookahead(_FastaiLookahead):
 class RangerForEachOptimizer(Lookahead):
     "fastai's `ranger`: `RAdamForEachOptimizer` inside `Lookahead`."
     def __init__(self, params, lr, mom=0.95, wd=0.01, eps=1e-6, k=6, alpha=0.5, *, sqr_mom=0.99, beta=0.,
-                 decouple_wd=True):
+                 decouple_wd=True, fused=False):
         check_lookahead(k, alpha)
         super().__init__(RAdamForEachOptimizer(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta,
-                                               decouple_wd=decouple_wd), k=k, alpha=alpha)
+                                               decouple_wd=decouple_wd, fused=fused), k=k, alpha=alpha, fused=fused)

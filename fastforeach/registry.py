@@ -22,16 +22,21 @@ __all__ = ['OptimizerSpec', 'REGISTRY', 'make_factory']
 class OptimizerSpec:
     name: str
     native: Callable        # fastai's factory: (params, lr, **options) -> fastai Optimizer
-    foreach: Callable       # the same signature -> fastforeach optimizer
+    foreach: Callable       # the same signature, plus keyword-only `fused` -> fastforeach optimizer
     configs: dict = field(default_factory=dict)  # config name -> options (besides params and lr)
     reference: Callable = None  # what tests and benchmarks compare with, when not exactly `native`
     lr: float = 1e-2        # a learning rate that suits it in tests and benchmarks
     factory: bool = True    # whether `fastforeach.<name>` is made from this row
 
     def make(self, impl: str, params, lr=None, **options):
-        "Build the optimizer with `impl` in ('native', 'foreach')."
-        build = (self.reference or self.native) if impl == 'native' else self.foreach
-        return build(params, self.lr if lr is None else lr, **options)
+        "Build the optimizer with `impl` in IMPLEMENTATIONS."
+        if impl not in IMPLEMENTATIONS: raise ValueError(f"Invalid impl: {impl!r} (must be one of {IMPLEMENTATIONS})")
+        lr = self.lr if lr is None else lr
+        if impl == 'native': return (self.reference or self.native)(params, lr, **options)
+        return self.foreach(params, lr, **options, fused=impl == 'fused')
+
+
+IMPLEMENTATIONS = ('native', 'foreach', 'fused')
 
 
 def _rmsprop_reference(params, lr, eps=1e-8, **options):
@@ -45,8 +50,8 @@ def _native_lookahead(params, lr, k=6, alpha=0.5, **options):
     return native.Lookahead(native.SGD(params, lr, **options), k=k, alpha=alpha)
 
 
-def _foreach_lookahead(params, lr, k=6, alpha=0.5, **options):
-    return Lookahead(SGDForEachOptimizer(params, lr, **options), k=k, alpha=alpha)
+def _foreach_lookahead(params, lr, k=6, alpha=0.5, *, fused=False, **options):
+    return Lookahead(SGDForEachOptimizer(params, lr, **options, fused=fused), k=k, alpha=alpha, fused=fused)
 
 
 _WD = {'wd': 0.01}
@@ -81,20 +86,29 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
 
 
 def make_factory(spec: OptimizerSpec) -> Callable:
-    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach`.
+    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach` and `fused`.
 
-    `foreach=True` builds the fastforeach optimizer; `foreach=False` returns fastai's own."""
+    `foreach=True` builds the fastforeach optimizer, one pass over memory per step with `fused=True`;
+    `foreach=False` returns fastai's own."""
     sig = inspect.signature(spec.native)
-    flags = [inspect.Parameter('foreach', inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)]
+    flags = [inspect.Parameter('foreach', inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool),
+             inspect.Parameter('fused', inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)]
     params = list(sig.parameters.values())
     at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
 
-    def factory(*args, foreach: bool = True, **kwargs):
+    def factory(*args, foreach: bool = True, fused: bool = False, **kwargs):
         bound = sig.bind(*args, **kwargs)  # TypeError for an unknown keyword, as a plain function gives
-        return (spec.foreach if foreach else spec.native)(*bound.args, **bound.kwargs)
+        for name, flag in (('foreach', foreach), ('fused', fused)):
+            if not isinstance(flag, bool): raise ValueError(f"Invalid {name}: {flag!r} (must be True or False)")
+        if fused and not foreach:
+            raise ValueError(f"Invalid options for {spec.name}: fused=True with foreach=False "
+                             "(fastai's native optimizers have no fused form)")
+        if not foreach: return spec.native(*bound.args, **bound.kwargs)
+        return spec.foreach(*bound.args, **bound.kwargs, fused=fused)
 
     factory.__name__ = factory.__qualname__ = spec.name
     factory.__doc__ = (f"fastai's `{spec.name}` with the same parameters and defaults. `foreach=True` (the default) "
-                       f"gives `{spec.foreach.__name__}`; `foreach=False` gives fastai's native optimizer.")
+                       f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
+                       "`foreach=False` gives fastai's native optimizer.")
     factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])
     return factory

@@ -14,7 +14,7 @@ CASES = [pytest.param(spec, options, id=f"{name}-{cfg}")
          for name, spec in REGISTRY.items() for cfg, options in spec.configs.items()]
 
 
-@pytest.mark.parametrize('direction', ['native_to_foreach', 'foreach_to_native'])
+@pytest.mark.parametrize('direction', ['native_to_foreach', 'foreach_to_native', 'native_to_fused', 'fused_to_native'])
 @pytest.mark.parametrize('spec,options', CASES)
 def test_state_dict_interchange(spec, options, direction):
     """Run the saving side 7 steps, load its state dict (through torch.save) into a fresh optimizer of the
@@ -54,14 +54,15 @@ def test_closure_is_called_with_grad_and_its_loss_returned():
     assert opt.state[model.weight]['step'] == 1
 
 
-@pytest.mark.parametrize('name', ['SGD', 'Adam', 'Lamb', 'Larc', 'ranger'])
-def test_group_mixing_dtypes_is_bucketed(name):
+@pytest.mark.parametrize('name,impl', [(n, 'foreach') for n in ['SGD', 'Adam', 'Lamb', 'Larc', 'ranger']] +
+                         [(n, 'fused') for n in ['SGD', 'Adam', 'Lamb']])
+def test_group_mixing_dtypes_is_bucketed(name, impl):
     "float32, float64 and bfloat16 params in one group, each compared with fastai native in its own dtype."
     spec = REGISTRY[name]
     layers = oracle_layers(torch.float64)
     dtypes = [torch.float32, torch.float64, torch.bfloat16]
     mixed = [[p.detach().to(dtypes[i % 3]) for i, p in enumerate(g)] for g in layers]
-    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('foreach', ps), mixed)
+    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make(impl, ps), mixed)
     for _ in range(20): twins.step(spec.lr)
     loose = {torch.float64: TOLERANCES[torch.float64], torch.float32: TOLERANCES[torch.float32],
              torch.bfloat16: dict(rtol=2e-2, atol=1e-3)}

@@ -40,10 +40,10 @@ def assert_same_opt_state(a, b):
         else: assert x == y, label
 
 
-def twin_runs(name, tmp_path, train, **kwargs):
-    "The same `train(learn)` with fastai's native optimizer and with fastforeach's."
+def twin_runs(name, tmp_path, train, impl='foreach', **kwargs):
+    "The same `train(learn)` with fastai's native optimizer and with fastforeach's `impl`."
     runs = []
-    for impl in ('native', 'foreach'):
+    for impl in ('native', impl):
         learn = learner(name, impl, tmp_path / impl, **kwargs)
         with learn.no_logging(), learn.no_bar(): train(learn)
         runs.append(learn)
@@ -57,31 +57,34 @@ SCENARIOS = {
 }
 
 
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('scenario', list(SCENARIOS))
 @pytest.mark.parametrize('name', OPTIMIZERS)
-def test_learner_scenarios(name, scenario, tmp_path):
-    native, foreach = twin_runs(name, tmp_path, lambda learn: SCENARIOS[scenario](learn, REGISTRY[name].lr))
+def test_learner_scenarios(name, scenario, impl, tmp_path):
+    native, foreach = twin_runs(name, tmp_path, lambda learn: SCENARIOS[scenario](learn, REGISTRY[name].lr), impl)
     assert isinstance(foreach.opt, (fastforeach.ForEachOptimizer, fastforeach.Lookahead))
     assert_same_model(native, foreach)
     assert_same_opt_state(native, foreach)
 
 
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('wd_bn_bias,train_bn', [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize('name', ['SGD', 'Adam', 'Lamb'])
-def test_wd_bn_bias_and_train_bn(name, wd_bn_bias, train_bn, tmp_path):
+def test_wd_bn_bias_and_train_bn(name, wd_bn_bias, train_bn, impl, tmp_path):
     def train(learn): learn.fine_tune(1, base_lr=REGISTRY[name].lr, freeze_epochs=1, wd=0.1)
-    native, foreach = twin_runs(name, tmp_path, train, wd_bn_bias=wd_bn_bias, train_bn=train_bn)
+    native, foreach = twin_runs(name, tmp_path, train, impl, wd_bn_bias=wd_bn_bias, train_bn=train_bn)
     assert_same_model(native, foreach)
     bias = foreach.model[8].bias
     assert foreach.opt.state[bias].get('do_wd', True) == wd_bn_bias
 
 
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('name', OPTIMIZERS)
-def test_gradient_accumulation(name, tmp_path):
+def test_gradient_accumulation(name, impl, tmp_path):
     def train(learn):
         learn.add_cb(GradientAccumulation(n_acc=128))
         learn.fit(1, REGISTRY[name].lr)
-    native, foreach = twin_runs(name, tmp_path, train)
+    native, foreach = twin_runs(name, tmp_path, train, impl)
     assert_same_model(native, foreach)
 
 
@@ -99,15 +102,17 @@ def test_lr_find_restores_model_and_optimizer(name, tmp_path):
         assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), label
 
 
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('name', OPTIMIZERS)
-def test_save_load_resumes_exactly(name, tmp_path):
-    lr = REGISTRY[name].lr
-    straight = learner(name, 'foreach', tmp_path / 'a', shuffle=False)
+def test_save_load_resumes_exactly(name, impl, tmp_path):
+    "Saved by one implementation, resumed by the other: the same as training straight through."
+    lr, other = REGISTRY[name].lr, {'foreach': 'fused', 'fused': 'foreach'}[impl]
+    straight = learner(name, impl, tmp_path / 'a', shuffle=False)
     with straight.no_logging(), straight.no_bar(): straight.fit(2, lr)
-    first = learner(name, 'foreach', tmp_path / 'b', shuffle=False)
+    first = learner(name, impl, tmp_path / 'b', shuffle=False)
     with first.no_logging(), first.no_bar(): first.fit(1, lr)
     first.save('half', with_opt=True)
-    resumed = learner(name, 'foreach', tmp_path / 'b', shuffle=False, seed=1)  # another init, overwritten by load
+    resumed = learner(name, other, tmp_path / 'b', shuffle=False, seed=1)  # another init, overwritten by load
     resumed.load('half', with_opt=True)
     with resumed.no_logging(), resumed.no_bar(): resumed.fit(1, lr)
     assert_same_model(straight, resumed)

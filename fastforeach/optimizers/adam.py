@@ -3,8 +3,10 @@ import torch
 
 from ..ops import mul_scalar_, add_scalar_
 from ..engine import ForEachOptimizer, debias
+from ..fused import KernelStep
 
-__all__ = ['AdamForEachOptimizer', 'adam_step', 'average_grads', 'debiased_rms']
+__all__ = ['AdamForEachOptimizer', 'adam_step', 'average_grads', 'debiased_rms', 'fused_adam_step',
+           'average_grads_update', 'averaging_coefficients']
 
 
 def average_grads(g, grad_avg, sqr_avg, *, mom, sqr_mom):
@@ -12,6 +14,17 @@ def average_grads(g, grad_avg, sqr_avg, *, mom, sqr_mom):
     torch._foreach_lerp_(grad_avg, g, 1 - mom)
     mul_scalar_(sqr_avg, sqr_mom)
     torch._foreach_addcmul_(sqr_avg, g, g, 1 - sqr_mom)
+
+
+def average_grads_update(g, grad_avg, sqr_avg, c):
+    "One tensor of `average_grads`; c starts (mom, 1 − mom, sqr_mom, 1 − sqr_mom), see `averaging_coefficients`."
+    grad_avg.mul_(c[0]).add_(c[1] * g)
+    sqr_avg.mul_(c[2]).add_(c[3] * g * g)
+
+
+def averaging_coefficients(mom: float, sqr_mom: float, step: int) -> list[float]:
+    "(mom, 1 − mom, sqr_mom, 1 − sqr_mom, debias1, debias2): what every Adam-style update starts from."
+    return [mom, 1 - mom, sqr_mom, 1 - sqr_mom, debias(mom, 1 - mom, step), debias(sqr_mom, 1 - sqr_mom, step)]
 
 
 def debiased_rms(sqr_avg, *, step, sqr_mom, eps):
@@ -29,8 +42,20 @@ def adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
     torch._foreach_addcdiv_(p, grad_avg, denom, -lr / debias(mom, 1 - mom, step))
 
 
+def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):
+    "PyTorch's fused AdamW (decoupled) or Adam (L2) kernel: fastai's update, √(v/debias2) taken as √v/√debias2."
+    step = torch.tensor(float(hypers['step']), device=p[0].device)
+    kernel = torch._fused_adamw_ if decouple_wd else torch._fused_adam_
+    kernel(p, g, *states, [], [step] * len(p), lr=hypers['lr'], beta1=hypers['mom'], beta2=hypers['sqr_mom'],
+           weight_decay=wd, eps=hypers['eps'], amsgrad=False, maximize=False)
+
+
+fused_adam_step = KernelStep(adam_step, _torch_fused_adam, decoupled_in_kernel=True)
+
+
 class AdamForEachOptimizer(ForEachOptimizer):
-    "fastai's `Adam` as one foreach step: AdamW with `decouple_wd=True`, Adam with L2 otherwise."
-    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True):
-        super().__init__(params, adam_step, decouple_wd=decouple_wd,
+    """fastai's `Adam` as one foreach step: AdamW with `decouple_wd=True`, Adam with L2 otherwise.
+    `fused=True`: PyTorch's fused AdamW/Adam kernel."""
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, *, fused=False):
+        super().__init__(params, fused_adam_step if fused else adam_step, decouple_wd=decouple_wd,
                          lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -2,9 +2,10 @@
 import torch
 
 from ..engine import ForEachOptimizer, debias
-from .adam import average_grads, debiased_rms
+from ..fused import CompiledStep
+from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
-__all__ = ['LambForEachOptimizer', 'lamb_step']
+__all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step']
 
 
 def _rms(tensors):
@@ -24,8 +25,24 @@ def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
     torch._foreach_addcmul_(p, update, (-lr * trust).unbind())
 
 
+def lamb_update(p, g, grad_avg, sqr_avg, c):
+    "One tensor of `lamb_step`; c = averaging coefficients, then lr, eps."
+    average_grads_update(g, grad_avg, sqr_avg, c)
+    update = (grad_avg / c[4]) / ((sqr_avg / c[5]).sqrt() + c[7])
+    r1, r2 = p.pow(2).mean().sqrt(), update.pow(2).mean().sqrt()
+    trust = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
+    p.sub_(c[6] * trust * update)
+
+
+def _coefficients(*, step, lr, mom, sqr_mom, eps):
+    return [*averaging_coefficients(mom, sqr_mom, step), lr, eps]
+
+
+fused_lamb_step = CompiledStep(lamb_step, lamb_update, _coefficients)
+
+
 class LambForEachOptimizer(ForEachOptimizer):
-    "fastai's `Lamb` as one foreach step."
-    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., decouple_wd=True):
-        super().__init__(params, lamb_step, decouple_wd=decouple_wd,
+    "fastai's `Lamb` as one foreach step; `fused=True`: the compiled update."
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., decouple_wd=True, *, fused=False):
+        super().__init__(params, fused_lamb_step if fused else lamb_step, decouple_wd=decouple_wd,
                          lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -5,8 +5,9 @@ import torch
 
 from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
+from ..fused import CompiledStep
 
-__all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs']
+__all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs', 'fused_larc_step']
 
 
 def layer_lrs(p, g, *, lr, trust_coeff, wd, eps, clip):
@@ -37,9 +38,43 @@ def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, clip=Tr
     return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
 
 
+def _layer_lr(p, g, c):
+    "One tensor of `layer_lrs`; c = (lr, lr·trust_coeff, wd, eps, clip (1 or 0), mom)."
+    p_norm, g_norm = p.norm(), g.norm()
+    local_lr = c[1] * p_norm / (g_norm + p_norm * c[2] + c[3])
+    return torch.where(c[4] > 0, torch.minimum(local_lr, c[0]), local_lr)
+
+
+def larc_update(p, g, c):
+    "One tensor of `larc_step`; returns its `local_lr`."
+    local_lr = _layer_lr(p, g, c)
+    p.sub_(local_lr * g)
+    return (local_lr,)
+
+
+def momentum_larc_update(p, g, grad_avg, c):
+    "One tensor of `momentum_larc_step`; returns its `local_lr`."
+    grad_avg.mul_(c[5]).add_(g)
+    local_lr = _layer_lr(p, g, c)
+    p.sub_(local_lr * grad_avg)
+    return (local_lr,)
+
+
+def _coefficients(*, lr, trust_coeff, wd, eps, mom=0., clip):
+    return [lr, lr * trust_coeff, wd, eps, clip, mom]
+
+
+def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
+    "The compiled `larc_step` (mom = 0) or `momentum_larc_step`, clipped or not."
+    rule, update = (larc_step, larc_update) if mom == 0 else (momentum_larc_step, momentum_larc_update)
+    return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',))
+
+
 class LarcForEachOptimizer(ForEachOptimizer):
-    "fastai's `Larc` as one foreach step: LARC with `clip=True`, LARS with `clip=False`."
-    def __init__(self, params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0., decouple_wd=True):
-        rule = larc_step if mom == 0 else momentum_larc_step
-        super().__init__(params, partial(rule, clip=clip), decouple_wd=decouple_wd,
+    """fastai's `Larc` as one foreach step: LARC with `clip=True`, LARS with `clip=False`;
+    `fused=True`: the compiled update."""
+    def __init__(self, params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0., decouple_wd=True, *,
+                 fused=False):
+        rule = fused_larc_step(mom, clip) if fused else partial(larc_step if mom == 0 else momentum_larc_step, clip=clip)
+        super().__init__(params, rule, decouple_wd=decouple_wd,
                          lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)

@@ -3,9 +3,10 @@ import torch
 
 from ..ops import add_scalar_
 from ..engine import ForEachOptimizer, debias
-from .adam import average_grads
+from ..fused import CompiledStep
+from .adam import average_grads, average_grads_update, averaging_coefficients
 
-__all__ = ['QHAdamForEachOptimizer', 'qhadam_step']
+__all__ = ['QHAdamForEachOptimizer', 'qhadam_step', 'fused_qhadam_step']
 
 
 def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, eps):
@@ -20,8 +21,24 @@ def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, 
     torch._foreach_addcdiv_(p, numer, denom, -lr)
 
 
+def qhadam_update(p, g, grad_avg, sqr_avg, c):
+    "One tensor of `qhadam_step`; c = averaging coefficients, then lr, ν₁, 1 − ν₁, ν₂, 1 − ν₂, eps."
+    average_grads_update(g, grad_avg, sqr_avg, c)
+    numer = c[8] * g + c[7] * (grad_avg / c[4])
+    denom = (c[10] * g * g + c[9] * (sqr_avg / c[5])).sqrt() + c[11]
+    p.sub_(c[6] * numer / denom)
+
+
+def _coefficients(*, step, lr, mom, sqr_mom, nu_1, nu_2, eps):
+    return [*averaging_coefficients(mom, sqr_mom, step), lr, nu_1, 1 - nu_1, nu_2, 1 - nu_2, eps]
+
+
+fused_qhadam_step = CompiledStep(qhadam_step, qhadam_update, _coefficients)
+
+
 class QHAdamForEachOptimizer(ForEachOptimizer):
-    "fastai's `QHAdam` as one foreach step."
-    def __init__(self, params, lr, mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8, wd=0., decouple_wd=True):
-        super().__init__(params, qhadam_step, decouple_wd=decouple_wd,
+    "fastai's `QHAdam` as one foreach step; `fused=True`: the compiled update."
+    def __init__(self, params, lr, mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8, wd=0., decouple_wd=True,
+                 *, fused=False):
+        super().__init__(params, fused_qhadam_step if fused else qhadam_step, decouple_wd=decouple_wd,
                          lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd)

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import ForEachOptimizer, debias
-from .adam import average_grads, debiased_rms
+from ..fused import CompiledStep
+from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
-__all__ = ['RAdamForEachOptimizer', 'radam_step', 'rectification']
+__all__ = ['RAdamForEachOptimizer', 'radam_step', 'rectification', 'fused_radam_step']
 
 
 def rectification(sqr_mom: float, step: int):
@@ -32,8 +33,43 @@ def radam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, beta):
     torch._foreach_addcdiv_(p, grad_avg, denom, -lr * v / debias1)
 
 
+def softplus(x, beta, threshold=20.):
+    "`F.softplus(x, beta)` for a tensor `beta > 0`: log(1 + exp(beta·x)) / beta, or x where beta·x > threshold."
+    return torch.where(x * beta > threshold, x, torch.log1p(torch.exp(x * beta)) / beta)
+
+
+def _rectified_update(p, grad_avg, sqr_avg, c, smooth):
+    denom = (sqr_avg / c[5]).sqrt() + c[7]
+    if smooth: denom = softplus(denom, c[9])
+    p.sub_(c[6] * torch.where(c[8] > 0, grad_avg / denom, grad_avg))
+
+
+def radam_update(p, g, grad_avg, sqr_avg, c):
+    """One tensor of `radam_step` with beta = 0; c = averaging coefficients, then step size (lr·v / debias1,
+    or lr / debias1 before rectification starts), eps, rectified (1 or 0), beta."""
+    average_grads_update(g, grad_avg, sqr_avg, c)
+    _rectified_update(p, grad_avg, sqr_avg, c, smooth=False)
+
+
+def sadam_update(p, g, grad_avg, sqr_avg, c):
+    "One tensor of `radam_step` with beta > 0 (SAdam): the denominator goes through softplus."
+    average_grads_update(g, grad_avg, sqr_avg, c)
+    _rectified_update(p, grad_avg, sqr_avg, c, smooth=True)
+
+
+def _coefficients(*, step, lr, mom, sqr_mom, eps, beta):
+    *averaging, debias1, debias2 = averaging_coefficients(mom, sqr_mom, step)
+    v = rectification(sqr_mom, step)
+    return [*averaging, debias1, debias2, lr * (1 if v is None else v) / debias1, eps, v is not None, beta]
+
+
+# Softplus costs an exp and a log per element: only SAdam's update has it.
+fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients,
+                                choose=lambda hypers: sadam_update if hypers['beta'] else radam_update)
+
+
 class RAdamForEachOptimizer(ForEachOptimizer):
-    "fastai's `RAdam` as one foreach step (SAdam with `beta > 0`)."
-    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., beta=0., decouple_wd=True):
-        super().__init__(params, radam_step, decouple_wd=decouple_wd,
+    "fastai's `RAdam` as one foreach step (SAdam with `beta > 0`); `fused=True`: the compiled update."
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., beta=0., decouple_wd=True, *, fused=False):
+        super().__init__(params, fused_radam_step if fused else radam_step, decouple_wd=decouple_wd,
                          lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)

@@ -3,8 +3,10 @@ import torch
 
 from ..ops import mul_scalar_, add_scalar_
 from ..engine import ForEachOptimizer
+from ..fused import CompiledStep
 
-__all__ = ['RMSPropForEachOptimizer', 'rmsprop_step', 'momentum_rmsprop_step']
+__all__ = ['RMSPropForEachOptimizer', 'rmsprop_step', 'momentum_rmsprop_step', 'fused_rmsprop_step',
+           'fused_momentum_rmsprop_step']
 
 
 def _scaled_by_rms(p, direction, sqr_avg, g, *, lr, sqr_mom, eps):
@@ -27,11 +29,35 @@ def momentum_rmsprop_step(p, g, grad_avg, sqr_avg, *, lr, mom, sqr_mom, eps):
     _scaled_by_rms(p, grad_avg, sqr_avg, g, lr=lr, sqr_mom=sqr_mom, eps=eps)
 
 
+def _scaled_by_rms_update(p, direction, sqr_avg, g, c):
+    sqr_avg.mul_(c[1]).add_(c[2] * g * g)
+    p.sub_(c[0] * direction / (sqr_avg.sqrt() + c[3]))
+
+
+def rmsprop_update(p, g, sqr_avg, c):
+    "One tensor of `rmsprop_step`; c = (lr, sqr_mom, 1 − sqr_mom, eps, mom)."
+    _scaled_by_rms_update(p, g, sqr_avg, g, c)
+
+
+def momentum_rmsprop_update(p, g, grad_avg, sqr_avg, c):
+    "One tensor of `momentum_rmsprop_step`; c as in `rmsprop_update`."
+    grad_avg.mul_(c[4]).add_(g)
+    _scaled_by_rms_update(p, grad_avg, sqr_avg, g, c)
+
+
+def _coefficients(*, lr, sqr_mom, eps, mom=0.): return [lr, sqr_mom, 1 - sqr_mom, eps, mom]
+
+
+fused_rmsprop_step = CompiledStep(rmsprop_step, rmsprop_update, _coefficients)
+fused_momentum_rmsprop_step = CompiledStep(momentum_rmsprop_step, momentum_rmsprop_update, _coefficients)
+
+
 class RMSPropForEachOptimizer(ForEachOptimizer):
     """fastai's `RMSProp` as one foreach step.
 
     fastai's own `RMSProp` drops its `eps` argument and always uses 1e-8; this one uses the `eps` given
-    (the same result at the default)."""
-    def __init__(self, params, lr, mom=0., sqr_mom=0.99, eps=1e-8, wd=0., decouple_wd=True):
-        super().__init__(params, rmsprop_step if mom == 0 else momentum_rmsprop_step, decouple_wd=decouple_wd,
-                         lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    (the same result at the default). `fused=True`: the compiled per-tensor update."""
+    def __init__(self, params, lr, mom=0., sqr_mom=0.99, eps=1e-8, wd=0., decouple_wd=True, *, fused=False):
+        if mom == 0: rule = fused_rmsprop_step if fused else rmsprop_step
+        else: rule = fused_momentum_rmsprop_step if fused else momentum_rmsprop_step
+        super().__init__(params, rule, decouple_wd=decouple_wd, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -3,8 +3,9 @@ import torch
 
 from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
+from ..fused import KernelStep
 
-__all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step']
+__all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step', 'fused_sgd_step', 'fused_momentum_sgd_step']
 
 
 def sgd_step(p, g, *, lr):
@@ -19,8 +20,21 @@ def momentum_sgd_step(p, g, grad_avg, *, lr, mom):
     torch._foreach_add_(p, grad_avg, alpha=-lr)
 
 
+def _torch_fused_sgd(p, g, states, hypers, *, wd, decouple_wd):
+    "PyTorch's fused SGD: with dampening 0 and buffers that start at zero, fastai's update exactly."
+    torch._fused_sgd_(p, g, states[0] if states else [], weight_decay=0. if decouple_wd else wd,
+                      momentum=hypers.get('mom', 0.), lr=hypers['lr'], dampening=0., nesterov=False, maximize=False,
+                      is_first_step=False)
+
+
+# PyTorch's kernel leaves the buffer alone at momentum 0, where fastai's sets it to the gradient.
+fused_sgd_step = KernelStep(sgd_step, _torch_fused_sgd)
+fused_momentum_sgd_step = KernelStep(momentum_sgd_step, _torch_fused_sgd, ready=lambda p, hypers: hypers['mom'] != 0)
+
+
 class SGDForEachOptimizer(ForEachOptimizer):
-    "fastai's `SGD` as one foreach step; `mom` at construction picks plain or momentum SGD, as in fastai."
-    def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True):
-        super().__init__(params, sgd_step if mom == 0 else momentum_sgd_step, decouple_wd=decouple_wd,
-                         lr=lr, mom=mom, wd=wd)
+    """fastai's `SGD` as one foreach step; `mom` at construction picks plain or momentum SGD, as in fastai.
+    `fused=True`: PyTorch's fused SGD kernel (decoupled weight decay is one extra pass before it)."""
+    def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True, *, fused=False):
+        rule = (fused_sgd_step if fused else sgd_step) if mom == 0 else (fused_momentum_sgd_step if fused else momentum_sgd_step)
+        super().__init__(params, rule, decouple_wd=decouple_wd, lr=lr, mom=mom, wd=wd)

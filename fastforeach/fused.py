@@ -1,0 +1,294 @@
+"""Fused steps: one pass over memory per param per step.
+
+A foreach rule is a chain of list ops, each of which reads and writes every tensor. Its fused form does
+the same math in one pass, in one of two ways:
+
+- `KernelStep`: PyTorch ships a multi-tensor kernel whose math equals the rule (SGD, Adam, AdamW).
+- `CompiledStep`: the optimizer's *per-tensor update*, compiled by `torch.compile` (inductor: one C++/OpenMP
+  loop per tensor on CPU, Triton on GPU) and called on lists of `CHUNK` tensors at once.
+
+How a compiled step avoids recompiling:
+- hypers and the step count never enter the graph as Python numbers: the rule's `coefficients` turns them
+  into one small tensor per step (computed in float64 from Python floats, as fastai does), so a schedule
+  that changes lr and mom every batch runs the same graph;
+- every tensor is seen as a flat 1-d alias of its storage, with dynamic sizes, so one graph serves every
+  shape: compiling happens once per (update, dtype, device) for the process, whatever the model;
+- each graph gets its own code object, so dynamo keeps one graph per cache and its recompile limit never
+  bites.
+
+When compiling fails (no C++ compiler, an unsupported device), the step warns once and runs its foreach
+rule instead; the check runs on dummy tensors before a step touches anything.
+"""
+from __future__ import annotations
+
+import operator
+import types
+import warnings
+from typing import Callable
+
+import torch
+
+__all__ = ['FusedStep', 'KernelStep', 'CompiledStep', 'Operands', 'Plans', 'CHUNK', 'chunked', 'coefficient_dtype',
+           'compiles', 'is_dense', 'run_chunks', 'flat_alias', 'compile_cache_info']
+
+# Tensors per call of a compiled update: larger chunks mean fewer Python calls per step, but a longer
+# first compile (each tensor of a chunk is its own loop in the generated code).
+CHUNK = 8
+WARMUP_SIZE = 1 << 16
+
+
+class FusedStep:
+    """The fused form of a foreach rule: the same state keys and hypers (read off `rule`), done in one pass.
+
+    `run` applies weight decay itself, to the params whose `do_wd` flag is set, and returns what the rule
+    would return (a dict of per-param state values, or None). `ready` says whether it can run on these
+    tensors with these hypers; when it cannot, the engine runs the foreach rule."""
+    def __init__(self, rule: Callable):
+        self.rule = rule
+
+    def ready(self, p: torch.Tensor, hypers: dict) -> bool: return True
+
+    def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool):
+        raise NotImplementedError
+
+
+def split_by_wd(do_wd: list[bool], wd: float) -> list[tuple[list[int], bool]]:
+    "Indices of params that take weight decay and of those that do not (empty lists dropped)."
+    if not wd: return [(list(range(len(do_wd))), False)]
+    takes = [i for i, d in enumerate(do_wd) if d]
+    skips = [i for i, d in enumerate(do_wd) if not d]
+    return [(idx, flag) for idx, flag in ((takes, True), (skips, False)) if idx]
+
+
+class KernelStep(FusedStep):
+    """A rule done by one of PyTorch's fused multi-tensor kernels: `kernel(params, grads, states, hypers,
+    l2=…)` steps one list of params, after decoupled weight decay where the kernel has none."""
+    def __init__(self, rule: Callable, kernel: Callable, decoupled_in_kernel: bool = False,
+                 ready: Callable | None = None):
+        super().__init__(rule)
+        self.kernel, self.decoupled_in_kernel, self._ready = kernel, decoupled_in_kernel, ready
+
+    def ready(self, p, hypers): return self._ready is None or self._ready(p, hypers)
+
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd):
+        from .ops import mul_scalar_
+        for idx, takes_wd in split_by_wd(do_wd, wd):
+            ops, (ps, gs, *ss) = Operands.of(params, grads, states, idx)
+            decay = wd if takes_wd else 0.
+            if decay and decouple_wd and not self.decoupled_in_kernel: mul_scalar_(ps, 1 - hypers['lr'] * decay)
+            self.kernel(ps, gs, ss, hypers, wd=decay, decouple_wd=decouple_wd)
+            for o in ops: o.write_back()
+
+
+# --- compiled steps ---------------------------------------------------------------------------------
+
+def is_dense(t: torch.Tensor) -> bool:
+    "Whether `t`'s elements fill one block of storage, in some order of its dims (contiguous, channels last…)."
+    if t.is_contiguous(): return True
+    expected = 1
+    for d in sorted(range(t.ndim), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != expected: return False
+        expected *= t.size(d)
+    return True
+
+
+def flat_alias(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d tensor over the storage of dense `t`, made with `set_` rather than `view`: dynamo guards on a
+    view's base, whose shape differs from param to param, and would recompile for each."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+class Operands:
+    """A param, its gradient and its state, laid out element for element alike, as fused kernels need them
+    (PyTorch's walk memory in order) and as flat aliases of them presume.
+
+    A param that is not dense, or a gradient or state tensor whose strides differ from the param's, is
+    copied into a dense tensor laid out like the param; copies of the param and state are written back
+    after the step (`write_back`). `alias` maps each tensor handed out (identity, or `flat_alias`)."""
+    __slots__ = ('p', 'g', 'states', 'back', 'alias')
+
+    def __init__(self, p, g, states, alias: Callable = lambda t: t):
+        self.back, self.alias = [], alias
+        dense = is_dense(p)
+        self.p = alias(p) if dense else self._copy(p, None, back=True)
+        like = p if dense else None
+        self.g = alias(g) if dense and g.stride() == p.stride() else self._copy(g, like, back=False)
+        self.states = [alias(s) if dense and s.stride() == p.stride() else self._copy(s, like, back=True)
+                       for s in states]
+
+    def _copy(self, t, like, back):
+        work = torch.empty_like(like) if like is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        work.copy_(t)
+        if back: self.back.append((t, work))
+        return self.alias(work)
+
+    def write_back(self):
+        for t, work in self.back: t.copy_(work)
+
+    @classmethod
+    def of(cls, params, grads, states, idx, alias=None):
+        "Operands of the params at `idx`, and (params, grads, *states) lists of them."
+        ops = [cls(params[i], grads[i], [s[i] for s in states], alias or _identity) for i in idx]
+        return ops, [[o.p for o in ops], [o.g for o in ops], *([o.states[k] for o in ops] for k in range(len(states)))]
+
+
+def _identity(t): return t
+
+
+def _dummies(dtype, device, n_lists: int) -> list[list[torch.Tensor]]:
+    "`CHUNK` distinct one-element tensors per list: padding that lets one graph serve chunks of any length."
+    key = (dtype, device, n_lists)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = [[torch.zeros(1, dtype=dtype, device=device) for _ in range(CHUNK)] for _ in range(n_lists)]
+    return _DUMMIES[key]
+
+
+_DUMMIES: dict = {}
+
+
+def chunked(lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
+    "Parallel lists cut into chunks of `CHUNK` tensors, the last one padded with dummies."
+    n, like = len(lists[0]), lists[0][0]
+    pad = -n % CHUNK
+    padded = [xs + d[:pad] for xs, d in zip(lists, _dummies(like.dtype, like.device, len(lists)))]
+    return [[xs[s:s + CHUNK] for xs in padded] for s in range(0, n + pad, CHUNK)]
+
+
+class Plans:
+    """The chunked flat operands of each call site's last step, reused while the same tensors come back
+    with the same storage (fastai keeps its gradient tensors between steps; the state is ours).
+
+    Building them costs a few microseconds per tensor, which on a model of many small tensors is more
+    than the fused arithmetic."""
+    def __init__(self):
+        self._plans = {}
+
+    def get(self, key, tensors: list, build: Callable):
+        "`(chunks, ops)`: cached chunks and no ops, or `build()`'s, cached when no op needs copying back."
+        ptrs = [t.data_ptr() for t in tensors]
+        plan = self._plans.get(key)
+        if plan is not None and plan[1] == ptrs and len(plan[0]) == len(tensors) and all(map(operator.is_, plan[0], tensors)):
+            return plan[2], ()
+        chunks, ops = build()
+        if any(o.back for o in ops): self._plans.pop(key, None)
+        else: self._plans[key] = (tensors, ptrs, chunks)
+        return chunks, ops
+
+
+def _runner(update: Callable, decay: bool):
+    """`run(lists, c)`: `update(*tensors, c)` on the i-th tensor of every list, for each i.
+
+    With `decay`, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
+    decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`."""
+    def run(lists, c):
+        out = []
+        for i in range(len(lists[0])):
+            tensors = [xs[i] for xs in lists]
+            if decay:
+                p, g = tensors[0], tensors[1]
+                tensors[1] = g + c[1] * p
+                p.mul_(c[0])
+                out.append(update(*tensors, c[2:]))
+            else: out.append(update(*tensors, c))
+        return out
+    return run
+
+
+_COMPILED: dict[tuple, Callable] = {}
+_CHECKED: dict[tuple, bool] = {}   # (update, decay, dtype, device type) -> whether it compiled; process-wide
+
+
+def compile_cache_info() -> list[tuple]:
+    "The graphs this process has compiled: (update, with weight decay, dtype, device type)."
+    return [(k[0].__name__, *k[1:]) for k in _COMPILED]
+
+
+def _compiled(update: Callable, decay: bool, dtype: torch.dtype, device_type: str) -> Callable:
+    key = (update, decay, dtype, device_type)
+    if key not in _COMPILED:
+        run = _runner(update, decay)
+        # A code object of its own per key: dynamo caches graphs per code object (see module docstring).
+        own = types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{update.__name__}", None, run.__closure__)
+        _COMPILED[key] = torch.compile(own, fullgraph=True, dynamic=True)
+    return _COMPILED[key]
+
+
+def _compiling():
+    "Sizes stay symbolic: no two tensors forced to share a size, and sizes 0 and 1 not special-cased."
+    import torch.fx.experimental._config as fx_config
+    return fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
+
+
+def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
+    "float64 params get float64 coefficients; every other float gets float32, as PyTorch's scalar math does."
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compiles(update: Callable, decay: bool, like: torch.Tensor, n_lists: int, n_coefficients: int) -> bool:
+    """Compile (or find compiled) `update` for `like`'s dtype and device, on dummy tensors, before any real
+    tensor is touched. On failure, warn once and return False: the caller steps with its foreach form."""
+    key = (update, decay, like.dtype, like.device.type)
+    if key not in _CHECKED:
+        try:
+            # Inductor plans loops (threads, vector width) from the sizes it first sees: large ones, as real
+            # weights are, so that the kernels run on every thread.
+            lists = [[torch.zeros(WARMUP_SIZE, dtype=like.dtype, device=like.device) for _ in range(CHUNK)]
+                     for _ in range(n_lists)]
+            c = torch.ones(n_coefficients, dtype=coefficient_dtype(like.dtype), device=like.device)
+            with _compiling(): _compiled(update, decay, like.dtype, like.device.type)(lists, c)
+            _CHECKED[key] = True
+        except Exception as e:  # noqa: BLE001 - any failure to compile means: use the foreach form
+            first_line = str(e).splitlines()[0] if str(e) else ''
+            warnings.warn(f"fastforeach: could not compile the fused {update.__name__} for {like.dtype} on "
+                          f"{like.device.type} ({type(e).__name__}: {first_line}); using its foreach form instead",
+                          RuntimeWarning, stacklevel=5)
+            _CHECKED[key] = False
+    return _CHECKED[key]
+
+
+def run_chunks(update: Callable, decay: bool, chunks: list, c: torch.Tensor, n: int) -> list:
+    "The compiled `update` over every chunk; what it returned for the first `n` (real, not padding) tensors."
+    like = chunks[0][0][0]
+    fn = _compiled(update, decay, like.dtype, like.device.type)
+    out = []
+    for chunk in chunks: out += fn(chunk, c)
+    return out[:n]
+
+
+class CompiledStep(FusedStep):
+    """A rule done by its compiled per-tensor `update(p, g, *state, c)`, where `c` is the tensor of
+    `coefficients(**hypers)` (the rule's hypers, and `step` when it counts steps). `update` changes `p` and
+    the state in place and returns None, or a tuple of 0-d tensors stored under the state keys `returns`.
+
+    `choose`, when given, picks the update for this step's hypers among a few (RAdam: with or without
+    SAdam's softplus), so that no update pays for a branch it does not take."""
+    def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
+                 choose: Callable | None = None):
+        super().__init__(rule)
+        self.update, self.coefficients, self.returns, self.choose = update, coefficients, returns, choose
+        self.plans = Plans()
+
+    def _update(self, hypers): return self.update if self.choose is None else self.choose(hypers)
+
+    def ready(self, p, hypers) -> bool:
+        from .engine import StepRule
+        n_lists = 2 + len(StepRule.of(self.rule).state_keys)
+        return compiles(self._update(hypers), True, p, n_lists, 2 + len(self.coefficients(**hypers)))
+
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd):
+        update, rule_c = self._update(hypers), self.coefficients(**hypers)
+        p0, lr = params[0], hypers['lr']
+        outs = [None] * len(params)
+        for idx, takes_wd in split_by_wd(do_wd, wd):
+            decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
+            c = torch.tensor([decay, l2, *rule_c], dtype=coefficient_dtype(p0.dtype), device=p0.device)
+            tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
+
+            def build():
+                ops, lists = Operands.of(params, grads, states, idx, flat_alias)
+                return chunked(lists), ops
+            chunks, ops = self.plans.get((id(params[idx[0]]), takes_wd), tensors, build)
+            for i, r in zip(idx, run_chunks(update, True, chunks, c, len(idx))): outs[i] = r
+            for o in ops: o.write_back()
+        if not self.returns: return None
+        return {key: [out[k] for out in outs] for k, key in enumerate(self.returns)}

@@ -1,0 +1,122 @@
+"""What `fused=True` adds beyond the oracle: no recompiles, one graph for every layout, odd memory layouts,
+a clean fallback when nothing compiles, and the factories' new keyword."""
+import inspect
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import fastforeach
+from fastforeach import fused
+from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.registry import REGISTRY
+from fastforeach.training import digits_learner
+from test_oracle import assert_twins_equal
+
+
+def graphs():
+    from torch._dynamo.utils import counters
+    return counters['stats']['unique_graphs']
+
+
+@pytest.mark.parametrize('name', ['RAdam', 'ranger', 'Larc'])
+def test_one_cycle_schedule_never_recompiles(name, tmp_path):
+    "lr and mom change every batch and the step count grows, all without a new graph after the first step."
+    learn = digits_learner(partial(REGISTRY[name].make, 'fused'), path=tmp_path)
+    with learn.no_logging(), learn.no_bar():
+        learn.fit_one_cycle(1, REGISTRY[name].lr)  # compiles, or finds compiled, on its first step
+        before, compiled = graphs(), fused.compile_cache_info()
+        learn.fit_one_cycle(2, slice(REGISTRY[name].lr / 10, REGISTRY[name].lr))
+    assert learn.opt.hypers[0]['lr'] != learn.opt.hypers[-1]['lr']
+    assert graphs() == before and fused.compile_cache_info() == compiled
+
+
+def test_one_graph_serves_every_layout():
+    "Another model, other shapes and counts of params: the graphs compiled for the first are reused."
+    def run(layers):
+        opt = fastforeach.RAdam(layers, 1e-3, fused=True)
+        for _ in range(3):
+            for p in (p for g in layers for p in g): p.grad = torch.randn_like(p)
+            opt.step()
+    run(oracle_layers(torch.float32))
+    before, compiled = graphs(), fused.compile_cache_info()
+    run([[nn.Parameter(torch.randn(n, 2 * n + 1)) for n in range(1, 30)], [nn.Parameter(torch.randn(1))]])
+    assert graphs() == before and fused.compile_cache_info() == compiled
+
+
+@pytest.mark.parametrize('name', ['SGD', 'Adam', 'RMSProp', 'Lamb', 'ranger'])
+def test_odd_memory_layouts(name):
+    "A channels-last param, a strided param with gaps, gradients laid out unlike their param: as fastai."
+    spec = REGISTRY[name]
+    torch.manual_seed(0)
+    conv, wide, lin = torch.randn(8, 3, 3, 3), torch.randn(6, 10), torch.randn(4, 5)
+
+    def layers():
+        return [nn.Parameter(conv.clone().contiguous(memory_format=torch.channels_last)),
+                nn.Parameter(wide.clone()[:, ::2]), nn.Parameter(lin.clone()), nn.Parameter(torch.ones(5))]
+    native, fast = layers(), layers()
+    assert not fused.is_dense(fast[1]) and fused.is_dense(fast[0]) and not fast[0].is_contiguous()
+    opts = [spec.make('native', native, wd=0.01), spec.make('fused', fast, wd=0.01)]
+    for _ in range(12):
+        grads = [torch.randn_like(p, memory_format=torch.contiguous_format) for p in native]
+        for ps in (native, fast):
+            for p, g in zip(ps, grads): p.grad = g.clone()
+        fast[2].grad = fast[2].grad.t().contiguous().t()  # same values, column-major
+        for opt in opts: opt.step()
+    assert fast[0].is_contiguous(memory_format=torch.channels_last) and fast[1].stride() == (10, 2)
+    for a, b in zip(native, fast): torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_fallback_when_nothing_compiles(monkeypatch):
+    "No compiler: one warning, then the foreach rule, with the same result; nothing half-applied."
+    def no_compiler(*args, **kwargs): raise RuntimeError("no C++ compiler found")
+    monkeypatch.setattr(fused, '_CHECKED', {})
+    monkeypatch.setattr(fused, '_COMPILED', {})
+    monkeypatch.setattr(fused.torch, 'compile', no_compiler)
+    spec = REGISTRY['Lamb']
+    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('fused', ps), oracle_layers(torch.float64))
+    with pytest.warns(RuntimeWarning, match="could not compile the fused lamb_update") as record:
+        for _ in range(5): twins.step(spec.lr)
+    assert len([w for w in record if 'could not compile' in str(w.message)]) == 1
+    assert_twins_equal(twins, torch.float64, 5)
+
+
+def test_factories_take_fused():
+    for name, spec in REGISTRY.items():
+        if not spec.factory: continue
+        factory = getattr(fastforeach, name)
+        p = inspect.signature(factory).parameters['fused']
+        assert p.kind is p.KEYWORD_ONLY and p.default is False
+        layers = oracle_layers()
+        opt = factory(layers, 1e-3, fused=True)
+        assert isinstance(getattr(opt, 'opt', opt).fused, fused.FusedStep), name
+        assert getattr(factory(layers, 1e-3), 'fused', None) in (None, False), name
+    with pytest.raises(ValueError, match="fused=True with foreach=False"): fastforeach.Adam(oracle_layers(), 1e-3, foreach=False, fused=True)
+    with pytest.raises(ValueError, match="Invalid fused: 'yes'"): fastforeach.Adam(oracle_layers(), 1e-3, fused='yes')
+
+
+def test_lookahead_fused_sync():
+    "Lookahead wrapping any optimizer, with its slow-weight sync compiled."
+    spec = REGISTRY['Lookahead']
+    twins = Twins(lambda ps: spec.make('native', ps, k=2), lambda ps: spec.make('fused', ps, k=2),
+                  oracle_layers(torch.float64))
+    for _ in range(9): twins.step(spec.lr)
+    assert twins.opt_b.fused and twins.opt_b.count == 9
+    assert_twins_equal(twins, torch.float64, 9)
+
+
+@pytest.mark.parametrize('name', ['Adam', 'RAdam'])
+def test_fused_refuses_bad_input_before_anything_changes(name):
+    layers = oracle_layers(torch.float64)
+    opt = REGISTRY[name].make('fused', layers)
+    for p in (p for g in layers for p in g): p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for g in layers for p in g]
+    opt.hypers[0]['lr'] = float('nan')
+    with pytest.raises(ValueError, match="Invalid lr"): opt.step()
+    opt.hypers[0]['lr'] = 1e-3
+    layers[1][0].grad = layers[1][0].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"): opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (p for g in layers for p in g)))
+    assert all(opt.state[p]['step'] == 1 for p in layers[0])
