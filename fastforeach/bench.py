@@ -175,6 +175,56 @@ def format_table(rows: list[Row]) -> str:
     return '\n'.join(lines)
 
 
+_FIRST_STEPS = """
+import time, torch
+torch.set_num_threads({threads})
+from fastforeach.bench import BENCH, MODELS, _params_like
+from fastforeach.registry import REGISTRY
+params = _params_like(MODELS[{model!r}](), {device!r})
+for p in params: p.grad = torch.randn_like(p) * 1e-3
+opt = REGISTRY[{name!r}].make('fused', params, **BENCH[{name!r}].options)
+times = []
+for _ in range(2):
+    start = time.perf_counter(); opt.step(); times.append(time.perf_counter() - start)
+print(*times)
+"""
+
+
+def compiled_optimizers(names) -> list[str]:
+    "Those of `names` whose fused step is compiled (the others use kernels PyTorch ships)."
+    from .fused import CompiledStep
+    opts = {name: REGISTRY[name].make('fused', [nn.Parameter(torch.zeros(2))]) for name in names}
+    return [name for name, opt in opts.items() if isinstance(getattr(opt, 'opt', opt).fused, CompiledStep)]
+
+
+def compile_times(names, model='xresnet50', threads=2, device='cpu') -> list[dict]:
+    """Seconds of the first fused step, which compiles, in a fresh process: cold (an empty inductor cache,
+    as on a new machine) and warm (a new process finding what the cold one cached on disk); and the
+    second step, compiled, for scale. Within one process the compiled graphs are reused by every model."""
+    import os
+    import subprocess
+    import tempfile
+    rows = []
+    for name in compiled_optimizers(names):
+        row = {'optimizer': name, 'model': model}
+        with tempfile.TemporaryDirectory() as cache:
+            for kind in ('cold', 'warm'):
+                code = _FIRST_STEPS.format(threads=threads, model=model, device=device, name=name)
+                out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                                     env={**os.environ, 'TORCHINDUCTOR_CACHE_DIR': cache})
+                first, second = map(float, out.stdout.split()[-2:])
+                row[f'{kind}_s'], row['step_ms'] = first, second * 1e3
+        rows.append(row)
+    return rows
+
+
+def format_compile_times(rows: list[dict]) -> str:
+    head = f"{'optimizer':<10} {'model':<10} {'cold first step':>16} {'warm first step':>16} {'then ms/step':>13}"
+    return '\n'.join([head, '-' * len(head)] + [
+        f"{r['optimizer']:<10} {r['model']:<10} {r['cold_s']:>15.1f}s {r['warm_s']:>15.1f}s {r['step_ms']:>13.1f}"
+        for r in rows])
+
+
 def machine_info(threads: int, device: str) -> dict:
     import fastai
     return {'machine': platform.machine(), 'processor': platform.processor() or platform.platform(),
@@ -222,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--json', metavar='PATH', help='write the results as JSON')
     ap.add_argument('--plot', metavar='PATH', help='write a PNG chart of the speed-ups')
     ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation')
+    ap.add_argument('--compile-times', action='store_true',
+                    help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
     return ap
 
 
@@ -252,6 +304,9 @@ def main(argv=None) -> int:
         from .training import train_table
         result['train'] = train = train_table(device=args.device)
         print(); print(train['table'])
+    if args.compile_times:
+        result['compile_times'] = compiled = compile_times(optimizers, threads=args.threads, device=args.device)
+        print(); print(format_compile_times(compiled))
     if args.json:
         with open(args.json, 'w') as f: json.dump(result, f, indent=2)
     if args.plot: plot(rows, args.plot)

@@ -54,18 +54,18 @@ def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_tr
     return learn
 
 
-def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam')) -> dict:
+def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
     """`fit_one_cycle` with each implementation and the benchmark's options, discriminative lrs up to 10x the
     optimizer's registry lr:
     seconds per epoch, final accuracy and loss."""
     from fastai.callback.progress import ProgressCallback
 
     from .bench import BENCH
-    from .registry import REGISTRY
+    from .registry import IMPLEMENTATIONS, REGISTRY
     rows = []
     for name in optimizers:
         spec, options = REGISTRY[name], BENCH[name].options
-        for impl in ('native', 'foreach'):
+        for impl in IMPLEMENTATIONS:
             learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr, **options), device=device,
                                    n_train=1280)
             learn.remove_cb(ProgressCallback)

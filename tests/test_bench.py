@@ -13,22 +13,34 @@ def test_quick_mode_writes_table_json_and_png(tmp_path, capsys):
     out_json, out_png = tmp_path / 'r.json', tmp_path / 'r.png'
     assert bench.main(['--quick', '--json', str(out_json), '--plot', str(out_png)]) == 0
     table = capsys.readouterr().out
-    assert 'ms/step' in table and 'speed-up' in table and 'torch_fused' in table
+    assert 'ms/step' in table and 'speed-up' in table and 'torch_fused' in table and ' fused ' in table
     result = json.loads(out_json.read_text())
     assert {'torch', 'fastai', 'threads', 'machine'} <= set(result['info']) and result['info']['threads'] == 2
     rows = result['rows']
     assert {(r['model'], r['optimizer']) for r in rows} == {(m, o) for m in bench.QUICK_MODELS for o in bench.QUICK_OPTIMIZERS}
     for r in rows:
         assert r['ms'] > 0
-        if r['impl'] == 'foreach': assert r['max_rel_diff'] < 1e-4  # equal to fastai, up to float32 rounding
+        if r['impl'] in ('foreach', 'fused'): assert r['max_rel_diff'] < 1e-4  # equal to fastai, up to float32 rounding
     assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_train_table_trains_each_implementation():
     result = train_table(epochs=1, optimizers=('Adam',))
-    assert [r['impl'] for r in result['rows']] == ['native', 'foreach']
-    native, foreach = result['rows']
-    assert abs(native['loss'] - foreach['loss']) < 1e-3 and 'accuracy' in result['table']
+    assert [r['impl'] for r in result['rows']] == ['native', 'foreach', 'fused']
+    native, *others = result['rows']
+    for other in others: assert abs(native['loss'] - other['loss']) < 1e-3
+    assert 'accuracy' in result['table']
+
+
+def test_compile_times_cold_and_warm(tmp_path, capsys):
+    "Only compiled optimizers are timed; a warm cache makes the first step faster than a cold one."
+    assert bench.compiled_optimizers(['SGD', 'Adam', 'RMSProp', 'ranger']) == ['RMSProp', 'ranger']
+    out_json = tmp_path / 'r.json'
+    assert bench.main(['--models', 'mlp', '--optimizers', 'SGD', 'RMSProp', '--steps', '2', '--check-steps', '2',
+                       '--compile-times', '--json', str(out_json)]) == 0
+    assert 'cold first step' in capsys.readouterr().out
+    (row,) = json.loads(out_json.read_text())['compile_times']
+    assert row['optimizer'] == 'RMSProp' and row['warm_s'] < row['cold_s'] and row['step_ms'] > 0
 
 
 @pytest.mark.parametrize('args,message', [

@@ -23,8 +23,9 @@ def average_grads_update(g, grad_avg, sqr_avg, c):
 
 
 def averaging_coefficients(mom: float, sqr_mom: float, step: int) -> list[float]:
-    "(mom, 1 − mom, sqr_mom, 1 − sqr_mom, debias1, debias2): what every Adam-style update starts from."
-    return [mom, 1 - mom, sqr_mom, 1 - sqr_mom, debias(mom, 1 - mom, step), debias(sqr_mom, 1 - sqr_mom, step)]
+    """(mom, 1 − mom, sqr_mom, 1 − sqr_mom, 1 / debias1, 1 / debias2): what every Adam-style update starts
+    from. Reciprocals, computed in float64, so that the compiled loop multiplies instead of dividing."""
+    return [mom, 1 - mom, sqr_mom, 1 - sqr_mom, 1 / debias(mom, 1 - mom, step), 1 / debias(sqr_mom, 1 - sqr_mom, step)]
 
 
 def debiased_rms(sqr_avg, *, step, sqr_mom, eps):

@@ -28,7 +28,7 @@ def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
 def lamb_update(p, g, grad_avg, sqr_avg, c):
     "One tensor of `lamb_step`; c = averaging coefficients, then lr, eps."
     average_grads_update(g, grad_avg, sqr_avg, c)
-    update = (grad_avg / c[4]) / ((sqr_avg / c[5]).sqrt() + c[7])
+    update = (grad_avg * c[4]) / ((sqr_avg * c[5]).sqrt() + c[7])
     r1, r2 = p.pow(2).mean().sqrt(), update.pow(2).mean().sqrt()
     trust = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
     p.sub_(c[6] * trust * update)

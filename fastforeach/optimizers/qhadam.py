@@ -22,15 +22,16 @@ def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, 
 
 
 def qhadam_update(p, g, grad_avg, sqr_avg, c):
-    "One tensor of `qhadam_step`; c = averaging coefficients, then lr, ν₁, 1 − ν₁, ν₂, 1 − ν₂, eps."
+    "One tensor of `qhadam_step`; c = averaging coefficients, then lr, ν₁ / debias1, 1 − ν₁, ν₂ / debias2, 1 − ν₂, eps."
     average_grads_update(g, grad_avg, sqr_avg, c)
-    numer = c[8] * g + c[7] * (grad_avg / c[4])
-    denom = (c[10] * g * g + c[9] * (sqr_avg / c[5])).sqrt() + c[11]
+    numer = c[8] * g + c[7] * grad_avg
+    denom = (c[10] * g * g + c[9] * sqr_avg).sqrt() + c[11]
     p.sub_(c[6] * numer / denom)
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, nu_1, nu_2, eps):
-    return [*averaging_coefficients(mom, sqr_mom, step), lr, nu_1, 1 - nu_1, nu_2, 1 - nu_2, eps]
+    *averaging, inv_debias1, inv_debias2 = averaging_coefficients(mom, sqr_mom, step)
+    return [*averaging, inv_debias1, inv_debias2, lr, nu_1 * inv_debias1, 1 - nu_1, nu_2 * inv_debias2, 1 - nu_2, eps]
 
 
 fused_qhadam_step = CompiledStep(qhadam_step, qhadam_update, _coefficients)

@@ -39,7 +39,7 @@ def softplus(x, beta, threshold=20.):
 
 
 def _rectified_update(p, grad_avg, sqr_avg, c, smooth):
-    denom = (sqr_avg / c[5]).sqrt() + c[7]
+    denom = (sqr_avg * c[5]).sqrt() + c[7]
     if smooth: denom = softplus(denom, c[9])
     p.sub_(c[6] * torch.where(c[8] > 0, grad_avg / denom, grad_avg))
 
@@ -58,9 +58,9 @@ def sadam_update(p, g, grad_avg, sqr_avg, c):
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps, beta):
-    *averaging, debias1, debias2 = averaging_coefficients(mom, sqr_mom, step)
+    *averaging, inv_debias1, inv_debias2 = averaging_coefficients(mom, sqr_mom, step)
     v = rectification(sqr_mom, step)
-    return [*averaging, debias1, debias2, lr * (1 if v is None else v) / debias1, eps, v is not None, beta]
+    return [*averaging, inv_debias1, inv_debias2, lr * (1 if v is None else v) * inv_debias1, eps, v is not None, beta]
 
 
 # Softplus costs an exp and a log per element: only SAdam's update has it.
