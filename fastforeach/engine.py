@@ -29,7 +29,7 @@ import torch
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
-from .fused import FusedStep
+from .fused import FusedStep, Plans
 from .ops import mul_scalar_
 
 __all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias']
@@ -136,6 +136,7 @@ class ForEachOptimizer(Optimizer):
     """
     def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, **defaults):
         self.fused = opt_step if isinstance(opt_step, FusedStep) else None
+        self.fused_plans = Plans()  # what the fused step keeps between steps, for this optimizer only
         self.rule = StepRule.of(opt_step.rule if self.fused else opt_step)
         self.decouple_wd = decouple_wd
         missing = [h for h in self.rule.hypers if h not in defaults]
@@ -225,7 +226,8 @@ class ForEachOptimizer(Optimizer):
     def _run_fused(self, bucket: Bucket, hyper: dict, kwargs: dict):
         do_wd = [state.get('do_wd', True) for state in bucket.states]
         self._store(bucket, self.fused.run(bucket.params, bucket.grads, self._state_lists(bucket), do_wd, kwargs,
-                                           wd=hyper.get('wd', 0.), decouple_wd=self.decouple_wd))
+                                           wd=hyper.get('wd', 0.), decouple_wd=self.decouple_wd,
+                                           plans=self.fused_plans))
 
     @staticmethod
     def _store(chunk: Bucket, out):

@@ -42,13 +42,14 @@ class FusedStep:
 
     `run` applies weight decay itself, to the params whose `do_wd` flag is set, and returns what the rule
     would return (a dict of per-param state values, or None). `ready` says whether it can run on these
-    tensors with these hypers; when it cannot, the engine runs the foreach rule."""
+    tensors with these hypers; when it cannot, the engine runs the foreach rule. A fused step is shared by
+    every optimizer that uses it; what an optimizer caches between steps lives in its own `plans`."""
     def __init__(self, rule: Callable):
         self.rule = rule
 
     def ready(self, p: torch.Tensor, hypers: dict) -> bool: return True
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool):
+    def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool, plans: 'Plans'):
         raise NotImplementedError
 
 
@@ -70,10 +71,12 @@ class KernelStep(FusedStep):
 
     def ready(self, p, hypers): return self._ready is None or self._ready(p, hypers)
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
         from .ops import mul_scalar_
         for idx, takes_wd in split_by_wd(do_wd, wd):
-            ops, (ps, gs, *ss) = Operands.of(params, grads, states, idx)
+            tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
+            (ps, gs, *ss), ops = plans.get((id(params[idx[0]]), takes_wd), tensors,
+                                                lambda: Operands.of(params, grads, states, idx)[::-1])
             decay = wd if takes_wd else 0.
             if decay and decouple_wd and not self.decoupled_in_kernel: mul_scalar_(ps, 1 - hypers['lr'] * decay)
             self.kernel(ps, gs, ss, hypers, wd=decay, decouple_wd=decouple_wd)
@@ -155,8 +158,9 @@ def chunked(lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
 
 
 class Plans:
-    """The chunked flat operands of each call site's last step, reused while the same tensors come back
-    with the same storage (fastai keeps its gradient tensors between steps; the state is ours).
+    """The operands (lists, or chunks of flat aliases) of each call site's last step, reused while the same
+    tensors come back with the same storage (fastai keeps its gradient tensors between steps; the state is
+    ours).
 
     Building them costs a few microseconds per tensor, which on a model of many small tensors is more
     than the fused arithmetic."""
@@ -164,15 +168,15 @@ class Plans:
         self._plans = {}
 
     def get(self, key, tensors: list, build: Callable):
-        "`(chunks, ops)`: cached chunks and no ops, or `build()`'s, cached when no op needs copying back."
+        "`(operands, ops)`: the cached operands and no ops, or `build()`'s, cached when no op needs copying back."
         ptrs = [t.data_ptr() for t in tensors]
         plan = self._plans.get(key)
         if plan is not None and plan[1] == ptrs and len(plan[0]) == len(tensors) and all(map(operator.is_, plan[0], tensors)):
             return plan[2], ()
-        chunks, ops = build()
+        operands, ops = build()
         if any(o.back for o in ops): self._plans.pop(key, None)
-        else: self._plans[key] = (tensors, ptrs, chunks)
-        return chunks, ops
+        else: self._plans[key] = (tensors, ptrs, operands)
+        return operands, ops
 
 
 def _runner(update: Callable, decay: bool):
@@ -266,7 +270,6 @@ class CompiledStep(FusedStep):
                  choose: Callable | None = None):
         super().__init__(rule)
         self.update, self.coefficients, self.returns, self.choose = update, coefficients, returns, choose
-        self.plans = Plans()
 
     def _update(self, hypers): return self.update if self.choose is None else self.choose(hypers)
 
@@ -275,7 +278,7 @@ class CompiledStep(FusedStep):
         n_lists = 2 + len(StepRule.of(self.rule).state_keys)
         return compiles(self._update(hypers), True, p, n_lists, 2 + len(self.coefficients(**hypers)))
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
         update, rule_c = self._update(hypers), self.coefficients(**hypers)
         p0, lr = params[0], hypers['lr']
         outs = [None] * len(params)
@@ -287,7 +290,7 @@ class CompiledStep(FusedStep):
             def build():
                 ops, lists = Operands.of(params, grads, states, idx, flat_alias)
                 return chunked(lists), ops
-            chunks, ops = self.plans.get((id(params[idx[0]]), takes_wd), tensors, build)
+            chunks, ops = plans.get((id(params[idx[0]]), takes_wd), tensors, build)
             for i, r in zip(idx, run_chunks(update, True, chunks, c, len(idx))): outs[i] = r
             for o in ops: o.write_back()
         if not self.returns: return None

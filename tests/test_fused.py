@@ -120,3 +120,18 @@ def test_fused_refuses_bad_input_before_anything_changes(name):
     with pytest.raises(RuntimeError, match="sparse"): opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, (p for g in layers for p in g)))
     assert all(opt.state[p]['step'] == 1 for p in layers[0])
+
+
+@pytest.mark.parametrize('name', ['SGD', 'RMSProp', 'ranger'])
+def test_fused_optimizers_release_their_params(name):
+    "Fused steps are shared module-wide; what one optimizer caches between steps must die with it."
+    import gc
+    import weakref
+    p = nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    opt = getattr(fastforeach, name)([p], 1e-3, fused=True)
+    opt.step()
+    ref = weakref.ref(p)
+    del opt, p
+    gc.collect()
+    assert ref() is None
