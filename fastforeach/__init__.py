@@ -1,7 +1,8 @@
 """fastforeach: fastai's optimizers done over whole lists of tensors at once.
 
 `from fastforeach import *` replaces `from fastai.optimizer import *`: the factories keep fastai's names,
-signatures and defaults and add a keyword-only `foreach` switch.
+signatures and defaults and add keyword-only `foreach` (True: fastforeach, False: fastai's own) and
+`fused` (True: one pass over memory per step) switches.
 """
 from .engine import ForEachOptimizer
 from .lookahead import Lookahead, RangerForEachOptimizer

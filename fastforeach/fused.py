@@ -24,9 +24,12 @@ from __future__ import annotations
 import operator
 import types
 import warnings
+from functools import cached_property
 from typing import Callable
 
 import torch
+
+from .ops import mul_scalar_
 
 __all__ = ['FusedStep', 'KernelStep', 'CompiledStep', 'Operands', 'Plans', 'CHUNK', 'chunked', 'coefficient_dtype',
            'compiles', 'is_dense', 'run_chunks', 'flat_alias', 'compile_cache_info']
@@ -72,11 +75,10 @@ class KernelStep(FusedStep):
     def ready(self, p, hypers): return self._ready is None or self._ready(p, hypers)
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
-        from .ops import mul_scalar_
         for idx, takes_wd in split_by_wd(do_wd, wd):
             tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
             (ps, gs, *ss), ops = plans.get((id(params[idx[0]]), takes_wd), tensors,
-                                                lambda: Operands.of(params, grads, states, idx)[::-1])
+                                           lambda: Operands.of(params, grads, states, idx))
             decay = wd if takes_wd else 0.
             if decay and decouple_wd and not self.decoupled_in_kernel: mul_scalar_(ps, 1 - hypers['lr'] * decay)
             self.kernel(ps, gs, ss, hypers, wd=decay, decouple_wd=decouple_wd)
@@ -101,6 +103,9 @@ def flat_alias(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
+def _identity(t): return t
+
+
 class Operands:
     """A param, its gradient and its state, laid out element for element alike, as fused kernels need them
     (PyTorch's walk memory in order) and as flat aliases of them presume.
@@ -110,7 +115,7 @@ class Operands:
     after the step (`write_back`). `alias` maps each tensor handed out (identity, or `flat_alias`)."""
     __slots__ = ('p', 'g', 'states', 'back', 'alias')
 
-    def __init__(self, p, g, states, alias: Callable = lambda t: t):
+    def __init__(self, p, g, states, alias: Callable = _identity):
         self.back, self.alias = [], alias
         dense = is_dense(p)
         self.p = alias(p) if dense else self._copy(p, None, back=True)
@@ -129,13 +134,10 @@ class Operands:
         for t, work in self.back: t.copy_(work)
 
     @classmethod
-    def of(cls, params, grads, states, idx, alias=None):
-        "Operands of the params at `idx`, and (params, grads, *states) lists of them."
-        ops = [cls(params[i], grads[i], [s[i] for s in states], alias or _identity) for i in idx]
-        return ops, [[o.p for o in ops], [o.g for o in ops], *([o.states[k] for o in ops] for k in range(len(states)))]
-
-
-def _identity(t): return t
+    def of(cls, params, grads, states, idx, alias=_identity):
+        "`(lists, ops)`: the (params, grads, *states) lists of the params at `idx`, and their operands."
+        ops = [cls(params[i], grads[i], [s[i] for s in states], alias) for i in idx]
+        return [[o.p for o in ops], [o.g for o in ops], *([o.states[k] for o in ops] for k in range(len(states)))], ops
 
 
 def _dummies(dtype, device, n_lists: int) -> list[list[torch.Tensor]]:
@@ -273,10 +275,13 @@ class CompiledStep(FusedStep):
 
     def _update(self, hypers): return self.update if self.choose is None else self.choose(hypers)
 
+    @cached_property
+    def _n_lists(self) -> int:
+        from .engine import StepRule  # the engine imports this module
+        return 2 + len(StepRule.of(self.rule).state_keys)
+
     def ready(self, p, hypers) -> bool:
-        from .engine import StepRule
-        n_lists = 2 + len(StepRule.of(self.rule).state_keys)
-        return compiles(self._update(hypers), True, p, n_lists, 2 + len(self.coefficients(**hypers)))
+        return compiles(self._update(hypers), True, p, self._n_lists, 2 + len(self.coefficients(**hypers)))
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
         update, rule_c = self._update(hypers), self.coefficients(**hypers)
@@ -288,7 +293,7 @@ class CompiledStep(FusedStep):
             tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
 
             def build():
-                ops, lists = Operands.of(params, grads, states, idx, flat_alias)
+                lists, ops = Operands.of(params, grads, states, idx, flat_alias)
                 return chunked(lists), ops
             chunks, ops = plans.get((id(params[idx[0]]), takes_wd), tensors, build)
             for i, r in zip(idx, run_chunks(update, True, chunks, c, len(idx))): outs[i] = r
