@@ -22,7 +22,8 @@ def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, 
 
 
 def qhadam_update(p, g, grad_avg, sqr_avg, c):
-    "One tensor of `qhadam_step`; c = averaging coefficients, then lr, ν₁ / debias1, 1 − ν₁, ν₂ / debias2, 1 − ν₂, eps."
+    """One tensor of `qhadam_step`; c = averaging coefficients, then lr, ν₁ / debias1, 1 − ν₁, ν₂ / debias2,
+    1 − ν₂, eps."""
     average_grads_update(g, grad_avg, sqr_avg, c)
     numer = c[8] * g + c[7] * grad_avg
     denom = (c[10] * g * g + c[9] * sqr_avg).sqrt() + c[11]

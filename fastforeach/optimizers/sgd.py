@@ -36,5 +36,6 @@ class SGDForEachOptimizer(ForEachOptimizer):
     """fastai's `SGD` as one foreach step; `mom` at construction picks plain or momentum SGD, as in fastai.
     `fused=True`: PyTorch's fused SGD kernel (decoupled weight decay is one extra pass before it)."""
     def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True, *, fused=False):
-        rule = (fused_sgd_step if fused else sgd_step) if mom == 0 else (fused_momentum_sgd_step if fused else momentum_sgd_step)
+        if mom == 0: rule = fused_sgd_step if fused else sgd_step
+        else: rule = fused_momentum_sgd_step if fused else momentum_sgd_step
         super().__init__(params, rule, decouple_wd=decouple_wd, lr=lr, mom=mom, wd=wd)
