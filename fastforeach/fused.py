@@ -181,16 +181,20 @@ class Plans:
         return operands, ops
 
 
-def _runner(update: Callable, decay: bool):
+# How a compiled update is called (see `_runner`).
+PLAIN, DECAY = 'plain', 'decay'
+
+
+def _runner(update: Callable, mode: str):
     """`run(lists, c)`: `update(*tensors, c)` on the i-th tensor of every list, for each i.
 
-    With `decay`, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
+    With DECAY, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
     decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`."""
     def run(lists, c):
         out = []
         for i in range(len(lists[0])):
             tensors = [xs[i] for xs in lists]
-            if decay:
+            if mode == DECAY:
                 p, g = tensors[0], tensors[1]
                 tensors[1] = g + c[1] * p
                 p.mul_(c[0])
@@ -201,18 +205,18 @@ def _runner(update: Callable, decay: bool):
 
 
 _COMPILED: dict[tuple, Callable] = {}
-_CHECKED: dict[tuple, bool] = {}   # (update, decay, dtype, device type) -> whether it compiled; process-wide
+_CHECKED: dict[tuple, bool] = {}   # (updates, dtype, device type) -> whether they compiled; process-wide
 
 
 def compile_cache_info() -> list[tuple]:
-    "The graphs this process has compiled: (update, with weight decay, dtype, device type)."
+    "The graphs this process has compiled: (update, how it is called, dtype, device type)."
     return [(k[0].__name__, *k[1:]) for k in _COMPILED]
 
 
-def _compiled(update: Callable, decay: bool, dtype: torch.dtype, device_type: str) -> Callable:
-    key = (update, decay, dtype, device_type)
+def _compiled(update: Callable, mode: str, dtype: torch.dtype, device_type: str) -> Callable:
+    key = (update, mode, dtype, device_type)
     if key not in _COMPILED:
-        run = _runner(update, decay)
+        run = _runner(update, mode)
         # A code object of its own per key: dynamo caches graphs per code object (see module docstring).
         own = types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{update.__name__}", None, run.__closure__)
         _COMPILED[key] = torch.compile(own, fullgraph=True, dynamic=True)
@@ -230,10 +234,11 @@ def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compiles(update: Callable, decay: bool, like: torch.Tensor, n_lists: int, n_coefficients: int) -> bool:
-    """Compile (or find compiled) `update` for `like`'s dtype and device, on dummy tensors, before any real
-    tensor is touched. On failure, warn once and return False: the caller steps with its foreach form."""
-    key = (update, decay, like.dtype, like.device.type)
+def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: int) -> bool:
+    """Compile (or find compiled) the `phases` of a step (see `run_chunks`) for `like`'s dtype and device,
+    on dummy tensors, before any real tensor is touched. On failure, warn once and return False: the
+    caller steps with its foreach form."""
+    key = (phases, like.dtype, like.device.type)
     if key not in _CHECKED:
         try:
             # Inductor plans loops (threads, vector width) from the sizes it first sees: large ones, as real
@@ -241,23 +246,31 @@ def compiles(update: Callable, decay: bool, like: torch.Tensor, n_lists: int, n_
             lists = [[torch.zeros(WARMUP_SIZE, dtype=like.dtype, device=like.device) for _ in range(CHUNK)]
                      for _ in range(n_lists)]
             c = torch.ones(n_coefficients, dtype=coefficient_dtype(like.dtype), device=like.device)
-            with _compiling(): _compiled(update, decay, like.dtype, like.device.type)(lists, c)
+            with _compiling(): run_chunks(phases, [lists], c, CHUNK)
             _CHECKED[key] = True
         except Exception as e:  # noqa: BLE001 - any failure to compile means: use the foreach form
             first_line = str(e).splitlines()[0] if str(e) else ''
-            warnings.warn(f"fastforeach: could not compile the fused {update.__name__} for {like.dtype} on "
+            name = ' and '.join(update.__name__ for update, _ in phases)
+            warnings.warn(f"fastforeach: could not compile the fused {name} for {like.dtype} on "
                           f"{like.device.type} ({type(e).__name__}: {first_line}); using its foreach form instead",
                           RuntimeWarning, stacklevel=5)
             _CHECKED[key] = False
     return _CHECKED[key]
 
 
-def run_chunks(update: Callable, decay: bool, chunks: list, c: torch.Tensor, n: int) -> list:
-    "The compiled `update` over every chunk; what it returned for the first `n` (real, not padding) tensors."
+def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int) -> list:
+    """The compiled `phases`, `((update, mode), ...)`, over every chunk; what the last returned for the
+    first `n` (real, not padding) tensors.
+
+    A second phase gets the chunk's params and state (not the gradients) followed by what the first
+    returned per tensor (lists of 0-d tensors): LAMB's norms, which must be known before its update."""
     like = chunks[0][0][0]
-    fn = _compiled(update, decay, like.dtype, like.device.type)
+    fns = [_compiled(update, mode, like.dtype, like.device.type) for update, mode in phases]
     out = []
-    for chunk in chunks: out += fn(chunk, c)
+    for chunk in chunks:
+        res = fns[0](chunk, c)
+        for fn in fns[1:]: res = fn([chunk[0], *chunk[2:], *map(list, zip(*res))], c)
+        out += res
     return out[:n]
 
 
@@ -267,13 +280,20 @@ class CompiledStep(FusedStep):
     the state in place and returns None, or a tuple of 0-d tensors stored under the state keys `returns`.
 
     `choose`, when given, picks the update for this step's hypers among a few (RAdam: with or without
-    SAdam's softplus), so that no update pays for a branch it does not take."""
-    def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
-                 choose: Callable | None = None):
-        super().__init__(rule)
-        self.update, self.coefficients, self.returns, self.choose = update, coefficients, returns, choose
+    SAdam's softplus), so that no update pays for a branch it does not take.
 
-    def _update(self, hypers): return self.update if self.choose is None else self.choose(hypers)
+    `then`, when given, is a second pass, `then(p, *state, *update's outputs, c)`, compiled apart: its
+    inputs must be complete before it starts (LAMB's norms), and two graphs keep inductor from holding a
+    full-size temporary between the passes. Both passes get the whole `c` and do the weight decay
+    themselves, so that the param is written once, in the second."""
+    def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
+                 choose: Callable | None = None, then: Callable | None = None):
+        super().__init__(rule)
+        self.update, self.coefficients, self.returns, self.choose, self.then = update, coefficients, returns, choose, then
+
+    def _phases(self, hypers) -> tuple:
+        update = self.update if self.choose is None else self.choose(hypers)
+        return ((update, PLAIN), (self.then, PLAIN)) if self.then else ((update, DECAY),)
 
     @cached_property
     def _n_lists(self) -> int:
@@ -281,10 +301,10 @@ class CompiledStep(FusedStep):
         return 2 + len(StepRule.of(self.rule).state_keys)
 
     def ready(self, p, hypers) -> bool:
-        return compiles(self._update(hypers), True, p, self._n_lists, 2 + len(self.coefficients(**hypers)))
+        return compiles(self._phases(hypers), p, self._n_lists, 2 + len(self.coefficients(**hypers)))
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
-        update, rule_c = self._update(hypers), self.coefficients(**hypers)
+        phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
         p0, lr = params[0], hypers['lr']
         outs = [None] * len(params)
         for idx, takes_wd in split_by_wd(do_wd, wd):
@@ -296,7 +316,7 @@ class CompiledStep(FusedStep):
                 lists, ops = Operands.of(params, grads, states, idx, flat_alias)
                 return chunked(lists), ops
             chunks, ops = plans.get((id(params[idx[0]]), takes_wd), tensors, build)
-            for i, r in zip(idx, run_chunks(update, True, chunks, c, len(idx))): outs[i] = r
+            for i, r in zip(idx, run_chunks(phases, chunks, c, len(idx))): outs[i] = r
             for o in ops: o.write_back()
         if not self.returns: return None
         return {key: [out[k] for out in outs] for k, key in enumerate(self.returns)}

@@ -5,7 +5,7 @@ import torch
 from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
-from .fused import Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, run_chunks
+from .fused import PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, run_chunks
 from .optimizers.radam import RAdamForEachOptimizer
 
 __all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update']
@@ -15,6 +15,9 @@ def lookahead_update(slow, fast, c):
     "One tensor of the slow-weight sync, in one pass: slow ← slow + α·(fast − slow);  fast ← slow.  c = (α,)"
     slow.lerp_(fast, c[0])
     fast.copy_(slow)
+
+
+_SYNC = ((lookahead_update, PLAIN),)
 
 
 def check_lookahead(k, alpha) -> None:
@@ -51,11 +54,11 @@ class Lookahead(_FastaiLookahead):
     def _sync(self, slow, fast):
         if not slow: return
         if self.fused and all(is_dense(f) and s.stride() == f.stride() and s.dtype == f.dtype == fast[0].dtype
-                              for s, f in zip(slow, fast)) and compiles(lookahead_update, False, fast[0], 2, 1):
+                              for s, f in zip(slow, fast)) and compiles(_SYNC, fast[0], 2, 1):
             c = torch.tensor([self.alpha], dtype=coefficient_dtype(fast[0].dtype), device=fast[0].device)
             chunks, _ = self._plans.get(id(fast[0]), slow + fast,
                                         lambda: (chunked([[flat_alias(t) for t in ts] for ts in (slow, fast)]), ()))
-            run_chunks(lookahead_update, False, chunks, c, len(fast))
+            run_chunks(_SYNC, chunks, c, len(fast))
         else:
             torch._foreach_lerp_(slow, fast, self.alpha)
             torch._foreach_copy_(fast, slow)

@@ -25,20 +25,31 @@ def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
     torch._foreach_addcmul_(p, update, (-lr * trust).unbind())
 
 
-def lamb_update(p, g, grad_avg, sqr_avg, c):
-    "One tensor of `lamb_step`; c = averaging coefficients, then lr, eps."
-    average_grads_update(g, grad_avg, sqr_avg, c)
-    update = (grad_avg * c[4]) / ((sqr_avg * c[5]).sqrt() + c[7])
-    r1, r2 = p.pow(2).mean().sqrt(), update.pow(2).mean().sqrt()
+def _adam_direction(grad_avg, sqr_avg, c):
+    return (grad_avg * c[6]) / ((sqr_avg * c[7]).sqrt() + c[9])
+
+
+def lamb_norms(p, g, grad_avg, sqr_avg, c):
+    """First pass of one tensor of `lamb_step`: L2 into the gradient, the averages, then rms of the decayed
+    param (|decay|·rms(p), p itself is decayed in the second pass) and of the update.
+    c = (decay, l2, averaging coefficients, lr, eps)."""
+    g = g + c[1] * p
+    average_grads_update(g, grad_avg, sqr_avg, c[2:])
+    return c[0].abs() * p.pow(2).mean().sqrt(), _adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt()
+
+
+def lamb_apply(p, grad_avg, sqr_avg, r1, r2, c):
+    "Second pass: p ← decay·p − lr·q·update, with the trust ratio q from the first pass's norms."
     trust = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
-    p.sub_(c[6] * trust * update)
+    p.mul_(c[0]).sub_(c[8] * trust * _adam_direction(grad_avg, sqr_avg, c))
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps):
     return [*averaging_coefficients(mom, sqr_mom, step), lr, eps]
 
 
-fused_lamb_step = CompiledStep(lamb_step, lamb_update, _coefficients)
+# Two compiled passes: the update's norm must be complete before any param moves.
+fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply)
 
 
 class LambForEachOptimizer(ForEachOptimizer):
