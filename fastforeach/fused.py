@@ -31,7 +31,7 @@ import torch
 
 from .ops import mul_scalar_
 
-__all__ = ['FusedStep', 'KernelStep', 'CompiledStep', 'Operands', 'Plans', 'CHUNK', 'chunked', 'coefficient_dtype',
+__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Plans', 'CHUNK', 'chunked', 'coefficient_dtype',
            'compiles', 'is_dense', 'run_chunks', 'flat_alias', 'compile_cache_info']
 
 # Tensors per call of a compiled update: larger chunks mean fewer Python calls per step, but a longer
@@ -77,12 +77,28 @@ class KernelStep(FusedStep):
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
         for idx, takes_wd in split_by_wd(do_wd, wd):
             tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
-            (ps, gs, *ss), ops = plans.get((id(params[idx[0]]), takes_wd), tensors,
+            (ps, gs, *ss), ops = plans.get((self, id(params[idx[0]]), takes_wd), tensors,
                                            lambda: Operands.of(params, grads, states, idx))
             decay = wd if takes_wd else 0.
             if decay and decouple_wd and not self.decoupled_in_kernel: mul_scalar_(ps, 1 - hypers['lr'] * decay)
             self.kernel(ps, gs, ss, hypers, wd=decay, decouple_wd=decouple_wd)
             for o in ops: o.write_back()
+
+
+class EitherStep(FusedStep):
+    """`kernel` where it does the job in one pass, else `compiled`: for SGD, whose kernel has L2 but not
+    decoupled weight decay (which would be a pass of its own) and cannot do momentum 0 with a buffer."""
+    def __init__(self, kernel: KernelStep, compiled: 'CompiledStep'):
+        super().__init__(kernel.rule)
+        self.kernel, self.compiled = kernel, compiled
+
+    def ready(self, p, hypers): return self.kernel.ready(p, hypers) or self.compiled.ready(p, hypers)
+
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
+        p0, kernel_ready = params[0], self.kernel.ready(params[0], hypers)
+        use = self.kernel
+        if (not kernel_ready or (wd and decouple_wd)) and self.compiled.ready(p0, hypers): use = self.compiled
+        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans)
 
 
 # --- compiled steps ---------------------------------------------------------------------------------
@@ -315,7 +331,7 @@ class CompiledStep(FusedStep):
             def build():
                 lists, ops = Operands.of(params, grads, states, idx, flat_alias)
                 return chunked(lists), ops
-            chunks, ops = plans.get((id(params[idx[0]]), takes_wd), tensors, build)
+            chunks, ops = plans.get((self, id(params[idx[0]]), takes_wd), tensors, build)
             for i, r in zip(idx, run_chunks(phases, chunks, c, len(idx))): outs[i] = r
             for o in ops: o.write_back()
         if not self.returns: return None

@@ -135,3 +135,15 @@ def test_fused_optimizers_release_their_params(name):
     del opt, p
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize('options', [{'mom': 0.9}, {'mom': 0.9, 'wd': 0.01}, {'mom': 0.9, 'wd': 0.01, 'decouple_wd': False}])
+def test_sgd_momentum_scheduled_to_zero(options):
+    "PyTorch's SGD kernel skips the buffer at momentum 0; fastai sets it to the gradient. Same as fastai here."
+    spec = REGISTRY['SGD']
+    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options),
+                  oracle_layers(torch.float64))
+    for t in range(6):
+        for opt in (twins.opt_a, twins.opt_b): opt.set_hyper('mom', 0. if t % 2 else 0.9)
+        twins.step(spec.lr, vary_mom=False)
+    assert_twins_equal(twins, torch.float64, 6)

@@ -3,7 +3,7 @@ import torch
 
 from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
-from ..fused import KernelStep
+from ..fused import CompiledStep, EitherStep, KernelStep
 
 __all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step', 'fused_sgd_step', 'fused_momentum_sgd_step']
 
@@ -27,14 +27,32 @@ def _torch_fused_sgd(p, g, states, hypers, *, wd, decouple_wd):
                       is_first_step=False)
 
 
-# PyTorch's kernel leaves the buffer alone at momentum 0, where fastai's sets it to the gradient.
-fused_sgd_step = KernelStep(sgd_step, _torch_fused_sgd)
-fused_momentum_sgd_step = KernelStep(momentum_sgd_step, _torch_fused_sgd, ready=lambda p, hypers: hypers['mom'] != 0)
+def sgd_update(p, g, c):
+    "One tensor of `sgd_step`; c = (lr, mom)."
+    p.sub_(c[0] * g)
+
+
+def momentum_sgd_update(p, g, grad_avg, c):
+    "One tensor of `momentum_sgd_step`."
+    grad_avg.mul_(c[1]).add_(g)
+    p.sub_(c[0] * grad_avg)
+
+
+def _coefficients(*, lr, mom=0.): return [lr, mom]
+
+
+# PyTorch's kernel has L2 but not decoupled weight decay: with decoupled decay to do, the compiled update
+# does it in the same pass. The kernel leaves the buffer alone at momentum 0, where fastai's sets it to
+# the gradient: then the foreach rule steps.
+fused_sgd_step = EitherStep(KernelStep(sgd_step, _torch_fused_sgd), CompiledStep(sgd_step, sgd_update, _coefficients))
+fused_momentum_sgd_step = EitherStep(
+    KernelStep(momentum_sgd_step, _torch_fused_sgd, ready=lambda p, hypers: hypers['mom'] != 0),
+    CompiledStep(momentum_sgd_step, momentum_sgd_update, _coefficients))
 
 
 class SGDForEachOptimizer(ForEachOptimizer):
     """fastai's `SGD` as one foreach step; `mom` at construction picks plain or momentum SGD, as in fastai.
-    `fused=True`: PyTorch's fused SGD kernel (decoupled weight decay is one extra pass before it)."""
+    `fused=True`: PyTorch's fused SGD kernel, or a compiled update when there is decoupled weight decay."""
     def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True, *, fused=False):
         if mom == 0: rule = fused_sgd_step if fused else sgd_step
         else: rule = fused_momentum_sgd_step if fused else momentum_sgd_step
