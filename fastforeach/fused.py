@@ -235,7 +235,9 @@ def _compiled(update: Callable, mode: str, dtype: torch.dtype, device_type: str)
         run = _runner(update, mode)
         # A code object of its own per key: dynamo caches graphs per code object (see module docstring).
         own = types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{update.__name__}", None, run.__closure__)
-        _COMPILED[key] = torch.compile(own, fullgraph=True, dynamic=True)
+        # Not fullgraph: should dynamo ever give up on a call (a recompile limit), it then runs the update
+        # eagerly, slower but right, where fullgraph would raise in the middle of a step.
+        _COMPILED[key] = torch.compile(own, dynamic=True)
     return _COMPILED[key]
 
 

@@ -147,3 +147,14 @@ def test_sgd_momentum_scheduled_to_zero(options):
         for opt in (twins.opt_a, twins.opt_b): opt.set_hyper('mom', 0. if t % 2 else 0.9)
         twins.step(spec.lr, vary_mom=False)
     assert_twins_equal(twins, torch.float64, 6)
+
+
+def test_nan_in_a_pass_does_not_recompile():
+    "LAMB's first pass hands its norms to the second; a NaN norm (0/0 with eps=0) must not mean a new graph."
+    layers = [[nn.Parameter(torch.randn(5, 4)) for _ in range(3)]]
+    opt = fastforeach.Lamb(layers, 1e-3, eps=0., fused=True)
+    for step in range(6):
+        for i, p in enumerate(layers[0]): p.grad = torch.zeros_like(p) if step and (i + step) % 2 else torch.randn_like(p)
+        opt.step()
+        if step == 0: before = graphs()
+    assert graphs() == before and not torch.isnan(layers[0][0]).all()

@@ -35,11 +35,14 @@ def lamb_norms(p, g, grad_avg, sqr_avg, c):
     c = (decay, l2, averaging coefficients, lr, eps)."""
     g = g + c[1] * p
     average_grads_update(g, grad_avg, sqr_avg, c[2:])
-    return c[0].abs() * p.pow(2).mean().sqrt(), _adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt()
+    # One 1-d tensor, not two 0-d ones: dynamo would read 0-d inputs of the next pass as Python floats and
+    # recompile whenever one turns NaN.
+    return (torch.stack((c[0].abs() * p.pow(2).mean().sqrt(), _adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt())),)
 
 
-def lamb_apply(p, grad_avg, sqr_avg, r1, r2, c):
+def lamb_apply(p, grad_avg, sqr_avg, norms, c):
     "Second pass: p ← decay·p − lr·q·update, with the trust ratio q from the first pass's norms."
+    r1, r2 = norms[0], norms[1]
     trust = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
     p.mul_(c[0]).sub_(c[8] * trust * _adam_direction(grad_avg, sqr_avg, c))
 
