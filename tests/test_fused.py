@@ -158,3 +158,16 @@ def test_nan_in_a_pass_does_not_recompile():
         opt.step()
         if step == 0: before = graphs()
     assert graphs() == before and not torch.isnan(layers[0][0]).all()
+
+
+@pytest.mark.parametrize('options', [{'wd': 0.01}, {'mom': 0.9, 'wd': 0.01}])
+def test_sgd_decoupled_decay_on_large_tensors_is_compiled(options):
+    "Large tensors with decoupled decay: SGD's compiled one-pass update, still equal to fastai."
+    spec = REGISTRY['SGD']
+    torch.manual_seed(0)
+    layers = [[nn.Parameter(torch.randn(150, 150)) for _ in range(3)] + [nn.Parameter(torch.randn(150))]]
+    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options), layers)
+    for t in range(1, 6): twins.step(spec.lr)
+    assert_twins_equal(twins, torch.float32, 5)
+    update = 'momentum_sgd_update' if options.get('mom') else 'sgd_update'
+    assert (update, 'decay', torch.float32, 'cpu') in fused.compile_cache_info()
