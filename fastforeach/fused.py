@@ -77,9 +77,7 @@ class KernelStep(FusedStep):
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
         for idx, takes_wd in split_by_wd(do_wd, wd):
-            tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
-            (ps, gs, *ss), ops = plans.get((self, id(params[idx[0]]), takes_wd), tensors,
-                                           lambda: Operands.of(params, grads, states, idx))
+            (ps, gs, *ss), ops = plans.operands(self, params, grads, states, idx)
             decay = wd if takes_wd else 0.
             if decay and decouple_wd and not self.decoupled_in_kernel: mul_scalar_(ps, 1 - hypers['lr'] * decay)
             self.kernel(ps, gs, ss, hypers, wd=decay, decouple_wd=decouple_wd)
@@ -182,9 +180,8 @@ def chunked(lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
 
 
 class Plans:
-    """The operands (lists, or chunks of flat aliases) of each call site's last step, reused while the same
-    tensors come back with the same storage (fastai keeps its gradient tensors between steps; the state is
-    ours).
+    """The operands of each call site's last step, reused while the same tensors come back with the same
+    storage (fastai keeps its gradient tensors between steps; the state is ours).
 
     Building them costs a few microseconds per tensor, which on a model of many small tensors is more
     than the fused arithmetic."""
@@ -201,6 +198,11 @@ class Plans:
         if any(o.back for o in ops): self._plans.pop(key, None)
         else: self._plans[key] = (tensors, ptrs, operands)
         return operands, ops
+
+    def operands(self, owner, params, grads, states, idx, alias=_identity):
+        "`Operands.of(params, grads, states, idx, alias)` for `owner`, from the last step's when they still hold."
+        tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
+        return self.get((owner, id(params[idx[0]])), tensors, lambda: Operands.of(params, grads, states, idx, alias))
 
 
 # How a compiled update is called (see `_runner`).
@@ -334,13 +336,8 @@ class CompiledStep(FusedStep):
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
             c = torch.tensor([decay, l2, *rule_c], dtype=coefficient_dtype(p0.dtype), device=p0.device)
-            tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
-
-            def build():
-                lists, ops = Operands.of(params, grads, states, idx, flat_alias)
-                return chunked(lists), ops
-            chunks, ops = plans.get((self, id(params[idx[0]]), takes_wd), tensors, build)
-            for i, r in zip(idx, run_chunks(phases, chunks, c, len(idx))): outs[i] = r
+            lists, ops = plans.operands(self, params, grads, states, idx, flat_alias)
+            for i, r in zip(idx, run_chunks(phases, chunked(lists), c, len(idx))): outs[i] = r
             for o in ops: o.write_back()
         if not self.returns: return None
         return {key: [out[k] for out in outs] for k, key in enumerate(self.returns)}

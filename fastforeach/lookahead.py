@@ -56,9 +56,9 @@ class Lookahead(_FastaiLookahead):
         if self.fused and all(is_dense(f) and s.stride() == f.stride() and s.dtype == f.dtype == fast[0].dtype
                               for s, f in zip(slow, fast)) and compiles(_SYNC, fast[0], 2, 1):
             c = torch.tensor([self.alpha], dtype=coefficient_dtype(fast[0].dtype), device=fast[0].device)
-            chunks, _ = self._plans.get(id(fast[0]), slow + fast,
-                                        lambda: (chunked([[flat_alias(t) for t in ts] for ts in (slow, fast)]), ()))
-            run_chunks(_SYNC, chunks, c, len(fast))
+            lists, _ = self._plans.get(id(fast[0]), slow + fast,
+                                       lambda: ([[flat_alias(t) for t in ts] for ts in (slow, fast)], ()))
+            run_chunks(_SYNC, chunked(lists), c, len(fast))
         else:
             torch._foreach_lerp_(slow, fast, self.alpha)
             torch._foreach_copy_(fast, slow)
