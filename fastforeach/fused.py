@@ -188,6 +188,10 @@ class Plans:
     def __init__(self):
         self._plans = {}
 
+    def __getstate__(self):
+        "A copy (pickle, deepcopy) starts with no plans: the cached operands alias the original's tensors."
+        return {'_plans': {}}
+
     def get(self, key, tensors: list, build: Callable):
         "`(operands, ops)`: the cached operands and no ops, or `build()`'s, cached when no op needs copying back."
         ptrs = [t.data_ptr() for t in tensors]

@@ -1,12 +1,14 @@
 """Checkpoints move between fastai and fastforeach, and what fastforeach does beyond fastai."""
+import copy
 import io
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
 import fastforeach
-from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.oracle import Twins, compare_states, oracle_layers
 from fastforeach.registry import REGISTRY
 from test_oracle import TOLERANCES, assert_twins_equal
 
@@ -34,6 +36,34 @@ def test_state_dict_interchange(spec, options, direction):
     twins.opt_b = fresh
     for _ in range(13): twins.step(spec.lr)
     assert_twins_equal(twins, dtype, 'a checkpoint and 13')
+
+
+def _fresh_grads(opt, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in opt.all_params(with_grad=False).itemgot(0)[:-1]:  # the last param never gets one
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+COPIES = {'pickle': lambda opt: pickle.loads(pickle.dumps(opt)), 'deepcopy': copy.deepcopy}
+
+
+@pytest.mark.parametrize('how', COPIES)
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('spec,options', CASES)
+def test_copied_optimizer_goes_on_as_the_original(spec, options, impl, how):
+    """An optimizer pickled (as `torch.save(learn)` does) or deep-copied (`copy.deepcopy(learn)`) mid-run owns
+    copies of the params and state, and steps exactly as the original from there: the fused steps' cached
+    operands must not follow it and go on writing into the original's tensors."""
+    opt = spec.make(impl, oracle_layers(torch.float64), **options)
+    for seed in range(3): _fresh_grads(opt, seed); opt.step()
+    twin = COPIES[how](opt)
+    params, copied = (o.all_params(with_grad=False).itemgot(0) for o in (opt, twin))
+    assert not any(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(params, copied))
+    for seed in range(3, 6):
+        for o in (opt, twin): _fresh_grads(o, seed); o.step()
+    for i, (a, b) in enumerate(zip(params, copied)): assert torch.equal(a, b), f"param {i}"
+    for where, a, b in compare_states(opt.state_dict(), twin.state_dict()):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), where
 
 
 def test_closure_is_called_with_grad_and_its_loss_returned():

@@ -63,9 +63,12 @@ def _coefficients(*, step, lr, mom, sqr_mom, eps, beta):
     return [*averaging, inv_debias1, inv_debias2, lr * (1 if v is None else v) * inv_debias1, eps, v is not None, beta]
 
 
-# Softplus costs an exp and a log per element: only SAdam's update has it.
-fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients,
-                                choose=lambda hypers: sadam_update if hypers['beta'] else radam_update)
+def _choose_update(hypers):
+    "Softplus costs an exp and a log per element: only SAdam's update has it."
+    return sadam_update if hypers['beta'] else radam_update
+
+
+fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients, choose=_choose_update)
 
 
 class RAdamForEachOptimizer(ForEachOptimizer):
