@@ -32,7 +32,7 @@ from fastcore.foundation import L
 from .fused import FusedStep, Plans
 from .ops import mul_scalar_
 
-__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias']
+__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias', 'unlike_param']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
 # N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
@@ -90,6 +90,12 @@ class StepRule:
     def name(self) -> str:
         fn = self.fn.func if hasattr(self.fn, 'func') else self.fn
         return getattr(fn, '__name__', repr(fn))
+
+
+def unlike_param(t, p: torch.Tensor):
+    "None when `t`, saved for `p`, is a tensor of `p`'s shape; else what it is instead ('has shape (3,)', 'is a float')."
+    if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}"
+    return None if t.shape == p.shape else f"has shape {tuple(t.shape)}"
 
 
 def _rule_of(fn: Callable) -> StepRule:
@@ -260,10 +266,8 @@ class ForEachOptimizer(Optimizer):
                         if 'step' in state or any(k in state for k in self.rule.state_keys):
                             raise ValueError(f"Invalid state dict: {where}: missing state {key!r}")
                         continue
-                    t = state[key]
-                    if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                        raise ValueError(f"Invalid state dict: {where}: state {key!r} has shape {got}")
+                    got = unlike_param(state[key], p)
+                    if got: raise ValueError(f"Invalid state dict: {where}: state {key!r} {got}")
                 if self.rule.counts_steps and any(k in state for k in self.rule.state_keys):
                     step = state.get('step')
                     if not isinstance(step, int) or isinstance(step, bool) or step < 1:

@@ -5,6 +5,7 @@ import torch
 from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
+from .engine import unlike_param
 from .fused import PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, run_chunks
 from .optimizers.radam import RAdamForEachOptimizer
 
@@ -81,10 +82,9 @@ class Lookahead(_FastaiLookahead):
                     raise ValueError(f"Invalid state dict: 'slow_weights' group {gi} has {len(slow_pg)} params, "
                                      f"the optimizer has {len(pg)}")
                 for pi, (s, p) in enumerate(zip(slow_pg, pg)):
-                    if not isinstance(s, torch.Tensor) or s.shape != p.shape:
-                        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                        raise ValueError(f"Invalid state dict: 'slow_weights' group {gi}, param {pi} has shape "
-                                         f"{got}, expected {tuple(p.shape)}")
+                    got = unlike_param(s, p)
+                    if got: raise ValueError(f"Invalid state dict: 'slow_weights' group {gi}, param {pi} {got}, "
+                                             f"expected a tensor of shape {tuple(p.shape)}")
         inner = {k: v for k, v in sd.items() if k not in ('count', 'slow_weights')}
         self.opt.load_state_dict(inner)  # checks before it changes anything
         self.count = int(count)

@@ -107,6 +107,7 @@ STATE_DICT_BREAKS = {
     'missing state key': (lambda sd: sd['state'][0].pop('grad_avg'), r"param group 0, param 0 .*missing state 'grad_avg'"),
     'mis-shaped state': (lambda sd: sd['state'][3].update(grad_avg=torch.zeros(3)),
                          r"param group 0, param 3 .*'grad_avg' has shape \(3,\)"),
+    'state not a tensor': (lambda sd: sd['state'][2].update(sqr_avg=0.5), r"param group 0, param 2 .*'sqr_avg' is a float"),
     'bad step': (lambda sd: sd['state'][1].update(step=-2), r"param group 0, param 1 .*'step' is -2"),
     'bad hyper': (lambda sd: sd['hypers'][1].update(lr=-1.), r"Invalid lr in the state dict's param group 1: -1.0"),
 }
@@ -130,6 +131,7 @@ def test_bad_state_dict_is_refused_whole(name, break_it):
     (lambda sd: sd.update(count=-1), "'count' is -1"),
     (lambda sd: sd['slow_weights'][1].pop(), "'slow_weights' group 1 has"),
     (lambda sd: sd['slow_weights'][0].__setitem__(2, torch.zeros(2)), r"'slow_weights' group 0, param 2 has shape \(2,\)"),
+    (lambda sd: sd['slow_weights'][1].__setitem__(0, [1., 2.]), r"'slow_weights' group 1, param 0 is a list, expected a tensor"),
 ])
 def test_bad_lookahead_state_dict_is_refused_whole(break_it, message):
     opt, groups = stepped('ranger')
