@@ -22,7 +22,7 @@ from torch import nn
 from .oracle import Twins, max_relative_difference
 from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
-__all__ = ['MODELS', 'BENCH', 'run_bench', 'main']
+__all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'main']
 
 
 def mlp(depth=100, width=64) -> nn.Module:
@@ -225,6 +225,43 @@ def format_compile_times(rows: list[dict]) -> str:
         for r in rows])
 
 
+class _Pass:
+    """A stand-in optimizer whose step is the cheapest pass over memory that reads `reads` lists of tensors
+    shaped like the params (the params and `reads − 1` others) and writes the params back."""
+    def __init__(self, params, reads: int):
+        params = [p.detach() for p in params]
+        others = [[torch.rand_like(p) * 1e-3 for p in params] for _ in range(reads - 1)]
+        one = torch.ones((), dtype=params[0].dtype, device=params[0].device)
+        ops = {1: lambda: torch._foreach_mul_(params, one), 2: lambda: torch._foreach_add_(params, *others),
+               3: lambda: torch._foreach_addcmul_(params, *others)}
+        self.step = ops[reads]
+
+
+_PASSES = {f'pass reading {k}': k for k in (1, 2, 3)}
+
+
+def memory_floor(model: str, threads: int = 2, device='cpu', steps=15, warmup=3) -> list[dict]:
+    """What one pass over `model`'s params costs on this machine, beside SGD's steps (the benchmark's options):
+    a pass that reads k param-sized lists and writes one back (k = 1, 2, 3), fastai's SGD, fastforeach's fused
+    SGD and torch's. An SGD step with momentum must read three lists (params, gradients, momentum): no
+    one-pass SGD is faster than the pass reading 3, so fastai's time over it bounds any fused SGD's speed-up."""
+    torch.set_num_threads(threads)
+    sgd = implementations('SGD')
+    impls = {name: (lambda params, lr, k=k: _Pass(params, k)) for name, k in _PASSES.items()}
+    impls.update({'fastai SGD': sgd['native'], 'fused SGD': sgd['fused'], 'torch fused SGD': sgd['torch_fused']})
+    times = time_steps(MODELS[model](), impls, REGISTRY['SGD'].lr, steps, warmup, device)
+    reads = {**_PASSES, 'fused SGD': 3, 'torch fused SGD': 3}  # fastai's SGD reads in several passes
+    return [{'model': model, 'what': name, 'reads': reads.get(name), 'ms': seconds * 1e3,
+             'fastai_over_this': times['fastai SGD'] / seconds} for name, seconds in times.items()]
+
+
+def format_memory_floor(rows: list[dict]) -> str:
+    head = f"{'model':<12} {'what':<18} {'lists read':>10} {'ms':>8} {'fastai SGD / this':>18}"
+    return '\n'.join([head, '-' * len(head)] + [
+        f"{r['model']:<12} {r['what']:<18} {r['reads'] or '':>10} {r['ms']:>8.2f} {r['fastai_over_this']:>17.2f}x"
+        for r in rows])
+
+
 def machine_info(threads: int, device: str) -> dict:
     import fastai
     return {'machine': platform.machine(), 'processor': platform.processor() or platform.platform(),
@@ -274,6 +311,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation')
     ap.add_argument('--compile-times', action='store_true',
                     help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
+    ap.add_argument('--memory', action='store_true',
+                    help="also time plain passes over each model's params beside SGD: the floor of a one-pass step")
     return ap
 
 
@@ -307,6 +346,10 @@ def main(argv=None) -> int:
     if args.compile_times:
         result['compile_times'] = compiled = compile_times(optimizers, threads=args.threads, device=args.device)
         print(); print(format_compile_times(compiled))
+    if args.memory:
+        result['memory'] = floor = [r for m in models for r in memory_floor(m, args.threads, args.device, args.steps,
+                                                                            args.warmup)]
+        print(); print(format_memory_floor(floor))
     if args.json:
         with open(args.json, 'w') as f: json.dump(result, f, indent=2)
     if args.plot: plot(rows, args.plot)

@@ -43,6 +43,18 @@ def test_compile_times_cold_and_warm(tmp_path, capsys):
     assert row['optimizer'] == 'RMSProp' and row['warm_s'] < row['cold_s'] and row['step_ms'] > 0
 
 
+def test_memory_floor_times_plain_passes_beside_sgd(tmp_path, capsys):
+    out_json = tmp_path / 'r.json'
+    assert bench.main(['--models', 'mlp', '--optimizers', 'SGD', '--steps', '2', '--check-steps', '2',
+                       '--memory', '--json', str(out_json)]) == 0
+    assert 'fastai SGD / this' in capsys.readouterr().out
+    rows = json.loads(out_json.read_text())['memory']
+    assert [(r['what'], r['reads']) for r in rows] == [('pass reading 1', 1), ('pass reading 2', 2), ('pass reading 3', 3),
+                                                       ('fastai SGD', None), ('fused SGD', 3), ('torch fused SGD', 3)]
+    assert all(r['model'] == 'mlp' and r['ms'] > 0 for r in rows)
+    assert next(r for r in rows if r['what'] == 'fastai SGD')['fastai_over_this'] == 1
+
+
 @pytest.mark.parametrize('args,message', [
     (['--models', 'resnet1000'], 'unknown model resnet1000'),
     (['--optimizers', 'Adamax'], 'unknown optimizer Adamax'),
