@@ -41,13 +41,13 @@ def momentum_sgd_update(p, g, grad_avg, c):
 def _coefficients(*, lr, mom=0.): return [lr, mom]
 
 
-# PyTorch's kernel has L2 but not decoupled weight decay: with decoupled decay to do, the compiled update
-# does it in the same pass. The kernel leaves the buffer alone at momentum 0, where fastai's sets it to
-# the gradient: then the foreach rule steps.
-fused_sgd_step = EitherStep(KernelStep(sgd_step, _torch_fused_sgd), CompiledStep(sgd_step, sgd_update, _coefficients))
 def _has_momentum(p, hypers): return hypers['mom'] != 0
 
 
+# PyTorch's kernel has L2 but not decoupled weight decay: with decoupled decay to do, the compiled update
+# does it in the same pass. The kernel leaves the buffer alone at momentum 0, where fastai's sets it to
+# the gradient: then the compiled update steps.
+fused_sgd_step = EitherStep(KernelStep(sgd_step, _torch_fused_sgd), CompiledStep(sgd_step, sgd_update, _coefficients))
 fused_momentum_sgd_step = EitherStep(
     KernelStep(momentum_sgd_step, _torch_fused_sgd, ready=_has_momentum),
     CompiledStep(momentum_sgd_step, momentum_sgd_update, _coefficients))
