@@ -84,7 +84,15 @@ class StepRule:
 
     @classmethod
     def of(cls, fn: Callable) -> 'StepRule':
-        return _rule_of(fn)
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if positional[:2] != ['p', 'g']:
+            raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
+        keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
+        return cls(fn, state_keys=tuple(positional[2:]),
+                   hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name != 'step'),
+                   optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty),
+                   counts_steps=any(p.name == 'step' for p in keyword))
 
     @property
     def name(self) -> str:
@@ -96,18 +104,6 @@ def unlike_param(t, p: torch.Tensor):
     "None when `t`, saved for `p`, is a tensor of `p`'s shape; else what it is instead ('has shape (3,)', 'is a float')."
     if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}"
     return None if t.shape == p.shape else f"has shape {tuple(t.shape)}"
-
-
-def _rule_of(fn: Callable) -> StepRule:
-    params = list(inspect.signature(fn).parameters.values())
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if positional[:2] != ['p', 'g']:
-        raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
-    keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
-    return StepRule(fn, state_keys=tuple(positional[2:]),
-                    hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name != 'step'),
-                    optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty),
-                    counts_steps=any(p.name == 'step' for p in keyword))
 
 
 class Bucket:

@@ -196,7 +196,7 @@ class Plans:
         "`(operands, ops)`: the cached operands and no ops, or `build()`'s, cached when no op needs copying back."
         ptrs = [t.data_ptr() for t in tensors]
         plan = self._plans.get(key)
-        if plan is not None and plan[1] == ptrs and len(plan[0]) == len(tensors) and all(map(operator.is_, plan[0], tensors)):
+        if plan is not None and plan[1] == ptrs and all(map(operator.is_, plan[0], tensors)):
             return plan[2], ()
         operands, ops = build()
         if any(o.back for o in ops): self._plans.pop(key, None)

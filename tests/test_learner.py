@@ -11,6 +11,7 @@ import torch
 from fastai.callback.training import GradientAccumulation
 
 import fastforeach
+from fastforeach.oracle import compare_states
 from fastforeach.registry import REGISTRY
 from fastforeach.training import digits_learner
 
@@ -34,7 +35,6 @@ def assert_same_model(a, b):
 
 
 def assert_same_opt_state(a, b):
-    from fastforeach.oracle import compare_states
     for label, x, y in compare_states(a.opt.state_dict(), b.opt.state_dict()):
         if isinstance(x, torch.Tensor): torch.testing.assert_close(x, torch.as_tensor(y).to(x), **TOL, msg=label)
         else: assert x == y, label
@@ -97,7 +97,6 @@ def test_lr_find_restores_model_and_optimizer(name, tmp_path):
         before_opt = copy.deepcopy(learn.opt.state_dict())  # the live state moves during lr_find
         learn.lr_find(num_it=10, show_plot=False)
     for k, v in learn.model.state_dict().items(): torch.testing.assert_close(v, before_model[k], rtol=0, atol=0)
-    from fastforeach.oracle import compare_states
     for label, x, y in compare_states(before_opt, learn.opt.state_dict()):
         assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), label
 

@@ -1,6 +1,8 @@
 """Property-based: any in-range hypers, any layer shapes, any pattern of missing gradients and do_wd flags,
 and the foreach and fused steps still equal fastai's (float64, tight tolerance). Up to 12 tensors, so
 that the fused step's chunks are sometimes full and sometimes padded."""
+import inspect
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +23,6 @@ shapes = st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
 @st.composite
 def cases(draw):
     name = draw(st.sampled_from(['SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb']))
-    import inspect
     names = [n for n in inspect.signature(REGISTRY[name].native).parameters if n in HYPERS]
     options = {n: draw(HYPERS[n]) for n in names}
     if name in ('Adam', 'RAdam', 'QHAdam', 'Lamb') and options.get('eps', 1) == 0:
