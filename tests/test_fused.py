@@ -182,3 +182,61 @@ def test_sgd_decoupled_decay_on_large_tensors_is_compiled(options, monkeypatch):
     assert_twins_equal(twins, torch.float32, 5)
     update = 'momentum_sgd_update' if options.get('mom') else 'sgd_update'
     assert ran.count(update) >= 5  # one call per step at least, not the kernel
+
+
+def _state_buffers(opt, params, key):
+    "The 1-d alias over the `key` state of `params` when it lies end to end, else None."
+    return fused.end_to_end([opt.state[p][key] for p in params])
+
+
+@pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'ranger'])
+def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
+    """Elementwise updates step every small param of a (group, do_wd) split in one compiled call, over state
+    that lives end to end; a large param gets a call of its own. Equal to fastai all along."""
+    calls, run_chunks = [], fused.run_chunks
+    def spy(phases, chunks, c, n):  # the elements of each real tensor handed to a compiled call
+        calls.extend(t.numel() for t in [t for chunk in chunks for t in chunk[0]][:n])
+        return run_chunks(phases, chunks, c, n)
+    monkeypatch.setattr(fused, 'run_chunks', spy)
+    spec = REGISTRY[name]
+    torch.manual_seed(0)
+    small = [nn.Parameter(torch.randn(3 + i % 5, 7)) for i in range(30)]
+    large = nn.Parameter(torch.randn(fused.PACK_MAX_NUMEL + 1))
+    norms = [nn.Parameter(torch.randn(5)) for _ in range(4)]  # 1-d: do_wd=False in Twins
+    twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
+                  [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]])
+    numel = lambda ps: sum(p.numel() for p in ps)
+    for t in range(1, 6):
+        calls.clear()
+        twins.step(spec.lr)
+        # Group 0's small params with decay, its norms without, its large param alone; group 1's small params
+        # (its last param has no gradient). Compiling first runs on dummies of `WARMUP_SIZE` elements.
+        real = [n for n in calls if n != fused.WARMUP_SIZE]
+        assert sorted(real) == sorted([numel(small[:10]), numel(norms), large.numel(), numel(small[10:])])
+    assert_twins_equal(twins, torch.float32, 5)
+    opt, (g0, g1) = twins.opt_b, twins.params_b
+    inner = getattr(opt, 'opt', opt)
+    for key in inner.rule.state_keys:
+        for packed in (g0[:10], g0[11:15], g1[:-1]): assert _state_buffers(inner, packed, key) is not None, key
+        flat = _state_buffers(inner, g0[:10], key)
+        big = inner.state[g0[10]][key]
+        assert not (flat.data_ptr() <= big.data_ptr() < flat.data_ptr() + flat.nbytes), key
+
+
+def test_pack_takes_in_state_changed_or_replaced_mid_run():
+    """State stored in a pack stays the user's: changed in place through `opt.state` it is seen by the next
+    step; replaced by another tensor, it is moved into a pack. Both sides stay equal to fastai's."""
+    spec = REGISTRY['RAdam']
+    torch.manual_seed(0)
+    layers = [[nn.Parameter(torch.randn(4, 6)) for _ in range(5)] + [nn.Parameter(torch.randn(0, 3))]]
+    twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
+                  layers + [[nn.Parameter(torch.randn(2))]], mark_no_wd=False)
+    for _ in range(3): twins.step(spec.lr)
+    ps_a, ps_b = twins.params_a[0], twins.params_b[0]
+    for opt, ps in ((twins.opt_a, ps_a), (twins.opt_b, ps_b)):
+        opt.state[ps[1]]['sqr_avg'].mul_(4)
+        opt.state[ps[3]]['grad_avg'] = opt.state[ps[3]]['grad_avg'] * -1
+    assert _state_buffers(twins.opt_b, ps_b, 'grad_avg') is None
+    for _ in range(3): twins.step(spec.lr)
+    assert_twins_equal(twins, torch.float32, 'a change and 3')
+    assert _state_buffers(twins.opt_b, ps_b, 'grad_avg') is not None

@@ -70,12 +70,14 @@ def test_fused_steps_are_fused():
 
 @pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'ranger'])
 def test_fused_chunks_equal_fastai(name):
-    "Enough params per group for whole chunks of the compiled update (the oracle's groups are smaller)."
-    from fastforeach.fused import CHUNK
+    """Enough params per group for whole chunks of the compiled update (the oracle's groups are smaller):
+    large ones, stepped per tensor, between small ones, packed."""
+    from fastforeach.fused import CHUNK, PACK_MAX_NUMEL
     spec = REGISTRY[name]
     torch.manual_seed(0)
-    layers = [[torch.nn.Parameter(torch.randn(3 + i, 5 + i)) for i in range(2 * CHUNK + 3)],
-              [torch.nn.Parameter(torch.randn(7 + i)) for i in range(CHUNK)]]
+    large = [torch.nn.Parameter(torch.randn(PACK_MAX_NUMEL // 64 + i, 65)) for i in range(2 * CHUNK + 3)]
+    small = [torch.nn.Parameter(torch.randn(3 + i, 5 + i)) for i in range(2 * CHUNK + 3)]
+    layers = [[p for pair in zip(large, small) for p in pair], [torch.nn.Parameter(torch.randn(7 + i)) for i in range(CHUNK)]]
     twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01), layers)
     for t in range(1, 21):
         twins.step(spec.lr)
