@@ -26,18 +26,19 @@ rule instead; the check runs on dummy tensors before a step touches anything.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import types
 import warnings
 from functools import cached_property
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from .ops import mul_scalar_
 
-__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'Plans', 'CHUNK', 'chunked',
-           'coefficient_dtype', 'compiles', 'is_dense', 'run_chunks', 'flat_alias', 'end_to_end', 'compile_cache_info']
+__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK', 'chunked',
+           'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks', 'run_flat', 'decay_update', 'flat_alias', 'end_to_end', 'compile_cache_info']
 
 # Tensors per call of a compiled update: larger chunks mean fewer Python calls per step, but a longer
 # first compile (each tensor of a chunk is its own loop in the generated code).
@@ -171,10 +172,11 @@ class Operands:
 def end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A 1-d alias over `tensors` when each is contiguous and each starts where the one before ends, in one
     storage (as views of one buffer do); else None. Empty tensors hold nothing and may lie anywhere."""
-    first = tensors[0]
+    held = [t for t in tensors if t.numel()]
+    if not held: return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device)
+    first = held[0]
     storage, size, at = first.untyped_storage(), first.element_size(), first.data_ptr()
-    for t in tensors:
-        if t.numel() == 0: continue
+    for t in held:
         if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() or t.data_ptr() != at
                 or t.untyped_storage().data_ptr() != storage.data_ptr()):
             return None
@@ -196,7 +198,7 @@ class Pack:
     the params and gradients into buffers of their own (`copy_in`) and the params back (`copy_out`). State
     not laid out so (new, loaded from a state dict, replaced by hand) is moved into a new buffer when the
     pack is made: `moved[k]` holds the views to store in its place, or None where state key k stayed."""
-    __slots__ = ('params', 'grads', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'moved')
+    __slots__ = ('params', 'grads', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'moved', '_cached')
 
     def __init__(self, params, grads, states):
         self.params, self.grads = params, grads
@@ -210,6 +212,7 @@ class Pack:
                 torch._foreach_copy_(views, ss)
             self.flat_states.append(flat)
             self.moved.append(views)
+        self._cached = {}
 
     @property
     def lists(self) -> list[list[torch.Tensor]]:
@@ -221,6 +224,38 @@ class Pack:
         torch._foreach_copy_(self.g_views, self.grads)
 
     def copy_out(self): torch._foreach_copy_(self.params, self.p_views)
+
+    def _once(self, key, make):
+        if key not in self._cached: self._cached[key] = make()
+        return self._cached[key]
+
+    @property
+    def scratch(self) -> torch.Tensor:
+        "A buffer of the pack's size, for an update to hand a full-size result to the next phase."
+        return self._once('scratch', lambda: _laid_end_to_end(self.params))[0]
+
+    @property
+    def numels(self) -> torch.Tensor:
+        "Each param's number of elements, as a 1-d tensor of the params' dtype."
+        return self._once('numels', lambda: torch.tensor([p.numel() for p in self.params], dtype=self.flat_p.dtype,
+                                                         device=self.flat_p.device))
+
+    def norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of each param's stretch of `flat` (the pack's params, gradients, scratch…), as a 1-d
+        tensor: one reduction per run of params of the same size (see `Plans.pack`), not one per param."""
+        runs = self._once('runs', lambda: [(k, n) for n, k in ((n, len(list(g))) for n, g in
+                                                                 itertools.groupby(p.numel() for p in self.params))])
+        rows, at = [], 0
+        for k, n in runs:
+            rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
+            at += k * n
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    @property
+    def segments(self) -> torch.Tensor:
+        "The index of each element's param: `values[segments]` spreads one value per param over its elements."
+        return self._once('segments', lambda: torch.repeat_interleave(
+            torch.arange(len(self.params), device=self.flat_p.device), self.numels.long()))
 
 
 def _dummies(dtype, device, n_lists: int) -> list[list[torch.Tensor]]:
@@ -272,7 +307,8 @@ class Plans:
         return self.get((owner, id(params[idx[0]])), tensors, lambda: Operands.of(params, grads, states, idx, alias))
 
     def pack(self, owner, params, grads, states, idx) -> Pack:
-        "The `Pack` of the params at `idx` for `owner`, the last step's while the same tensors come back."
+        """The `Pack` of the params at `idx` for `owner`, the last step's while the same tensors come back.
+        `idx` should be sorted by size, so that params of one size lie together (see `Pack.norms`)."""
         tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
         sub = [[xs[i] for i in idx] for xs in (params, grads, *states)]
         key = (owner, 'pack', id(params[idx[0]]))
@@ -283,14 +319,18 @@ class Plans:
 
 
 # How a compiled update is called (see `_runner`).
-PLAIN, DECAY = 'plain', 'decay'
+PLAIN, DECAY, FLAT = 'plain', 'decay', 'flat'
 
 
 def _runner(update: Callable, mode: str):
     """`run(lists, c)`: `update(*tensors, c)` on the i-th tensor of every list, for each i.
 
+    With FLAT, `run(tensors, c)` is `update(*tensors, c)`: whole tensors, not lists.
+
     With DECAY, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
     decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`."""
+    if mode == FLAT: return lambda tensors, c: update(*tensors, c)
+
     def run(lists, c):
         out = []
         for i in range(len(lists[0])):
@@ -341,22 +381,40 @@ def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: in
     """Compile (or find compiled) the `phases` of a step (see `run_chunks`) for `like`'s dtype and device,
     on dummy tensors, before any real tensor is touched. On failure, warn once and return False: the
     caller steps with its foreach form."""
-    key = (phases, like.dtype, like.device.type)
+    def attempt():
+        lists = [[_warmup(like) for _ in range(CHUNK)] for _ in range(n_lists)]
+        run_chunks(phases, [lists], _warmup(like, n_coefficients, coefficient_dtype(like.dtype)), CHUNK)
+    return _compiles((phases, like.dtype, like.device.type), [update for update, _ in phases], like, attempt)
+
+
+def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool:
+    "`compiles` for a phase of a `PackStep`: (update, number of flat tensors, number of per-param values)."
+    update, n_flat, n_per_param = phase
+    def attempt():
+        per_param = [_warmup(like, CHUNK) for _ in range(n_per_param)]
+        segments = [torch.arange(WARMUP_SIZE, device=like.device) * CHUNK // WARMUP_SIZE] if n_per_param else []
+        run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *per_param, *segments],
+                 _warmup(like, n_coefficients, coefficient_dtype(like.dtype)))
+    return _compiles((phase, like.dtype, like.device.type), [update], like, attempt)
+
+
+def _warmup(like, size=WARMUP_SIZE, dtype=None):
+    # Inductor plans loops (threads, vector width) from the sizes it first sees: large ones, as real
+    # weights are, so that the kernels run on every thread.
+    return torch.ones(size, dtype=dtype or like.dtype, device=like.device)
+
+
+def _compiles(key, updates, like, attempt) -> bool:
     if key not in _CHECKED:
         try:
-            # Inductor plans loops (threads, vector width) from the sizes it first sees: large ones, as real
-            # weights are, so that the kernels run on every thread.
-            lists = [[torch.zeros(WARMUP_SIZE, dtype=like.dtype, device=like.device) for _ in range(CHUNK)]
-                     for _ in range(n_lists)]
-            c = torch.ones(n_coefficients, dtype=coefficient_dtype(like.dtype), device=like.device)
-            with _compiling(): run_chunks(phases, [lists], c, CHUNK)
+            with _compiling(): attempt()
             _CHECKED[key] = True
         except Exception as e:  # noqa: BLE001 - any failure to compile means: use the foreach form
             first_line = str(e).splitlines()[0] if str(e) else ''
-            name = ' and '.join(update.__name__ for update, _ in phases)
+            name = ' and '.join(update.__name__ for update in updates)
             warnings.warn(f"fastforeach: could not compile the fused {name} for {like.dtype} on "
                           f"{like.device.type} ({type(e).__name__}: {first_line}); using its foreach form instead",
-                          RuntimeWarning, stacklevel=5)
+                          RuntimeWarning, stacklevel=6)
             _CHECKED[key] = False
     return _CHECKED[key]
 
@@ -377,6 +435,32 @@ def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int) -> list:
     return out[:n]
 
 
+def decay_update(p, g, c):
+    "Weight decay alone, as a first phase: g ← g + c[1]·p (L2), then p ← c[0]·p (decoupled)."
+    g.add_(c[1] * p)
+    p.mul_(c[0])
+
+
+def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor):
+    "The compiled `update(*tensors, c)` on whole tensors (a pack's): what it returns."
+    like = tensors[0]
+    return _compiled(update, FLAT, like.dtype, like.device.type)(tensors, c)
+
+
+class PackStep(NamedTuple):
+    """How a `Pack` is stepped by an update that reduces over each tensor (Larc's and LAMB's norms), which
+    the pack cannot do in one elementwise loop: `run(pack, c)` runs its compiled `phases` with `run_flat`,
+    and the reductions between them with `Pack.norms`; it returns one tuple of values to store per param,
+    as the update would, or None.
+
+    Each phase is `(update, n_flat, n_per_param)`: `update(*flat, *per_param, segments, c)` gets `n_flat`
+    tensors the size of the pack, then `n_per_param` 1-d tensors of one value per param, which it reads
+    per element as `values[segments]` (`segments` comes only with them: `Pack.segments`). `CompiledStep.ready`
+    compiles every phase on dummies before a step."""
+    run: Callable
+    phases: tuple[tuple[Callable, int, int], ...]
+
+
 class CompiledStep(FusedStep):
     """A rule done by its compiled per-tensor `update(p, g, *state, c)`, where `c` is the tensor of
     `coefficients(**hypers)` (the rule's hypers, and `step` when it counts steps). `update` changes `p` and
@@ -390,13 +474,15 @@ class CompiledStep(FusedStep):
     full-size temporary between the passes. Both passes get the whole `c` and do the weight decay
     themselves, so that the param is written once, in the second.
 
-    An update that returns nothing and has no second pass must be elementwise (no reduction over a tensor):
-    params of at most `PACK_MAX_NUMEL` elements are then stepped as one `Pack`."""
+    Params of at most `PACK_MAX_NUMEL` elements are stepped as one `Pack`: by the update itself when it
+    returns nothing and has no second pass, which must then be elementwise (no reduction over a tensor);
+    else by `pack_step`, when given."""
     def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
-                 choose: Callable | None = None, then: Callable | None = None):
+                 choose: Callable | None = None, then: Callable | None = None, pack_step: PackStep | None = None):
         super().__init__(rule)
         self.update, self.coefficients, self.returns, self.choose, self.then = update, coefficients, returns, choose, then
-        self.elementwise = not returns and then is None
+        self.pack_step = pack_step
+        self.packs = pack_step is not None or (not returns and then is None)
 
     def _phases(self, hypers) -> tuple:
         update = self.update if self.choose is None else self.choose(hypers)
@@ -411,7 +497,12 @@ class CompiledStep(FusedStep):
     def _n_lists(self) -> int: return 2 + len(self._state_keys)
 
     def ready(self, p, hypers) -> bool:
-        return compiles(self._phases(hypers), p, self._n_lists, 2 + len(self.coefficients(**hypers)))
+        n_coefficients = 2 + len(self.coefficients(**hypers))
+        return (compiles(self._phases(hypers), p, self._n_lists, n_coefficients) and
+                all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
+
+    @property
+    def pack_phases(self): return self.pack_step.phases if self.pack_step else ()
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
         phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
@@ -420,9 +511,11 @@ class CompiledStep(FusedStep):
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
             c = torch.tensor([decay, l2, *rule_c], dtype=coefficient_dtype(p0.dtype), device=p0.device)
-            small = [i for i in idx if params[i].numel() <= PACK_MAX_NUMEL] if self.elementwise else []
+            small = [i for i in idx if params[i].numel() <= PACK_MAX_NUMEL] if self.packs else []
+            small.sort(key=lambda i: params[i].numel())
             if small:
-                self._run_pack(plans.pack(self, params, grads, states, small), phases, c, small, states, stored)
+                pack = plans.pack(self, params, grads, states, small)
+                for i, r in zip(small, self._run_pack(pack, phases, c, small, states, stored)): outs[i] = r
                 idx = [i for i in idx if params[i].numel() > PACK_MAX_NUMEL]
                 if not idx: continue
             lists, ops = plans.operands(self, params, grads, states, idx, flat_alias)
@@ -431,12 +524,15 @@ class CompiledStep(FusedStep):
         stored.update({key: [out[k] for out in outs] for k, key in enumerate(self.returns)})
         return stored or None
 
-    def _run_pack(self, pack: Pack, phases, c, idx, states, stored):
-        "Step `pack`, the params at `idx`; put the state it moved into `stored` (state key -> one value per param)."
+    def _run_pack(self, pack: Pack, phases, c, idx, states, stored) -> list:
+        """Step `pack`, the params at `idx`; put the state it moved into `stored` (state key -> one value per
+        param). What the update returns for each param (None for each when it returns nothing)."""
         pack.copy_in()
-        run_chunks(phases, chunked(pack.lists), c, 1)
+        if self.pack_step: outs = self.pack_step.run(pack, c)
+        else: outs = run_chunks(phases, chunked(pack.lists), c, 1)[0]
         pack.copy_out()
         for key, ss, views in zip(self._state_keys, states, pack.moved):
             if views is None: continue
             values = stored.setdefault(key, list(ss))
             for i, v in zip(idx, views): values[i] = v
+        return outs if outs is not None else [None] * len(idx)

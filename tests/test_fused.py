@@ -189,15 +189,19 @@ def _state_buffers(opt, params, key):
     return fused.end_to_end([opt.state[p][key] for p in params])
 
 
-@pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'ranger'])
+@pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'ranger', 'Larc', 'Lamb'])
 def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
-    """Elementwise updates step every small param of a (group, do_wd) split in one compiled call, over state
-    that lives end to end; a large param gets a call of its own. Equal to fastai all along."""
-    calls, run_chunks = [], fused.run_chunks
-    def spy(phases, chunks, c, n):  # the elements of each real tensor handed to a compiled call
-        calls.extend(t.numel() for t in [t for chunk in chunks for t in chunk[0]][:n])
-        return run_chunks(phases, chunks, c, n)
-    monkeypatch.setattr(fused, 'run_chunks', spy)
+    """Compiled updates step every small param of a (group, do_wd) split as one pack, over state that lives
+    end to end, in one compiled call per phase; a large param gets calls of its own. Equal to fastai."""
+    calls, compiled = [], fused._compiled
+    def spy(*key):  # records the size of the first real tensor of every compiled call
+        fn = compiled(*key)
+        def call(tensors, c):
+            first = tensors[0][0] if isinstance(tensors[0], list) else tensors[0]
+            if first.numel() != fused.WARMUP_SIZE: calls.append(first.numel())  # not compiling on dummies
+            return fn(tensors, c)
+        return call
+    monkeypatch.setattr(fused, '_compiled', spy)
     spec = REGISTRY[name]
     torch.manual_seed(0)
     small = [nn.Parameter(torch.randn(3 + i % 5, 7)) for i in range(30)]
@@ -205,20 +209,23 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     norms = [nn.Parameter(torch.randn(5)) for _ in range(4)]  # 1-d: do_wd=False in Twins
     twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
                   [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]])
-    numel = lambda ps: sum(p.numel() for p in ps)
+    step = getattr(twins.opt_b, 'opt', twins.opt_b).fused
+    calls_per_pack, calls_per_large = len(step.pack_phases) or 1, 2 if step.then else 1
+    # Group 0's small params with decay, its norms without, its large param alone; group 1's small params
+    # (its last param has no gradient).
+    packs = [sum(p.numel() for p in ps) for ps in (small[:10], norms, small[10:])]
+    expected = sorted(packs * calls_per_pack + [large.numel()] * calls_per_large)
     for t in range(1, 6):
         calls.clear()
         twins.step(spec.lr)
-        # Group 0's small params with decay, its norms without, its large param alone; group 1's small params
-        # (its last param has no gradient). Compiling first runs on dummies of `WARMUP_SIZE` elements.
-        real = [n for n in calls if n != fused.WARMUP_SIZE]
-        assert sorted(real) == sorted([numel(small[:10]), numel(norms), large.numel(), numel(small[10:])])
+        assert sorted(calls) == expected
     assert_twins_equal(twins, torch.float32, 5)
     opt, (g0, g1) = twins.opt_b, twins.params_b
     inner = getattr(opt, 'opt', opt)
     for key in inner.rule.state_keys:
-        for packed in (g0[:10], g0[11:15], g1[:-1]): assert _state_buffers(inner, packed, key) is not None, key
-        flat = _state_buffers(inner, g0[:10], key)
+        for packed in (g0[:10], g0[11:15], g1[:-1]):
+            assert _state_buffers(inner, sorted(packed, key=torch.numel), key) is not None, key
+        flat = _state_buffers(inner, sorted(g0[:10], key=torch.numel), key)
         big = inner.state[g0[10]][key]
         assert not (flat.data_ptr() <= big.data_ptr() < flat.data_ptr() + flat.nbytes), key
 
@@ -236,7 +243,8 @@ def test_pack_takes_in_state_changed_or_replaced_mid_run():
     for opt, ps in ((twins.opt_a, ps_a), (twins.opt_b, ps_b)):
         opt.state[ps[1]]['sqr_avg'].mul_(4)
         opt.state[ps[3]]['grad_avg'] = opt.state[ps[3]]['grad_avg'] * -1
-    assert _state_buffers(twins.opt_b, ps_b, 'grad_avg') is None
+    by_size = sorted(ps_b, key=torch.numel)  # a pack's order
+    assert _state_buffers(twins.opt_b, by_size, 'grad_avg') is None
     for _ in range(3): twins.step(spec.lr)
     assert_twins_equal(twins, torch.float32, 'a change and 3')
-    assert _state_buffers(twins.opt_b, ps_b, 'grad_avg') is not None
+    assert _state_buffers(twins.opt_b, by_size, 'grad_avg') is not None

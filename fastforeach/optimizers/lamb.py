@@ -2,10 +2,10 @@
 import torch
 
 from ..engine import ForEachOptimizer, debias
-from ..fused import CompiledStep
+from ..fused import CompiledStep, PackStep, run_flat
 from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
-__all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step']
+__all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step', 'trust_ratio']
 
 
 def _rms(tensors):
@@ -20,9 +20,12 @@ def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
     average_grads(g, grad_avg, sqr_avg, mom=mom, sqr_mom=sqr_mom)
     update = torch._foreach_div(grad_avg, debias(mom, 1 - mom, step))
     torch._foreach_div_(update, debiased_rms(sqr_avg, step=step, sqr_mom=sqr_mom, eps=eps))
-    r1, r2 = _rms(p), _rms(update)
-    trust = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
-    torch._foreach_addcmul_(p, update, (-lr * trust).unbind())
+    torch._foreach_addcmul_(p, update, (-lr * trust_ratio(_rms(p), _rms(update))).unbind())
+
+
+def trust_ratio(r1, r2):
+    "min(r1 / r2, 10), or 1 where either is 0: for one tensor's rms, or elementwise over 1-d tensors of them."
+    return torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
 
 
 def _adam_direction(grad_avg, sqr_avg, c):
@@ -42,9 +45,29 @@ def lamb_norms(p, g, grad_avg, sqr_avg, c):
 
 def lamb_apply(p, grad_avg, sqr_avg, norms, c):
     "Second pass: p ← decay·p − lr·q·update, with the trust ratio q from the first pass's norms."
-    r1, r2 = norms[0], norms[1]
-    trust = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
-    p.mul_(c[0]).sub_(c[8] * trust * _adam_direction(grad_avg, sqr_avg, c))
+    p.mul_(c[0]).sub_(c[8] * trust_ratio(norms[0], norms[1]) * _adam_direction(grad_avg, sqr_avg, c))
+
+
+# A pack's params (see `fused.Pack`): the averages and every update, the norms of every param at once,
+# then each element scaled by its param's trust ratio.
+
+def lamb_direction(p, g, grad_avg, sqr_avg, update, c):
+    "First pass over a pack: L2 into the gradient, the averages, the update into `update`."
+    g = g + c[1] * p
+    average_grads_update(g, grad_avg, sqr_avg, c[2:])
+    update.copy_(_adam_direction(grad_avg, sqr_avg, c))
+
+
+def lamb_scale(p, update, trust, segments, c):
+    "Second pass over a pack: p ← decay·p − lr·q·update, with q each param's trust ratio."
+    p.mul_(c[0]).sub_(c[8] * trust[segments] * update)
+
+
+def _step_pack(pack, c):
+    update, root_n = pack.scratch, pack.numels.sqrt()
+    run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states, update], c)
+    trust = trust_ratio(c[0].abs() * pack.norms(pack.flat_p) / root_n, pack.norms(update) / root_n)
+    run_flat(lamb_scale, [pack.flat_p, update, trust, pack.segments], c)
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps):
@@ -52,7 +75,8 @@ def _coefficients(*, step, lr, mom, sqr_mom, eps):
 
 
 # Two compiled passes: the update's norm must be complete before any param moves.
-fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply)
+fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply,
+                               pack_step=PackStep(_step_pack, ((lamb_direction, 5, 0), (lamb_scale, 2, 1))))
 
 
 class LambForEachOptimizer(ForEachOptimizer):

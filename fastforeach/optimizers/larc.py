@@ -5,7 +5,7 @@ import torch
 
 from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
-from ..fused import CompiledStep
+from ..fused import CompiledStep, PackStep, decay_update, run_flat
 
 __all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs', 'fused_larc_step']
 
@@ -38,16 +38,15 @@ def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, clip=Tr
     return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
 
 
-def _layer_lr(p, g, c):
-    "One tensor of `layer_lrs`; c = (lr, lr·trust_coeff, wd, eps, clip (1 or 0), mom)."
-    p_norm, g_norm = p.norm(), g.norm()
+def _layer_lr(p_norm, g_norm, c):
+    "`layer_lrs` from the norms (of one tensor, or 1-d of several); c = (lr, lr·trust_coeff, wd, eps, clip (1 or 0), mom)."
     local_lr = c[1] * p_norm / (g_norm + p_norm * c[2] + c[3])
     return torch.where(c[4] > 0, torch.minimum(local_lr, c[0]), local_lr)
 
 
 def larc_update(p, g, c):
     "One tensor of `larc_step`; returns its `local_lr`."
-    local_lr = _layer_lr(p, g, c)
+    local_lr = _layer_lr(p.norm(), g.norm(), c)
     p.sub_(local_lr * g)
     return (local_lr,)
 
@@ -55,9 +54,30 @@ def larc_update(p, g, c):
 def momentum_larc_update(p, g, grad_avg, c):
     "One tensor of `momentum_larc_step`; returns its `local_lr`."
     grad_avg.mul_(c[5]).add_(g)
-    local_lr = _layer_lr(p, g, c)
+    local_lr = _layer_lr(p.norm(), g.norm(), c)
     p.sub_(local_lr * grad_avg)
     return (local_lr,)
+
+
+# A pack's params (see `fused.Pack`): decay, norms of every param at once, then each element moved by
+# its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients follow.
+
+def larc_apply(p, g, local_lr, segments, c):
+    "p ← p − local_lr·g, with each param's local_lr."
+    p.sub_(local_lr[segments] * g)
+
+
+def momentum_larc_apply(p, g, grad_avg, local_lr, segments, c):
+    "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg, with each param's local_lr."
+    grad_avg.mul_(c[7]).add_(g)
+    p.sub_(local_lr[segments] * grad_avg)
+
+
+def _step_pack(pack, c, apply):
+    run_flat(decay_update, [pack.flat_p, pack.flat_g], c)
+    local_lr = _layer_lr(pack.norms(pack.flat_p), pack.norms(pack.flat_g), c[2:])
+    run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, local_lr, pack.segments], c)
+    return [(lr,) for lr in local_lr.unbind()]
 
 
 def _coefficients(*, lr, trust_coeff, wd, eps, mom=0., clip):
@@ -66,8 +86,12 @@ def _coefficients(*, lr, trust_coeff, wd, eps, mom=0., clip):
 
 def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
     "The compiled `larc_step` (mom = 0) or `momentum_larc_step`, clipped or not."
-    rule, update = (larc_step, larc_update) if mom == 0 else (momentum_larc_step, momentum_larc_update)
-    return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',))
+    rule, update, apply = ((larc_step, larc_update, larc_apply) if mom == 0 else
+                           (momentum_larc_step, momentum_larc_update, momentum_larc_apply))
+    n_state = 0 if mom == 0 else 1
+    pack_step = PackStep(partial(_step_pack, apply=apply), ((decay_update, 2, 0), (apply, 2 + n_state, 1)))
+    return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',),
+                        pack_step=pack_step)
 
 
 class LarcForEachOptimizer(ForEachOptimizer):
