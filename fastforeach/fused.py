@@ -236,9 +236,9 @@ class Pack:
 
     @property
     def numels(self) -> torch.Tensor:
-        "Each param's number of elements, as a 1-d tensor of the params' dtype."
-        return self._once('numels', lambda: torch.tensor([p.numel() for p in self.params], dtype=self.flat_p.dtype,
-                                                         device=self.flat_p.device))
+        "Each param's number of elements, as a 1-d tensor: per-param values are in `coefficient_dtype`."
+        return self._once('numels', lambda: torch.tensor([p.numel() for p in self.params], device=self.flat_p.device,
+                                                         dtype=coefficient_dtype(self.flat_p.dtype)))
 
     def norms(self, flat: torch.Tensor) -> torch.Tensor:
         """The L2 norm of each param's stretch of `flat` (the pack's params, gradients, scratch…), as a 1-d
@@ -249,7 +249,7 @@ class Pack:
         for k, n in runs:
             rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
             at += k * n
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
+        return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(coefficient_dtype(flat.dtype))
 
     @property
     def segments(self) -> torch.Tensor:
@@ -391,7 +391,7 @@ def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool
     "`compiles` for a phase of a `PackStep`: (update, number of flat tensors, number of per-param values)."
     update, n_flat, n_per_param = phase
     def attempt():
-        per_param = [_warmup(like, CHUNK) for _ in range(n_per_param)]
+        per_param = [_warmup(like, CHUNK, coefficient_dtype(like.dtype)) for _ in range(n_per_param)]
         segments = [torch.arange(WARMUP_SIZE, device=like.device) * CHUNK // WARMUP_SIZE] if n_per_param else []
         run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *per_param, *segments],
                  _warmup(like, n_coefficients, coefficient_dtype(like.dtype)))
@@ -454,7 +454,8 @@ class PackStep(NamedTuple):
     as the update would, or None.
 
     Each phase is `(update, n_flat, n_per_param)`: `update(*flat, *per_param, segments, c)` gets `n_flat`
-    tensors the size of the pack, then `n_per_param` 1-d tensors of one value per param, which it reads
+    tensors the size of the pack, then `n_per_param` 1-d tensors of one value per param (in
+    `coefficient_dtype`, as `Pack.norms` and `Pack.numels` give them), which it reads
     per element as `values[segments]` (`segments` comes only with them: `Pack.segments`). `CompiledStep.ready`
     compiles every phase on dummies before a step."""
     run: Callable
