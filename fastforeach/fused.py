@@ -192,16 +192,17 @@ def _laid_end_to_end(like: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch
 
 
 class Pack:
-    """Small params stepped as one tensor by an elementwise update.
+    """Small params stepped as one flat tensor by a compiled update.
 
     Their state lives end to end for good, each state tensor a view of one buffer per key; each step copies
-    the params and gradients into buffers of their own (`copy_in`) and the params back (`copy_out`). State
+    the params and this step's gradients into buffers of their own (`copy_in`) and the params back
+    (`copy_out`), so the pack holds while params and state do, whatever becomes of the gradients. State
     not laid out so (new, loaded from a state dict, replaced by hand) is moved into a new buffer when the
     pack is made: `moved[k]` holds the views to store in its place, or None where state key k stayed."""
-    __slots__ = ('params', 'grads', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'moved', '_cached')
+    __slots__ = ('params', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'moved', '_cached')
 
-    def __init__(self, params, grads, states):
-        self.params, self.grads = params, grads
+    def __init__(self, params, states):
+        self.params = params
         self.flat_p, self.p_views = _laid_end_to_end(params)
         self.flat_g, self.g_views = _laid_end_to_end(params)
         self.flat_states, self.moved = [], []
@@ -219,9 +220,9 @@ class Pack:
         "(params, grads, *states), each a list of one flat tensor, as compiled updates take them."
         return [[self.flat_p], [self.flat_g], *([s] for s in self.flat_states)]
 
-    def copy_in(self):
+    def copy_in(self, grads):
         torch._foreach_copy_(self.p_views, self.params)
-        torch._foreach_copy_(self.g_views, self.grads)
+        torch._foreach_copy_(self.g_views, grads)
 
     def copy_out(self): torch._foreach_copy_(self.params, self.p_views)
 
@@ -306,13 +307,13 @@ class Plans:
         tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
         return self.get((owner, id(params[idx[0]])), tensors, lambda: Operands.of(params, grads, states, idx, alias))
 
-    def pack(self, owner, params, grads, states, idx) -> Pack:
-        """The `Pack` of the params at `idx` for `owner`, the last step's while the same tensors come back.
-        `idx` should be sorted by size, so that params of one size lie together (see `Pack.norms`)."""
-        tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
-        sub = [[xs[i] for i in idx] for xs in (params, grads, *states)]
+    def pack(self, owner, params, states, idx) -> Pack:
+        """The `Pack` of the params at `idx` for `owner`, the last step's while the same params and state come
+        back. `idx` should be sorted by size, so that params of one size lie together (see `Pack.norms`)."""
+        tensors = [xs[i] for xs in (params, *states) for i in idx]
+        sub = [[xs[i] for i in idx] for xs in (params, *states)]
         key = (owner, 'pack', id(params[idx[0]]))
-        pack = self.get(key, tensors, lambda: (Pack(*sub[:2], sub[2:]), ()))[0]
+        pack = self.get(key, tensors, lambda: (Pack(sub[0], sub[1:]), ()))[0]
         # Moved state is stored by the caller; the next step finds it in place and caches a pack over it.
         if any(v is not None for v in pack.moved): self._plans.pop(key, None)
         return pack
@@ -515,8 +516,8 @@ class CompiledStep(FusedStep):
             small = [i for i in idx if params[i].numel() <= PACK_MAX_NUMEL] if self.packs else []
             small.sort(key=lambda i: params[i].numel())
             if small:
-                pack = plans.pack(self, params, grads, states, small)
-                for i, r in zip(small, self._run_pack(pack, phases, c, small, states, stored)): outs[i] = r
+                pack = plans.pack(self, params, states, small)
+                for i, r in zip(small, self._run_pack(pack, phases, c, small, grads, states, stored)): outs[i] = r
                 idx = [i for i in idx if params[i].numel() > PACK_MAX_NUMEL]
                 if not idx: continue
             lists, ops = plans.operands(self, params, grads, states, idx, flat_alias)
@@ -525,10 +526,10 @@ class CompiledStep(FusedStep):
         stored.update({key: [out[k] for out in outs] for k, key in enumerate(self.returns)})
         return stored or None
 
-    def _run_pack(self, pack: Pack, phases, c, idx, states, stored) -> list:
+    def _run_pack(self, pack: Pack, phases, c, idx, grads, states, stored) -> list:
         """Step `pack`, the params at `idx`; put the state it moved into `stored` (state key -> one value per
         param). What the update returns for each param (None for each when it returns nothing)."""
-        pack.copy_in()
+        pack.copy_in([grads[i] for i in idx])
         if self.pack_step: outs = self.pack_step.run(pack, c)
         else: outs = run_chunks(phases, chunked(pack.lists), c, 1)[0]
         pack.copy_out()
