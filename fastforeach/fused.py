@@ -233,32 +233,37 @@ class Pack:
         return self._cached[key]
 
     @property
-    def scratch(self) -> torch.Tensor:
-        "A buffer of the pack's size, for an update to hand a full-size result to the next phase."
-        return self._once('scratch', lambda: _laid_end_to_end(self.params))[0]
-
-    @property
     def numels(self) -> torch.Tensor:
         "Each param's number of elements, as a 1-d tensor: per-param values are in `coefficient_dtype`."
         return self._once('numels', lambda: torch.tensor([p.numel() for p in self.params], device=self.flat_p.device,
                                                          dtype=coefficient_dtype(self.flat_p.dtype)))
 
+    @property
+    def _runs(self) -> list[tuple[int, int]]:
+        "(how many, elements each) of every run of params of the same size, in order (see `Plans.pack`)."
+        return self._once('runs', lambda: [(len(list(run)), n) for n, run in
+                                           itertools.groupby(p.numel() for p in self.params)])
+
     def norms(self, flat: torch.Tensor) -> torch.Tensor:
-        """The L2 norm of each param's stretch of `flat` (the pack's params, gradients, scratch…), as a 1-d
-        tensor: one reduction per run of params of the same size (see `Plans.pack`), not one per param."""
-        runs = self._once('runs', lambda: [(k, n) for n, k in ((n, len(list(g))) for n, g in
-                                                                 itertools.groupby(p.numel() for p in self.params))])
+        """The L2 norm of each param's stretch of `flat` (the pack's params, gradients…), as a 1-d tensor:
+        one reduction per run of params of the same size, not one per param."""
         rows, at = [], 0
-        for k, n in runs:
+        for k, n in self._runs:
             rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
             at += k * n
         return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(coefficient_dtype(flat.dtype))
 
-    @property
-    def segments(self) -> torch.Tensor:
-        "The index of each element's param: `values[segments]` spreads one value per param over its elements."
-        return self._once('segments', lambda: torch.repeat_interleave(
-            torch.arange(len(self.params), device=self.flat_p.device), self.numels.long()))
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """One value per param written over each of its elements: a flat tensor the size of the pack, one
+        broadcast copy per run of equal sizes. (Read as `values[segments]` inside a compiled loop, an index
+        per element kept inductor from vectorising it: 3x slower on the MLP.) Its buffer is reused by the
+        next call."""
+        out = self._once('spread', lambda: torch.empty(self.flat_p.numel(), dtype=values.dtype, device=values.device))
+        at = first = 0
+        for k, n in self._runs:
+            out[at:at + k * n].view(k, n).copy_(values[first:first + k, None])
+            at, first = at + k * n, first + k
+        return out
 
 
 def _dummies(dtype, device, n_lists: int) -> list[list[torch.Tensor]]:
@@ -391,12 +396,11 @@ def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: in
 
 
 def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool:
-    "`compiles` for a phase of a `PackStep`: (update, number of flat tensors, number of per-param values)."
-    update, n_flat, n_per_param = phase
+    "`compiles` for a phase of a `PackStep`: (update, number of flat tensors, number of spread values)."
+    update, n_flat, n_spread = phase
     def attempt():
-        per_param = [_warmup(like, CHUNK, coefficient_dtype(like.dtype)) for _ in range(n_per_param)]
-        segments = [torch.arange(WARMUP_SIZE, device=like.device) * CHUNK // WARMUP_SIZE] if n_per_param else []
-        run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *per_param, *segments],
+        spread = [_warmup(like, dtype=coefficient_dtype(like.dtype)) for _ in range(n_spread)]
+        run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *spread],
                  _warmup(like, n_coefficients, coefficient_dtype(like.dtype)))
     return _compiles((phase, like.dtype, like.device.type), [update], like, attempt)
 
@@ -456,11 +460,10 @@ class PackStep(NamedTuple):
     and the reductions between them with `Pack.norms`; it returns one tuple of values to store per param,
     as the update would, or None.
 
-    Each phase is `(update, n_flat, n_per_param)`: `update(*flat, *per_param, segments, c)` gets `n_flat`
-    tensors the size of the pack, then `n_per_param` 1-d tensors of one value per param (in
-    `coefficient_dtype`, as `Pack.norms` and `Pack.numels` give them), which it reads
-    per element as `values[segments]` (`segments` comes only with them: `Pack.segments`). `CompiledStep.ready`
-    compiles every phase on dummies before a step."""
+    Each phase is `(update, n_flat, n_spread)`: `update(*flat, *spread, c)` gets `n_flat` tensors of the
+    pack's size and dtype, then `n_spread` more of its size in `coefficient_dtype`: per-param values spread
+    over their elements by `Pack.spread`. `CompiledStep.ready` compiles every phase on dummies before a
+    step."""
     run: Callable
     phases: tuple[tuple[Callable, int, int], ...]
 

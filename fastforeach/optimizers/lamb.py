@@ -51,23 +51,23 @@ def lamb_apply(p, grad_avg, sqr_avg, norms, c):
 # A pack's params (see `fused.Pack`): the averages and every update, the norms of every param at once,
 # then each element scaled by its param's trust ratio.
 
-def lamb_direction(p, g, grad_avg, sqr_avg, update, c):
-    "First pass over a pack: L2 into the gradient, the averages, the update into `update`."
-    g = g + c[1] * p
-    average_grads_update(g, grad_avg, sqr_avg, c[2:])
-    update.copy_(_adam_direction(grad_avg, sqr_avg, c))
+def lamb_direction(p, g, grad_avg, sqr_avg, c):
+    "First pass over a pack: L2 into the gradient, the averages, then the update written over `g`."
+    average_grads_update(g + c[1] * p, grad_avg, sqr_avg, c[2:])
+    g.copy_(_adam_direction(grad_avg, sqr_avg, c))
 
 
-def lamb_scale(p, update, trust, segments, c):
-    "Second pass over a pack: p ← decay·p − lr·q·update, with q each param's trust ratio."
-    p.mul_(c[0]).sub_(c[8] * trust[segments] * update)
+def lamb_scale(p, update, trust, c):
+    "Second pass over a pack: p ← decay·p − lr·q·update, with q its param's trust ratio, given per element."
+    p.mul_(c[0]).sub_(c[8] * trust * update)
 
 
 def _step_pack(pack, c):
-    update, root_n = pack.scratch, pack.numels.sqrt()
-    run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states, update], c)
+    # The pack's copy of the gradients holds the update after the first pass: one buffer less to stream.
+    update, root_n = pack.flat_g, pack.numels.sqrt()
+    run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states], c)
     trust = trust_ratio(c[0].abs() * pack.norms(pack.flat_p) / root_n, pack.norms(update) / root_n)
-    run_flat(lamb_scale, [pack.flat_p, update, trust, pack.segments], c)
+    run_flat(lamb_scale, [pack.flat_p, update, pack.spread(trust)], c)
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps):
@@ -76,7 +76,7 @@ def _coefficients(*, step, lr, mom, sqr_mom, eps):
 
 # Two compiled passes: the update's norm must be complete before any param moves.
 fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply,
-                               pack_step=PackStep(_step_pack, ((lamb_direction, 5, 0), (lamb_scale, 2, 1))))
+                               pack_step=PackStep(_step_pack, ((lamb_direction, 4, 0), (lamb_scale, 2, 1))))
 
 
 class LambForEachOptimizer(ForEachOptimizer):

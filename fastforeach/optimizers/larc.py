@@ -62,21 +62,21 @@ def momentum_larc_update(p, g, grad_avg, c):
 # A pack's params (see `fused.Pack`): decay, norms of every param at once, then each element moved by
 # its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients follow.
 
-def larc_apply(p, g, local_lr, segments, c):
-    "p ← p − local_lr·g, with each param's local_lr."
-    p.sub_(local_lr[segments] * g)
+def larc_apply(p, g, local_lr, c):
+    "p ← p − local_lr·g, with its param's local_lr given per element."
+    p.sub_(local_lr * g)
 
 
-def momentum_larc_apply(p, g, grad_avg, local_lr, segments, c):
-    "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg, with each param's local_lr."
+def momentum_larc_apply(p, g, grad_avg, local_lr, c):
+    "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg, with its param's local_lr given per element."
     grad_avg.mul_(c[7]).add_(g)
-    p.sub_(local_lr[segments] * grad_avg)
+    p.sub_(local_lr * grad_avg)
 
 
 def _step_pack(pack, c, apply):
     run_flat(decay_update, [pack.flat_p, pack.flat_g], c)
     local_lr = _layer_lr(pack.norms(pack.flat_p), pack.norms(pack.flat_g), c[2:])
-    run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, local_lr, pack.segments], c)
+    run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, pack.spread(local_lr)], c)
     return [(lr,) for lr in local_lr.unbind()]
 
 
