@@ -27,6 +27,7 @@ rule instead; the check runs on dummy tensors before a step touches anything.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import operator
 import types
@@ -317,8 +318,8 @@ class Plans:
     def pack(self, owner, params, states, idx) -> Pack:
         """The `Pack` of the params at `idx` for `owner`, the last step's while the same params and state come
         back. `idx` should be sorted by size, so that params of one size lie together (see `Pack.norms`)."""
-        tensors = [xs[i] for xs in (params, *states) for i in idx]
         sub = [[xs[i] for i in idx] for xs in (params, *states)]
+        tensors = [t for xs in sub for t in xs]
         key = (owner, 'pack', id(params[idx[0]]))
         pack = self.get(key, tensors, lambda: (Pack(sub[0], sub[1:]), ()))[0]
         # Moved state is stored by the caller; the next step finds it in place and caches a pack over it.
@@ -396,9 +397,10 @@ def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: in
 
 
 def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool:
-    "`compiles` for a phase of a `PackStep`: (update, number of flat tensors, number of spread values)."
-    update, n_flat, n_spread = phase
+    "`compiles` for a phase of a `PackStep`: (update, how many of its tensors are spread values)."
+    update, n_spread = phase
     def attempt():
+        n_flat = len(inspect.signature(update).parameters) - 1 - n_spread  # all but the spread values and c
         spread = [_warmup(like, dtype=coefficient_dtype(like.dtype)) for _ in range(n_spread)]
         run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *spread],
                  _warmup(like, n_coefficients, coefficient_dtype(like.dtype)))
@@ -460,12 +462,11 @@ class PackStep(NamedTuple):
     and the reductions between them with `Pack.norms`; it returns one tuple of values to store per param,
     as the update would, or None.
 
-    Each phase is `(update, n_flat, n_spread)`: `update(*flat, *spread, c)` gets `n_flat` tensors of the
-    pack's size and dtype, then `n_spread` more of its size in `coefficient_dtype`: per-param values spread
-    over their elements by `Pack.spread`. `CompiledStep.ready` compiles every phase on dummies before a
-    step."""
+    Each phase is `(update, n_spread)`: `update(*flat, *spread, c)` gets tensors of the pack's size and
+    dtype, then its last `n_spread` tensors in `coefficient_dtype`: per-param values spread over their
+    elements by `Pack.spread`. `CompiledStep.ready` compiles every phase on dummies before a step."""
     run: Callable
-    phases: tuple[tuple[Callable, int, int], ...]
+    phases: tuple[tuple[Callable, int], ...]
 
 
 class CompiledStep(FusedStep):
@@ -515,15 +516,15 @@ class CompiledStep(FusedStep):
         phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
         p0, lr = params[0], hypers['lr']
         outs, stored = [None] * len(params), {}
+        numels = [p.numel() for p in params]
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
             c = torch.tensor([decay, l2, *rule_c], dtype=coefficient_dtype(p0.dtype), device=p0.device)
-            small = [i for i in idx if params[i].numel() <= PACK_MAX_NUMEL] if self.packs else []
-            small.sort(key=lambda i: params[i].numel())
+            small = sorted((i for i in idx if numels[i] <= PACK_MAX_NUMEL), key=numels.__getitem__) if self.packs else []
             if small:
                 pack = plans.pack(self, params, states, small)
                 for i, r in zip(small, self._run_pack(pack, phases, c, small, grads, states, stored)): outs[i] = r
-                idx = [i for i in idx if params[i].numel() > PACK_MAX_NUMEL]
+                idx = [i for i in idx if numels[i] > PACK_MAX_NUMEL]
                 if not idx: continue
             lists, ops = plans.operands(self, params, grads, states, idx, flat_alias)
             for i, r in zip(idx, run_chunks(phases, chunked(lists), c, len(idx))): outs[i] = r

@@ -76,7 +76,7 @@ def _coefficients(*, step, lr, mom, sqr_mom, eps):
 
 # Two compiled passes: the update's norm must be complete before any param moves.
 fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply,
-                               pack_step=PackStep(_step_pack, ((lamb_direction, 4, 0), (lamb_scale, 2, 1))))
+                               pack_step=PackStep(_step_pack, ((lamb_direction, 0), (lamb_scale, 1))))
 
 
 class LambForEachOptimizer(ForEachOptimizer):

@@ -88,8 +88,7 @@ def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
     "The compiled `larc_step` (mom = 0) or `momentum_larc_step`, clipped or not."
     rule, update, apply = ((larc_step, larc_update, larc_apply) if mom == 0 else
                            (momentum_larc_step, momentum_larc_update, momentum_larc_apply))
-    n_state = 0 if mom == 0 else 1
-    pack_step = PackStep(partial(_step_pack, apply=apply), ((decay_update, 2, 0), (apply, 2 + n_state, 1)))
+    pack_step = PackStep(partial(_step_pack, apply=apply), ((decay_update, 0), (apply, 1)))
     return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',),
                         pack_step=pack_step)
 
