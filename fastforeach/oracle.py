@@ -15,8 +15,8 @@ __all__ = ['oracle_layers', 'Twins', 'compare_states', 'max_relative_difference'
 
 def oracle_layers(dtype=torch.float32, device='cpu', seed=0) -> list[list[nn.Parameter]]:
     """Two param groups of real layer shapes (conv, batch norm, linear, biases), plus, last in the second
-    group, a param that never gets a gradient. The second conv (9216 elements) is above `PACK_MAX_NUMEL`
-    and the rest below, so that compiled updates run both per tensor and packed."""
+    group, a param that never gets a gradient. The second conv (9216 elements) is above the CPU's pack
+    threshold and the rest below, so that compiled updates run both per tensor and packed on CPU."""
     torch.manual_seed(seed)
     body = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.Conv2d(16, 64, 3, bias=False), nn.BatchNorm2d(64))
     head = nn.Sequential(nn.Linear(64, 24), nn.BatchNorm1d(24), nn.Linear(24, 10), nn.Linear(10, 5))

@@ -1,5 +1,6 @@
 """What `fused=True` adds beyond the oracle: no recompiles, one graph for every layout, odd memory layouts,
 a clean fallback when nothing compiles, and the factories' new keyword."""
+import contextlib
 import inspect
 from functools import partial
 
@@ -81,6 +82,29 @@ def test_fallback_when_nothing_compiles(monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not compile the fused lamb_norms and lamb_apply") as record:
         for _ in range(5): twins.step(spec.lr)
     assert len([w for w in record if 'could not compile' in str(w.message)]) == 1
+    assert_twins_equal(twins, torch.float64, 5)
+
+
+def test_sizes_traced_another_way_when_the_first_fails(monkeypatch):
+    "A PyTorch that cannot lower size-oblivious graphs (2.11) compiles with sizes 0 and 1 specialised: no fallback."
+    tried = []
+
+    @contextlib.contextmanager
+    def unlowerable():
+        tried.append('oblivious')
+        yield
+        raise RuntimeError("LoweringException: KeyError: 'unbacked_bindings'")
+
+    @contextlib.contextmanager
+    def specialised():
+        tried.append('specialised')
+        yield
+    monkeypatch.setattr(fused, '_CHECKED', {})
+    monkeypatch.setattr(fused, '_size_configs', lambda: (unlowerable, specialised))
+    spec = REGISTRY['RMSProp']
+    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('fused', ps), oracle_layers(torch.float64))
+    for _ in range(5): twins.step(spec.lr)  # a fallback warning would be an error (pytest.ini)
+    assert tried == ['oblivious', 'specialised'] and all(fused._CHECKED.values())
     assert_twins_equal(twins, torch.float64, 5)
 
 
@@ -205,7 +229,7 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     spec = REGISTRY[name]
     torch.manual_seed(0)
     small = [nn.Parameter(torch.randn(3 + i % 5, 7)) for i in range(30)]
-    large = nn.Parameter(torch.randn(fused.PACK_MAX_NUMEL + 1))
+    large = nn.Parameter(torch.randn(fused.PACK_MAX_NUMEL['cpu'] + 1))
     norms = [nn.Parameter(torch.randn(5)) for _ in range(4)]  # 1-d: do_wd=False in Twins
     twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
                   [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]])

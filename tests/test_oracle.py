@@ -73,6 +73,7 @@ def test_fused_chunks_equal_fastai(name):
     """Enough params per group for whole chunks of the compiled update (the oracle's groups are smaller):
     large ones, stepped per tensor, between small ones, packed."""
     from fastforeach.fused import CHUNK, PACK_MAX_NUMEL
+    PACK_MAX_NUMEL = PACK_MAX_NUMEL['cpu']
     spec = REGISTRY[name]
     torch.manual_seed(0)
     large = [torch.nn.Parameter(torch.randn(PACK_MAX_NUMEL // 64 + i, 65)) for i in range(2 * CHUNK + 3)]
@@ -85,10 +86,13 @@ def test_fused_chunks_equal_fastai(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('impl', ['foreach', 'fused', 'fused-per-tensor'])
 @pytest.mark.parametrize('spec,options', CASES)
-def test_equals_fastai_on_cuda(spec, options, impl):
-    run_oracle(spec, options, torch.float32, impl, device='cuda')
+def test_equals_fastai_on_cuda(spec, options, impl, monkeypatch):
+    "fused packs every oracle param on CUDA; fused-per-tensor packs only those the CPU would."
+    from fastforeach import fused
+    if impl == 'fused-per-tensor': monkeypatch.setitem(fused.PACK_MAX_NUMEL, 'cuda', fused.PACK_MAX_NUMEL['cpu'])
+    run_oracle(spec, options, torch.float32, impl.removesuffix('-per-tensor'), device='cuda')
 
 
 def test_every_factory_option_is_exercised():

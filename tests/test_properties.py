@@ -20,7 +20,7 @@ HYPERS = {
     'decouple_wd': st.booleans(), 'clip': st.booleans(),
 }
 small = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
-large = st.integers(1, 3).map(lambda k: (k, PACK_MAX_NUMEL // k + 1))  # stepped per tensor, not packed
+large = st.integers(1, 3).map(lambda k: (k, PACK_MAX_NUMEL['cpu'] // k + 1))  # stepped per tensor, not packed
 shapes = st.lists(st.one_of(small, large, large), min_size=1, max_size=12)
 
 
