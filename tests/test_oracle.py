@@ -73,10 +73,10 @@ def test_fused_chunks_equal_fastai(name):
     """Enough params per group for whole chunks of the compiled update (the oracle's groups are smaller):
     large ones, stepped per tensor, between small ones, packed."""
     from fastforeach.fused import CHUNK, PACK_MAX_NUMEL
-    PACK_MAX_NUMEL = PACK_MAX_NUMEL['cpu']
+    largest_packed = PACK_MAX_NUMEL['cpu']
     spec = REGISTRY[name]
     torch.manual_seed(0)
-    large = [torch.nn.Parameter(torch.randn(PACK_MAX_NUMEL // 64 + i, 65)) for i in range(2 * CHUNK + 3)]
+    large = [torch.nn.Parameter(torch.randn(largest_packed // 64 + i, 65)) for i in range(2 * CHUNK + 3)]
     small = [torch.nn.Parameter(torch.randn(3 + i, 5 + i)) for i in range(2 * CHUNK + 3)]
     layers = [[p for pair in zip(large, small) for p in pair], [torch.nn.Parameter(torch.randn(7 + i)) for i in range(CHUNK)]]
     twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01), layers)
