@@ -6,7 +6,8 @@ from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
 from .engine import unlike_param
-from .fused import PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, run_chunks
+from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
+                    run_chunks)
 from .optimizers.radam import RAdamForEachOptimizer
 
 __all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update']
@@ -53,14 +54,22 @@ class Lookahead(_FastaiLookahead):
         return loss
 
     def _sync(self, slow, fast):
+        """With `fused`, params above the pack threshold sync in one compiled pass each; smaller ones, for
+        which a compiled loop per tensor costs more than the two list ops (MLP on CPU: 1.09 vs 0.29 ms),
+        and every param whose layout or dtype differs from the first's, with foreach."""
         if not slow: return
-        if self.fused and all(is_dense(f) and s.stride() == f.stride() and s.dtype == f.dtype == fast[0].dtype
-                              for s, f in zip(slow, fast)) and compiles(_SYNC, fast[0], 2, 1):
-            c = torch.tensor([self.alpha], dtype=coefficient_dtype(fast[0].dtype), device=fast[0].device)
-            lists, _ = self._plans.get(id(fast[0]), slow + fast,
-                                       lambda: ([[flat_alias(t) for t in ts] for ts in (slow, fast)], ()))
-            run_chunks(_SYNC, chunked(lists), c, len(fast))
-        else:
+        like = fast[0]
+        large = [i for i, (s, f) in enumerate(zip(slow, fast))
+                 if f.numel() > pack_max_numel(f.device) and is_dense(f) and s.stride() == f.stride()
+                 and s.dtype == f.dtype == like.dtype and f.device == like.device] if self.fused else []
+        if large and compiles(_SYNC, like, 2, 1):
+            c = torch.tensor([self.alpha], dtype=coefficient_dtype(like.dtype), device=like.device)
+            lists, _ = self._plans.get(id(like), slow + fast, lambda: (
+                [[flat_alias(ts[i]) for i in large] for ts in (slow, fast)], ()))
+            run_chunks(_SYNC, chunked(lists), c, len(large))
+            rest = sorted(set(range(len(fast))) - set(large))
+            slow, fast = [slow[i] for i in rest], [fast[i] for i in rest]
+        if slow:
             torch._foreach_lerp_(slow, fast, self.alpha)
             torch._foreach_copy_(fast, slow)
 

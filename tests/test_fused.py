@@ -122,13 +122,21 @@ def test_factories_take_fused():
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"): fastforeach.Adam(oracle_layers(), 1e-3, fused='yes')
 
 
-def test_lookahead_fused_sync():
-    "Lookahead wrapping any optimizer, with its slow-weight sync compiled."
+def test_lookahead_fused_sync(monkeypatch):
+    "Lookahead's slow-weight sync: compiled for the param above the pack threshold, foreach for the rest."
+    from fastforeach import lookahead
+    synced = []
+    def spy(phases, chunks, c, n):
+        synced.append(n)
+        return run_chunks(phases, chunks, c, n)
+    run_chunks = lookahead.run_chunks
+    monkeypatch.setattr(lookahead, 'run_chunks', spy)
     spec = REGISTRY['Lookahead']
     twins = Twins(lambda ps: spec.make('native', ps, k=2), lambda ps: spec.make('fused', ps, k=2),
                   oracle_layers(torch.float64))
     for _ in range(9): twins.step(spec.lr)
     assert twins.opt_b.fused and twins.opt_b.count == 9
+    assert synced == [1] * 4  # the oracle's one large conv, at steps 2, 4, 6 and 8
     assert_twins_equal(twins, torch.float64, 9)
 
 
