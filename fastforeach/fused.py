@@ -38,7 +38,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .ops import mul_scalar_
+from .ops import device_tensor, mul_scalar_
 
 __all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
            'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks', 'run_flat',
@@ -544,7 +544,7 @@ class CompiledStep(FusedStep):
         numels, largest = [p.numel() for p in params], pack_max_numel(p0.device)
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
-            c = torch.tensor([decay, l2, *rule_c], dtype=coefficient_dtype(p0.dtype), device=p0.device)
+            c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
             small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
             if small:
                 pack = plans.pack(self, params, states, small)

@@ -6,6 +6,7 @@ from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
 from .engine import unlike_param
+from .ops import device_tensor
 from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
                     run_chunks)
 from .optimizers.radam import RAdamForEachOptimizer
@@ -63,7 +64,7 @@ class Lookahead(_FastaiLookahead):
                  if f.numel() > pack_max_numel(f.device) and is_dense(f) and s.stride() == f.stride()
                  and s.dtype == f.dtype == like.dtype and f.device == like.device] if self.fused else []
         if large and compiles(_SYNC, like, 2, 1):
-            c = torch.tensor([self.alpha], dtype=coefficient_dtype(like.dtype), device=like.device)
+            c = device_tensor([self.alpha], coefficient_dtype(like.dtype), like.device)
             lists, _ = self._plans.get(id(like), slow + fast, lambda: (
                 [[flat_alias(ts[i]) for i in large] for ts in (slow, fast)], ()))
             run_chunks(_SYNC, chunked(lists), c, len(large))

@@ -290,3 +290,30 @@ def test_pack_takes_in_state_changed_or_replaced_mid_run():
     for _ in range(3): twins.step(spec.lr)
     assert_twins_equal(twins, torch.float32, 'a change and 3')
     assert _state_buffers(twins.opt_b, by_size, 'grad_avg') is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('name', list(REGISTRY))
+def test_cuda_steps_never_wait_for_the_gpu(name, impl):
+    "Once compiled and packed, no step makes the host synchronize with the GPU (sync debug mode raises on any)."
+    layers = oracle_layers(torch.float32, device='cuda')
+    opt = REGISTRY[name].make(impl, layers)
+    params = [p for g in layers for p in g][:-1]  # the last never gets a gradient
+
+    def step():
+        for p in params: p.grad = torch.randn_like(p)
+        opt.step()
+    step(); step()  # compiling and building packs may wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for _ in range(4): step()  # Lookahead and ranger sync their slow weights at the 6th
+    finally: torch.cuda.set_sync_debug_mode('default')
+
+
+def test_device_tensor():
+    from fastforeach.ops import device_tensor
+    t = device_tensor([1.5, 2, 3], torch.float64, torch.device('cpu'))
+    assert t.dtype == torch.float64 and t.device.type == 'cpu' and t.tolist() == [1.5, 2., 3.]
+    assert device_tensor(7., torch.float32, torch.device('meta')).device.type == 'meta'

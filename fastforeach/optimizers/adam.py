@@ -1,7 +1,7 @@
 "Adam, AdamW (decoupled weight decay) and the pieces the Adam family shares."
 import torch
 
-from ..ops import mul_scalar_, add_scalar_
+from ..ops import add_scalar_, device_tensor, mul_scalar_
 from ..engine import ForEachOptimizer, debias
 from ..fused import KernelStep
 
@@ -45,7 +45,7 @@ def adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
 
 def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):
     "PyTorch's fused AdamW (decoupled) or Adam (L2) kernel: fastai's update, √(v/debias2) taken as √v/√debias2."
-    step = torch.tensor(float(hypers['step']), device=p[0].device)
+    step = device_tensor(float(hypers['step']), torch.float32, p[0].device)
     kernel = torch._fused_adamw_ if decouple_wd else torch._fused_adam_
     kernel(p, g, *states, [], [step] * len(p), lr=hypers['lr'], beta1=hypers['mom'], beta2=hypers['sqr_mom'],
            weight_decay=wd, eps=hypers['eps'], amsgrad=False, maximize=False)

@@ -2,6 +2,7 @@
 import torch
 
 from ..engine import ForEachOptimizer, debias
+from ..ops import device_tensor
 from ..fused import CompiledStep, PackStep, run_flat
 from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
@@ -11,7 +12,7 @@ __all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step', 'trust_ratio'
 def _rms(tensors):
     "Root mean square of every tensor, as one 1-d tensor."
     norms = torch.stack(torch._foreach_norm(tensors))
-    return norms / torch.tensor([t.numel() for t in tensors], dtype=norms.dtype, device=norms.device).sqrt()
+    return norms / device_tensor([t.numel() for t in tensors], norms.dtype, norms.device).sqrt()
 
 
 def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
