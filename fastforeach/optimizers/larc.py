@@ -90,7 +90,7 @@ def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
                            (momentum_larc_step, momentum_larc_update, momentum_larc_apply))
     pack_step = PackStep(partial(_step_pack, apply=apply), ((decay_update, 0), (apply, 1)))
     return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',),
-                        pack_step=pack_step)
+                        pack_step=pack_step, chunk=1)
 
 
 class LarcForEachOptimizer(ForEachOptimizer):
