@@ -57,7 +57,7 @@ class Lookahead(_FastaiLookahead):
     def _sync(self, slow, fast):
         """With `fused`, params above the pack threshold sync in one compiled pass each; smaller ones, for
         which a compiled loop per tensor costs more than the two list ops (MLP on CPU: 1.09 vs 0.29 ms),
-        and every param whose layout or dtype differs from the first's, with foreach."""
+        and every param whose layout, dtype or device differs from the first's, with foreach."""
         if not slow: return
         like = fast[0]
         large = [i for i, (s, f) in enumerate(zip(slow, fast))
