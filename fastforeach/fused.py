@@ -246,8 +246,8 @@ class Pack:
     @property
     def numels(self) -> torch.Tensor:
         "Each param's number of elements, as a 1-d tensor: per-param values are in `coefficient_dtype`."
-        return self._once('numels', lambda: torch.tensor([p.numel() for p in self.params], device=self.flat_p.device,
-                                                         dtype=coefficient_dtype(self.flat_p.dtype)))
+        return self._once('numels', lambda: device_tensor([p.numel() for p in self.params],
+                                                          coefficient_dtype(self.flat_p.dtype), self.flat_p.device))
 
     @property
     def _runs(self) -> list[tuple[int, int]]:
@@ -407,7 +407,7 @@ def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: in
     def attempt():
         lists = [[_warmup(like) for _ in range(chunk)] for _ in range(n_lists)]
         run_chunks(phases, [lists], _warmup(like, n_coefficients, coefficient_dtype(like.dtype)), chunk)
-    return _compiles((phases, like.dtype, like.device.type), [update for update, _ in phases], like, attempt)
+    return _compiles((phases, like.dtype, like.device.type, chunk), [update for update, _ in phases], like, attempt)
 
 
 def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool:
