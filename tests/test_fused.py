@@ -2,6 +2,7 @@
 a clean fallback when nothing compiles, and the factories' new keyword."""
 import contextlib
 import inspect
+import operator
 from functools import partial
 
 import pytest
@@ -242,7 +243,9 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
                   [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]])
     step = getattr(twins.opt_b, 'opt', twins.opt_b).fused
-    calls_per_pack, calls_per_large = len(step.pack_phases) or 1, 2 if step.then else 1
+    # Larc's pack skips its L2 phase: the decay here is decoupled.
+    calls_per_pack = 1 if name == 'Larc' else len(step.pack_phases) or 1
+    calls_per_large = 2 if step.then else 1
     # Group 0's small params with decay, its norms without, its large param alone; group 1's small params
     # (its last param has no gradient).
     packs = [sum(p.numel() for p in ps) for ps in (small[:10], norms, small[10:])]
@@ -270,6 +273,34 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
         flat = _state_buffers(inner, sorted(g0[:10], key=torch.numel), key)
         big = inner.state[g0[10]][key]
         assert not (flat.data_ptr() <= big.data_ptr() < flat.data_ptr() + flat.nbytes), key
+
+
+@pytest.mark.parametrize('decouple_wd', [True, False])
+def test_larc_pack_phases_and_local_lrs(decouple_wd, monkeypatch):
+    """Larc's pack takes its L2 phase only with L2 (decoupled decay rides on the move), and keeps the
+    `local_lr`s it stores as the same tensors from step to step, each step's values in them. Equal to fastai."""
+    from fastforeach.optimizers import larc
+    phases = []
+    def spy(update, tensors, c):
+        phases.append(update.__name__)
+        return run_flat(update, tensors, c)
+    run_flat = larc.run_flat
+    monkeypatch.setattr(larc, 'run_flat', spy)
+    spec = REGISTRY['Larc']
+    torch.manual_seed(0)
+    layers = [[nn.Parameter(torch.randn(4, 6)) for _ in range(5)]]
+    options = {'wd': 0.01, 'decouple_wd': decouple_wd}
+    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options),
+                  layers, mark_no_wd=False)
+    stored = []
+    for _ in range(4):
+        phases.clear()
+        twins.step(spec.lr)
+        assert phases == ['decay_update'] * (not decouple_wd) + ['momentum_larc_apply']
+        stored.append([twins.opt_b.state[p]['local_lr'] for p in twins.params_b[0][:-1]])  # the last: no gradient
+        assert_twins_equal(twins, torch.float32, 'a step')
+    # Steps 1 and 2 build the pack (the second over state moved in place); from then on it is kept.
+    assert all(map(operator.is_, stored[2], stored[3]))
 
 
 def test_pack_takes_in_state_changed_or_replaced_mid_run():

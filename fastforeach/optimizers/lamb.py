@@ -63,7 +63,8 @@ def lamb_scale(p, update, trust, c):
     p.mul_(c[0]).sub_(c[8] * trust * update)
 
 
-def _step_pack(pack, c):
+def _step_pack(pack, c, l2):
+    # L2, when there is any, is added in the first pass, which reads the params anyway.
     # The pack's copy of the gradients holds the update after the first pass: one buffer less to stream.
     update, root_n = pack.flat_g, pack.numels.sqrt()
     run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states], c)

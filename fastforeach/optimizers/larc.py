@@ -59,25 +59,26 @@ def momentum_larc_update(p, g, grad_avg, c):
     return (local_lr,)
 
 
-# A pack's params (see `fused.Pack`): decay, norms of every param at once, then each element moved by
-# its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients follow.
+# A pack's params (see `fused.Pack`): L2 when there is any, norms of every param at once, then each
+# element moved by its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients
+# follow. Decoupled decay is done with the move: ‖decay·p‖ is |decay|·‖p‖, so it needs no pass of its own.
 
 def larc_apply(p, g, local_lr, c):
-    "p ← p − local_lr·g, with its param's local_lr given per element."
-    p.sub_(local_lr * g)
+    "p ← decay·p − local_lr·g, with its param's local_lr given per element."
+    p.mul_(c[0]).sub_(local_lr * g)
 
 
 def momentum_larc_apply(p, g, grad_avg, local_lr, c):
-    "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg, with its param's local_lr given per element."
+    "grad_avg ← mom·grad_avg + g;  p ← decay·p − local_lr·grad_avg, with its param's local_lr given per element."
     grad_avg.mul_(c[7]).add_(g)
-    p.sub_(local_lr * grad_avg)
+    p.mul_(c[0]).sub_(local_lr * grad_avg)
 
 
-def _step_pack(pack, c, apply):
-    run_flat(decay_update, [pack.flat_p, pack.flat_g], c)
-    local_lr = _layer_lr(pack.norms(pack.flat_p), pack.norms(pack.flat_g), c[2:])
+def _step_pack(pack, c, l2, apply):
+    if l2: run_flat(decay_update, [pack.flat_p, pack.flat_g], c)  # decay is 1 with L2: only g changes
+    local_lr = _layer_lr(c[0].abs() * pack.norms(pack.flat_p), pack.norms(pack.flat_g), c[2:])
     run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, pack.spread(local_lr)], c)
-    return [(lr,) for lr in local_lr.unbind()]
+    return [(lr,) for lr in pack.per_param('local_lr', local_lr)]
 
 
 def _coefficients(*, lr, trust_coeff, wd, eps, mom=0., clip):
