@@ -42,7 +42,7 @@ from .ops import device_tensor, mul_scalar_
 
 __all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
            'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks', 'run_flat',
-           'decay_update', 'flat_alias', 'end_to_end', 'compile_cache_info']
+           'flat_alias', 'end_to_end', 'compile_cache_info']
 
 # Tensors per call of a compiled update: larger chunks mean fewer Python calls per step, but a longer
 # first compile (each tensor of a chunk is its own loop in the generated code).
@@ -268,7 +268,10 @@ class Pack:
         """`values` (1-d, one per param) as one 0-d tensor per param, to store in the state: views of a buffer
         the pack keeps under `key`, the same tensors every step, each step's values written into them.
         (Unbinding anew makes a tensor per param per step: 0.1 ms a step on a 200-param pack.)"""
-        buffer, views = self._once(f'per_param {key}', lambda: (lambda b: (b, b.unbind()))(torch.empty_like(values)))
+        def buffer_and_views():
+            buffer = torch.empty_like(values)
+            return buffer, buffer.unbind()
+        buffer, views = self._once(('per_param', key), buffer_and_views)
         buffer.copy_(values)
         return views
 
@@ -475,12 +478,6 @@ def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int) -> list:
         for fn in fns[1:]: res = fn([chunk[0], *chunk[2:], *map(list, zip(*res))], c)
         out += res
     return out[:n]
-
-
-def decay_update(p, g, c):
-    "Weight decay alone, as a first phase: g ← g + c[1]·p (L2), then p ← c[0]·p (decoupled)."
-    g.add_(c[1] * p)
-    p.mul_(c[0])
 
 
 def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor):

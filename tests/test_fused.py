@@ -296,7 +296,7 @@ def test_larc_pack_phases_and_local_lrs(decouple_wd, monkeypatch):
     for _ in range(4):
         phases.clear()
         twins.step(spec.lr)
-        assert phases == ['decay_update'] * (not decouple_wd) + ['momentum_larc_apply']
+        assert phases == ['l2_update'] * (not decouple_wd) + ['momentum_larc_apply']
         stored.append([twins.opt_b.state[p]['local_lr'] for p in twins.params_b[0][:-1]])  # the last: no gradient
         assert_twins_equal(twins, torch.float32, 'a step')
     # Steps 1 and 2 build the pack (the second over state moved in place); from then on it is kept.

@@ -5,7 +5,7 @@ import torch
 
 from ..ops import mul_scalar_
 from ..engine import ForEachOptimizer
-from ..fused import CompiledStep, PackStep, decay_update, run_flat
+from ..fused import CompiledStep, PackStep, run_flat
 
 __all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs', 'fused_larc_step']
 
@@ -63,6 +63,11 @@ def momentum_larc_update(p, g, grad_avg, c):
 # element moved by its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients
 # follow. Decoupled decay is done with the move: ‖decay·p‖ is |decay|·‖p‖, so it needs no pass of its own.
 
+def l2_update(p, g, c):
+    "g ← g + wd·p: L2 as a phase of its own, as the gradients' norms need it."
+    g.add_(c[1] * p)
+
+
 def larc_apply(p, g, local_lr, c):
     "p ← decay·p − local_lr·g, with its param's local_lr given per element."
     p.mul_(c[0]).sub_(local_lr * g)
@@ -75,7 +80,7 @@ def momentum_larc_apply(p, g, grad_avg, local_lr, c):
 
 
 def _step_pack(pack, c, l2, apply):
-    if l2: run_flat(decay_update, [pack.flat_p, pack.flat_g], c)  # decay is 1 with L2: only g changes
+    if l2: run_flat(l2_update, [pack.flat_p, pack.flat_g], c)
     local_lr = _layer_lr(c[0].abs() * pack.norms(pack.flat_p), pack.norms(pack.flat_g), c[2:])
     run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, pack.spread(local_lr)], c)
     return [(lr,) for lr in pack.per_param('local_lr', local_lr)]
@@ -89,7 +94,7 @@ def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
     "The compiled `larc_step` (mom = 0) or `momentum_larc_step`, clipped or not."
     rule, update, apply = ((larc_step, larc_update, larc_apply) if mom == 0 else
                            (momentum_larc_step, momentum_larc_update, momentum_larc_apply))
-    pack_step = PackStep(partial(_step_pack, apply=apply), ((decay_update, 0), (apply, 1)))
+    pack_step = PackStep(partial(_step_pack, apply=apply), ((l2_update, 0), (apply, 1)))
     return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',),
                         pack_step=pack_step, chunk=1)
 
