@@ -441,7 +441,8 @@ def _warmup(like, size=WARMUP_SIZE, dtype=None):
 def _compiles(key, updates, like, attempt) -> bool:
     if key not in _CHECKED:
         try:
-            _first_that_compiles(attempt)
+            # Under no_grad, as steps run: dynamo guards on grad mode, and would compile again for the step.
+            with torch.no_grad(): _first_that_compiles(attempt)
             _CHECKED[key] = True
         except Exception as e:  # noqa: BLE001 - any failure to compile means: use the foreach form
             first_line = str(e).splitlines()[0] if str(e) else ''

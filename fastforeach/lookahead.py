@@ -45,7 +45,11 @@ class Lookahead(_FastaiLookahead):
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         check_lookahead(self.k, self.alpha)
-        if self.slow_weights is None: self._copy_weights()
+        if self.slow_weights is None:
+            self._copy_weights()
+            # Compile the sync now, with the step's own compiling, rather than stall at step k.
+            for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
+                self._compiled_sync(list(slow_pg), list(fast_pg))
         self.opt.step()
         self.count += 1
         if self.count % self.k == 0:
@@ -59,11 +63,8 @@ class Lookahead(_FastaiLookahead):
         which a compiled loop per tensor costs more than the two list ops (MLP on CPU: 1.09 vs 0.29 ms),
         and every param whose layout, dtype or device differs from the first's, with foreach."""
         if not slow: return
-        like = fast[0]
-        large = [i for i, (s, f) in enumerate(zip(slow, fast))
-                 if f.numel() > pack_max_numel(f.device) and is_dense(f) and s.stride() == f.stride()
-                 and s.dtype == f.dtype == like.dtype and f.device == like.device] if self.fused else []
-        if large and compiles(_SYNC, like, 2, 1):
+        like, large = fast[0], self._compiled_sync(slow, fast)
+        if large:
             c = device_tensor([self.alpha], coefficient_dtype(like.dtype), like.device)
             lists, _ = self._plans.get(id(like), slow + fast, lambda: (
                 [[flat_alias(ts[i]) for i in large] for ts in (slow, fast)], ()))
@@ -73,6 +74,15 @@ class Lookahead(_FastaiLookahead):
         if slow:
             torch._foreach_lerp_(slow, fast, self.alpha)
             torch._foreach_copy_(fast, slow)
+
+    def _compiled_sync(self, slow, fast) -> list[int]:
+        "Indices of the params that sync compiled (see `_sync`), once the sync has compiled for them; else none."
+        if not (self.fused and slow): return []
+        like = fast[0]
+        large = [i for i, (s, f) in enumerate(zip(slow, fast))
+                 if f.numel() > pack_max_numel(f.device) and is_dense(f) and s.stride() == f.stride()
+                 and s.dtype == f.dtype == like.dtype and f.device == like.device]
+        return large if large and compiles(_SYNC, like, 2, 1) else []
 
     def _set_hyper(self, k, v): self.opt._set_hyper(k, v)
 

@@ -49,6 +49,22 @@ def test_one_graph_serves_every_layout():
     assert fused._CHECKED and all(fused._CHECKED.values())  # compiled for real, no foreach fallback
 
 
+def _halve_update(p, g, c):
+    "A compiled update of this test's own, so that nothing else has compiled it."
+    p.sub_(c[0] * g)
+
+
+def test_compile_check_with_grad_enabled_serves_the_step():
+    """The check compiles under no_grad, as steps run, whatever the caller's grad mode (Lookahead checks its
+    sync at the first step, outside the step's no_grad): the step then finds its graph, not a new one."""
+    phases, like = ((_halve_update, fused.PLAIN),), torch.ones(3)
+    with torch.enable_grad(): assert fused.compiles(phases, like, 2, 1)
+    before = graphs()
+    p, g = torch.ones(fused.WARMUP_SIZE + 5), torch.ones(fused.WARMUP_SIZE + 5)
+    with torch.no_grad(): fused.run_chunks(phases, fused.chunked([[p], [g]]), torch.tensor([0.5]), 1)
+    assert graphs() == before and torch.equal(p, torch.full_like(p, 0.5))
+
+
 @pytest.mark.parametrize('name', ['SGD', 'Adam', 'RMSProp', 'Lamb', 'ranger'])
 def test_odd_memory_layouts(name):
     "A channels-last param, a strided param with gaps, gradients laid out unlike their param: as fastai."
@@ -124,18 +140,25 @@ def test_factories_take_fused():
 
 
 def test_lookahead_fused_sync(monkeypatch):
-    "Lookahead's slow-weight sync: compiled for the param above the pack threshold, foreach for the rest."
+    """Lookahead's slow-weight sync: compiled for the param above the pack threshold, foreach for the rest;
+    its compiling is checked at the first step, not left to the first sync."""
     from fastforeach import lookahead
-    synced = []
+    synced, checked = [], []
     def spy(phases, chunks, c, n):
         synced.append(n)
         return run_chunks(phases, chunks, c, n)
-    run_chunks = lookahead.run_chunks
+    def compiles_spy(*args):
+        checked.append(twins.opt_b.count)
+        return compiles(*args)
+    run_chunks, compiles = lookahead.run_chunks, lookahead.compiles
     monkeypatch.setattr(lookahead, 'run_chunks', spy)
+    monkeypatch.setattr(lookahead, 'compiles', compiles_spy)
     spec = REGISTRY['Lookahead']
     twins = Twins(lambda ps: spec.make('native', ps, k=2), lambda ps: spec.make('fused', ps, k=2),
                   oracle_layers(torch.float64))
-    for _ in range(9): twins.step(spec.lr)
+    twins.step(spec.lr)
+    assert checked and checked[0] == 0  # before the first step's count
+    for _ in range(8): twins.step(spec.lr)
     assert twins.opt_b.fused and twins.opt_b.count == 9
     assert synced == [1] * 4  # the oracle's one large conv, at steps 2, 4, 6 and 8
     assert_twins_equal(twins, torch.float64, 9)
