@@ -326,6 +326,19 @@ def test_larc_pack_phases_and_local_lrs(decouple_wd, monkeypatch):
     assert all(map(operator.is_, stored[2], stored[3]))
 
 
+def test_larc_pack_with_decay_below_zero():
+    "lr·wd above 1 makes the decay factor negative: ‖decay·p‖ is |decay|·‖p‖, not decay·‖p‖. Equal to fastai."
+    spec = REGISTRY['Larc']
+    torch.manual_seed(0)
+    layers = [[nn.Parameter(torch.randn(4, 6)) for _ in range(4)]]
+    options = {'wd': 0.5, 'clip': False}
+    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options),
+                  layers, mark_no_wd=False)
+    for t in range(3):
+        twins.step(4.0)  # lr 4.3 to 4.8 (Twins varies it): decay 1 − lr·wd about −1.2
+        assert_twins_equal(twins, torch.float32, t + 1)
+
+
 def test_pack_takes_in_state_changed_or_replaced_mid_run():
     """State stored in a pack stays the user's: changed in place through `opt.state` it is seen by the next
     step; replaced by another tensor, it is moved into a pack. Both sides stay equal to fastai's."""
