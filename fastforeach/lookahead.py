@@ -38,18 +38,20 @@ class Lookahead(_FastaiLookahead):
     def __init__(self, opt, k=6, alpha=0.5, *, fused=False):
         check_lookahead(k, alpha)
         super().__init__(opt, k=k, alpha=alpha)
-        self.fused, self._plans = fused, Plans()
+        self.fused, self._plans, self._sync_checked = fused, Plans(), False
 
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         check_lookahead(self.k, self.alpha)
-        if self.slow_weights is None:
-            self._copy_weights()
-            # Compile the sync now, with the step's own compiling, rather than stall at step k.
+        if self.slow_weights is None: self._copy_weights()
+        if not self._sync_checked:
+            # Compile the sync at this optimizer's first step, with the step's own compiling, rather than
+            # stall at step k (or at the first after loading a state dict).
             for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
                 self._compiled_sync(list(slow_pg), list(fast_pg))
+            self._sync_checked = True
         self.opt.step()
         self.count += 1
         if self.count % self.k == 0:

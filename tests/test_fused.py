@@ -164,6 +164,28 @@ def test_lookahead_fused_sync(monkeypatch):
     assert_twins_equal(twins, torch.float64, 9)
 
 
+def test_lookahead_loaded_checks_its_sync_at_its_first_step(monkeypatch):
+    "A fused Lookahead that loads slow weights from a state dict checks its compiled sync at its own first step."
+    from fastforeach import lookahead
+    spec, layers = REGISTRY['Lookahead'], oracle_layers(torch.float64)
+    def stepped(opt, n):
+        for _ in range(n):
+            for p in (p for g in layers for p in g): p.grad = torch.randn_like(p)
+            opt.step()
+        return opt
+    sd = stepped(spec.make('fused', layers, k=6), 3).state_dict()
+    resumed = spec.make('fused', layers, k=6)
+    resumed.load_state_dict(sd)
+    checked = []
+    def compiles_spy(*args):
+        checked.append(resumed.count)
+        return compiles(*args)
+    compiles = lookahead.compiles
+    monkeypatch.setattr(lookahead, 'compiles', compiles_spy)
+    stepped(resumed, 1)
+    assert checked == [3]  # before the first step's count, not at the sync at count 6
+
+
 @pytest.mark.parametrize('name', ['Adam', 'RAdam'])
 def test_fused_refuses_bad_input_before_anything_changes(name):
     layers = oracle_layers(torch.float64)
