@@ -489,12 +489,10 @@ def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor):
 
 class PackStep(NamedTuple):
     """How a `Pack` is stepped by an update that reduces over each tensor (Larc's and LAMB's norms), which
-    the pack cannot do in one elementwise loop: `run(pack, c)` runs its compiled `phases` with `run_flat`,
-    and the reductions between them with `Pack.norms`; it returns one tuple of values to store per param,
-    as the update would, or None.
-
-    `run(pack, c, l2)` is also told whether `c` carries an L2 factor (`c[1]`, else 0), so that a pass that
-    only adds it can be skipped.
+    the pack cannot do in one elementwise loop: `run(pack, c, l2)` runs its compiled `phases` with
+    `run_flat`, and the reductions between them with `Pack.norms`; it returns one tuple of values to store
+    per param, as the update would, or None. `l2` says whether `c` carries an L2 factor (`c[1]`, else 0),
+    so that a pass that only adds it can be skipped.
 
     Each phase is `(update, n_spread)`: `update(*flat, *spread, c)` gets tensors of the pack's size and
     dtype, then its last `n_spread` tensors in `coefficient_dtype`: per-param values spread over their

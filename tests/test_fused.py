@@ -11,10 +11,10 @@ from torch import nn
 
 import fastforeach
 from fastforeach import fused
-from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.oracle import oracle_layers
 from fastforeach.registry import REGISTRY
 from fastforeach.training import digits_learner
-from test_oracle import assert_twins_equal
+from test_oracle import against_fastai, assert_twins_equal
 
 
 def graphs():
@@ -95,7 +95,7 @@ def test_fallback_when_nothing_compiles(monkeypatch):
     monkeypatch.setattr(fused, '_COMPILED', {})
     monkeypatch.setattr(fused.torch, 'compile', no_compiler)
     spec = REGISTRY['Lamb']
-    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('fused', ps), oracle_layers(torch.float64))
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64))
     with pytest.warns(RuntimeWarning, match="could not compile the fused lamb_norms and lamb_apply") as record:
         for _ in range(5): twins.step(spec.lr)
     assert len([w for w in record if 'could not compile' in str(w.message)]) == 1
@@ -119,7 +119,7 @@ def test_sizes_traced_another_way_when_the_first_fails(monkeypatch):
     monkeypatch.setattr(fused, '_CHECKED', {})
     monkeypatch.setattr(fused, '_size_configs', lambda: (unlowerable, specialised))
     spec = REGISTRY['RMSProp']
-    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('fused', ps), oracle_layers(torch.float64))
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64))
     for _ in range(5): twins.step(spec.lr)  # a fallback warning would be an error (pytest.ini)
     assert tried == ['oblivious', 'specialised'] and all(fused._CHECKED.values())
     assert_twins_equal(twins, torch.float64, 5)
@@ -154,8 +154,7 @@ def test_lookahead_fused_sync(monkeypatch):
     monkeypatch.setattr(lookahead, 'run_chunks', spy)
     monkeypatch.setattr(lookahead, 'compiles', compiles_spy)
     spec = REGISTRY['Lookahead']
-    twins = Twins(lambda ps: spec.make('native', ps, k=2), lambda ps: spec.make('fused', ps, k=2),
-                  oracle_layers(torch.float64))
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64), k=2)
     twins.step(spec.lr)
     assert checked and checked[0] == 0  # before the first step's count
     for _ in range(8): twins.step(spec.lr)
@@ -221,8 +220,7 @@ def test_fused_optimizers_release_their_params(name):
 def test_sgd_momentum_scheduled_to_zero(options):
     "PyTorch's SGD kernel skips the buffer at momentum 0; fastai sets it to the gradient. Same as fastai here."
     spec = REGISTRY['SGD']
-    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options),
-                  oracle_layers(torch.float64))
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64), **options)
     for t in range(6):
         for opt in (twins.opt_a, twins.opt_b): opt.set_hyper('mom', 0. if t % 2 else 0.9)
         twins.step(spec.lr, vary_mom=False)
@@ -255,7 +253,7 @@ def test_sgd_decoupled_decay_on_large_tensors_is_compiled(options, monkeypatch):
     spec = REGISTRY['SGD']
     torch.manual_seed(0)
     layers = [[nn.Parameter(torch.randn(150, 150)) for _ in range(3)] + [nn.Parameter(torch.randn(150))]]
-    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options), layers)
+    twins = against_fastai(spec, 'fused', layers, **options)
     for t in range(1, 6): twins.step(spec.lr)
     assert_twins_equal(twins, torch.float32, 5)
     update = 'momentum_sgd_update' if options.get('mom') else 'sgd_update'
@@ -285,8 +283,8 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     small = [nn.Parameter(torch.randn(3 + i % 5, 7)) for i in range(30)]
     large = nn.Parameter(torch.randn(fused.PACK_MAX_NUMEL['cpu'] + 1))
     norms = [nn.Parameter(torch.randn(5)) for _ in range(4)]  # 1-d: do_wd=False in Twins
-    twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
-                  [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]])
+    groups = [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]]
+    twins = against_fastai(spec, 'fused', groups, wd=0.01)
     step = getattr(twins.opt_b, 'opt', twins.opt_b).fused
     # Larc's pack skips its L2 phase: the decay here is decoupled.
     calls_per_pack = 1 if name == 'Larc' else len(step.pack_phases) or 1
@@ -335,8 +333,7 @@ def test_larc_pack_phases_and_local_lrs(decouple_wd, monkeypatch):
     torch.manual_seed(0)
     layers = [[nn.Parameter(torch.randn(4, 6)) for _ in range(5)]]
     options = {'wd': 0.01, 'decouple_wd': decouple_wd}
-    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options),
-                  layers, mark_no_wd=False)
+    twins = against_fastai(spec, 'fused', layers, mark_no_wd=False, **options)
     stored = []
     for _ in range(4):
         phases.clear()
@@ -354,8 +351,7 @@ def test_larc_pack_with_decay_below_zero():
     torch.manual_seed(0)
     layers = [[nn.Parameter(torch.randn(4, 6)) for _ in range(4)]]
     options = {'wd': 0.5, 'clip': False}
-    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make('fused', ps, **options),
-                  layers, mark_no_wd=False)
+    twins = against_fastai(spec, 'fused', layers, mark_no_wd=False, **options)
     for t in range(3):
         twins.step(4.0)  # lr 4.3 to 4.8 (Twins varies it): decay 1 − lr·wd about −1.2
         assert_twins_equal(twins, torch.float32, t + 1)
@@ -367,8 +363,7 @@ def test_pack_takes_in_state_changed_or_replaced_mid_run():
     spec = REGISTRY['RAdam']
     torch.manual_seed(0)
     layers = [[nn.Parameter(torch.randn(4, 6)) for _ in range(5)] + [nn.Parameter(torch.randn(0, 3))]]
-    twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01),
-                  layers + [[nn.Parameter(torch.randn(2))]], mark_no_wd=False)
+    twins = against_fastai(spec, 'fused', layers + [[nn.Parameter(torch.randn(2))]], mark_no_wd=False, wd=0.01)
     for _ in range(3): twins.step(spec.lr)
     ps_a, ps_b = twins.params_a[0], twins.params_b[0]
     for opt, ps in ((twins.opt_a, ps_a), (twins.opt_b, ps_b)):

@@ -35,9 +35,14 @@ def assert_twins_equal(twins, dtype, when):
             assert a == b, f"{label} after {when} steps: {a!r} != {b!r}"
 
 
+def against_fastai(spec, impl, groups, mark_no_wd=True, **options) -> Twins:
+    "Twins of fastai's native optimizer and `impl`'s, both built with `options`, on copies of `groups`."
+    return Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make(impl, ps, **options), groups,
+                 mark_no_wd=mark_no_wd)
+
+
 def run_oracle(spec, options, dtype, impl='foreach', steps=100, device='cpu'):
-    twins = Twins(lambda ps: spec.make('native', ps, **options), lambda ps: spec.make(impl, ps, **options),
-                  oracle_layers(dtype, device))
+    twins = against_fastai(spec, impl, oracle_layers(dtype, device), **options)
     for t in range(1, steps + 1):
         twins.step(spec.lr)
         if t in CHECKPOINTS: assert_twins_equal(twins, dtype, t)
@@ -79,7 +84,7 @@ def test_fused_chunks_equal_fastai(name):
     large = [torch.nn.Parameter(torch.randn(largest_packed // 64 + i, 65)) for i in range(2 * CHUNK + 3)]
     small = [torch.nn.Parameter(torch.randn(3 + i, 5 + i)) for i in range(2 * CHUNK + 3)]
     layers = [[p for pair in zip(large, small) for p in pair], [torch.nn.Parameter(torch.randn(7 + i)) for i in range(CHUNK)]]
-    twins = Twins(lambda ps: spec.make('native', ps, wd=0.01), lambda ps: spec.make('fused', ps, wd=0.01), layers)
+    twins = against_fastai(spec, 'fused', layers, wd=0.01)
     for t in range(1, 21):
         twins.step(spec.lr)
         if t in CHECKPOINTS: assert_twins_equal(twins, torch.float32, t)
