@@ -188,20 +188,17 @@ class ForEachOptimizer(Optimizer):
 
     def _gather(self):
         "Per group: its hypers and its buckets of params with a gradient, state created where missing."
-        groups, counts_steps = [], self.rule.counts_steps
+        groups = []
         for pg, hyper in zip(self.param_lists, self.hypers):
-            buckets = {}
+            params, grads = [], []
             for p in pg:
                 g = p.grad
-                if g is None: continue
+                if g is not None: params.append(p); grads.append(g)
+            if not params: continue
+            for p, g in zip(params, grads):
                 if g.is_sparse:
                     raise RuntimeError(f"fastforeach does not support sparse gradients (param of shape {tuple(p.shape)})")
-                state = self.state[p]
-                key = (p.device, p.dtype, state.get('step', 0) if counts_steps else 0)
-                bucket = buckets.get(key)
-                if bucket is None: bucket = buckets[key] = Bucket()
-                bucket.params.append(p); bucket.grads.append(g); bucket.states.append(state)
-            if buckets: groups.append((hyper, list(buckets.values())))
+            groups.append((hyper, self._buckets(params, grads, [self.state[p] for p in params])))
         # State is created after every check has passed, so a refused step leaves no trace.
         for _, buckets in groups:
             for bucket in buckets:
@@ -209,6 +206,23 @@ class ForEachOptimizer(Optimizer):
                     for key in self.rule.state_keys:
                         if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return groups
+
+    def _buckets(self, params, grads, states) -> list[Bucket]:
+        "One group's params split by device, dtype and, for rules that count steps, step count; in order."
+        by_device = torch._C._group_tensors_by_device_and_dtype([params], True)  # in C++: 0.1 µs a param
+        runs = [Bucket(params, grads, states)] if len(by_device) == 1 else [
+            Bucket(*([xs[i] for i in idx] for xs in (params, grads, states)))
+            for _, idx in sorted((idx[0], idx) for _, idx in by_device.values())]
+        if not self.rule.counts_steps: return runs
+        buckets = []
+        for run in runs:
+            steps = [state.get('step', 0) for state in run.states]
+            if steps.count(steps[0]) == len(steps): buckets.append(run); continue
+            by_step = {}
+            for i, step in enumerate(steps): by_step.setdefault(step, []).append(i)
+            buckets += [Bucket(*([xs[i] for i in idx] for xs in (run.params, run.grads, run.states)))
+                        for idx in by_step.values()]
+        return buckets
 
     def _weight_decay(self, chunk: Bucket, hyper: dict):
         lr, wd = hyper['lr'], hyper.get('wd', 0.)
