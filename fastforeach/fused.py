@@ -322,7 +322,7 @@ class Plans:
 
     def get(self, key, tensors: list, build: Callable):
         "`(operands, ops)`: the cached operands and no ops, or `build()`'s, cached when no op needs copying back."
-        ptrs = [t.data_ptr() for t in tensors]
+        ptrs = list(map(torch.Tensor.data_ptr, tensors))
         plan = self._plans.get(key)
         if plan is not None and plan[1] == ptrs and all(map(operator.is_, plan[0], tensors)):
             return plan[2], ()
@@ -333,7 +333,9 @@ class Plans:
 
     def operands(self, owner, params, grads, states, idx, alias=_identity):
         "`Operands.of(params, grads, states, idx, alias)` for `owner`, from the last step's when they still hold."
-        tensors = [xs[i] for xs in (params, grads, *states) for i in idx]
+        lists = (params, grads, *states)
+        if len(idx) < len(params): lists = [[xs[i] for i in idx] for xs in lists]  # else idx is every index
+        tensors = list(itertools.chain.from_iterable(lists))
         return self.get((owner, id(params[idx[0]])), tensors, lambda: Operands.of(params, grads, states, idx, alias))
 
     def pack(self, owner, params, states, idx) -> Pack:
