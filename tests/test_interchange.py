@@ -10,7 +10,7 @@ from torch import nn
 import fastforeach
 from fastforeach.oracle import Twins, compare_states, oracle_layers
 from fastforeach.registry import REGISTRY
-from test_oracle import TOLERANCES, assert_twins_equal
+from test_oracle import TOLERANCES, against_fastai, assert_twins_equal
 
 CASES = [pytest.param(spec, options, id=f"{name}-{cfg}")
          for name, spec in REGISTRY.items() for cfg, options in spec.configs.items()]
@@ -92,7 +92,7 @@ def test_group_mixing_dtypes_is_bucketed(name, impl):
     layers = oracle_layers(torch.float64)
     dtypes = [torch.float32, torch.float64, torch.bfloat16]
     mixed = [[p.detach().to(dtypes[i % 3]) for i, p in enumerate(g)] for g in layers]
-    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make(impl, ps), mixed)
+    twins = against_fastai(spec, impl, mixed)
     for _ in range(20): twins.step(spec.lr)
     loose = {torch.float64: TOLERANCES[torch.float64], torch.float32: TOLERANCES[torch.float32],
              torch.bfloat16: dict(rtol=2e-2, atol=1e-3)}
@@ -108,7 +108,7 @@ def test_group_mixing_devices_is_bucketed():
     spec = REGISTRY['Adam']
     layers = oracle_layers(torch.float32)
     mixed = [[p.detach().to('cuda' if i % 2 else 'cpu') for i, p in enumerate(g)] for g in layers]
-    twins = Twins(lambda ps: spec.make('native', ps), lambda ps: spec.make('foreach', ps), mixed)
+    twins = against_fastai(spec, 'foreach', mixed)
     for _ in range(20): twins.step(spec.lr)
     assert_twins_equal(twins, torch.float32, 20)
 
