@@ -1,8 +1,9 @@
 """`fastforeach-bench`: optimizer step time against fastai native, and equality on real models.
 
 For each model x optimizer x implementation: the median step time over `--steps` interleaved steps after
-warm-up, the speed-up against fastai native, and the largest relative difference from fastai native
-after `--check-steps` steps with fresh gradients.
+warm-up, the speed-up against fastai native, the largest relative difference from fastai native after
+`--check-steps` steps with fresh gradients, and the time over torch's fused AdamW's, which steps in the
+same rounds (for Adam, beside its own torch_fused: two copies of one optimizer, a gauge of the noise).
 """
 from __future__ import annotations
 
@@ -93,6 +94,16 @@ def implementations(name: str) -> dict[str, Callable]:
     return impls
 
 
+# Issue 5 measures every fused optimizer against torch's fused AdamW: it steps beside each optimizer, in the
+# same rounds, so that the ratio does not span two runs and the machine's moods between them.
+ADAMW = 'torch fused AdamW'
+
+
+def adamw_builder() -> Callable:
+    "torch's fused AdamW with fastai's Adam defaults: the benchmark's yardstick."
+    return _torch_builder(BENCH['Adam'].torch_equal('fused'), REGISTRY['Adam'], BENCH['Adam'].options)
+
+
 def _builder(spec: OptimizerSpec, impl, options):
     return lambda params, lr: spec.make(impl, params, lr, **options)
 
@@ -113,6 +124,7 @@ class Row:
     max_rel_diff: float | None
     n_tensors: int
     n_elements: int
+    adamw_ms: float  # torch's fused AdamW on the same model, timed in the same interleaved rounds
 
 
 def _params_like(model: nn.Module, device) -> list[nn.Parameter]:
@@ -160,23 +172,25 @@ def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='
         if model_name not in built: built = {model_name: MODELS[model_name]()}  # one model in memory at a time
         model, spec = built[model_name], REGISTRY[opt_name]
         impls = implementations(opt_name)
-        times = time_steps(model, impls, spec.lr, steps, warmup, device)
+        times = time_steps(model, {**impls, ADAMW: adamw_builder()}, spec.lr, steps, warmup, device)
+        adamw_ms = times.pop(ADAMW) * 1e3
         n_tensors = sum(1 for _ in model.parameters())
         n_elements = sum(p.numel() for p in model.parameters())
         for impl, seconds in times.items():
             diff = 0. if impl == 'native' else max_difference(model, impls[impl], impls['native'], spec.lr,
                                                                check_steps, device)
             rows.append(Row(model_name, opt_name, impl, seconds * 1e3, times['native'] / seconds, diff,
-                            n_tensors, n_elements))
+                            n_tensors, n_elements, adamw_ms))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'model':<12} {'optimizer':<10} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13}"
+    head = (f"{'model':<12} {'optimizer':<10} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13} "
+            f"{'/ AdamW':>8}")
     lines = [head, '-' * len(head)]
     for r in rows:
         lines.append(f"{r.model:<12} {r.optimizer:<10} {r.impl:<14} {r.ms:>9.2f} {r.speedup:>8.2f}x "
-                     f"{r.max_rel_diff:>13.1e}")
+                     f"{r.max_rel_diff:>13.1e} {r.ms / r.adamw_ms:>7.2f}x")
     return '\n'.join(lines)
 
 
