@@ -187,7 +187,7 @@ class ForEachOptimizer(Optimizer):
                     self._run_rule(chunk, kwargs)
 
     def _gather(self):
-        "Per group: its hypers and its buckets of params with a gradient, state created where missing."
+        "Per group: its hypers and its buckets of params with a gradient."
         groups = []
         for pg, hyper in zip(self.param_lists, self.hypers):
             params, grads = [], []
@@ -199,12 +199,6 @@ class ForEachOptimizer(Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"fastforeach does not support sparse gradients (param of shape {tuple(p.shape)})")
             groups.append((hyper, self._buckets(params, grads, [self.state[p] for p in params])))
-        # State is created after every check has passed, so a refused step leaves no trace.
-        for _, buckets in groups:
-            for bucket in buckets:
-                for p, state in zip(bucket.params, bucket.states):
-                    for key in self.rule.state_keys:
-                        if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return groups
 
     def _buckets(self, params, grads, states) -> list[Bucket]:
@@ -234,7 +228,14 @@ class ForEachOptimizer(Optimizer):
         else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
 
     def _state_lists(self, chunk: Bucket):
-        return [[state[key] for state in chunk.states] for key in self.rule.state_keys]
+        "The chunk's state tensors, one list per state key; missing ones are created as zeros first."
+        try: return [[state[key] for state in chunk.states] for key in self.rule.state_keys]
+        except KeyError: pass
+        # Only in a step, after every check has passed: a refused step leaves no trace.
+        for p, state in zip(chunk.params, chunk.states):
+            for key in self.rule.state_keys:
+                if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return self._state_lists(chunk)
 
     def _run_rule(self, chunk: Bucket, kwargs: dict):
         self._store(chunk, self.rule.fn(chunk.params, chunk.grads, *self._state_lists(chunk), **kwargs))
