@@ -81,7 +81,7 @@ class FusedStep:
 
 def split_by_wd(do_wd: list[bool], wd: float) -> list[tuple[list[int], bool]]:
     "Indices of params that take weight decay and of those that do not (empty lists dropped)."
-    if not wd: return [(list(range(len(do_wd))), False)]
+    if not wd or all(do_wd): return [(list(range(len(do_wd))), bool(wd))]
     takes = [i for i, d in enumerate(do_wd) if d]
     skips = [i for i, d in enumerate(do_wd) if not d]
     return [(idx, flag) for idx, flag in ((takes, True), (skips, False)) if idx]
