@@ -103,6 +103,30 @@ def test_group_mixing_dtypes_is_bucketed(name, impl):
             if key in ('grad_avg', 'sqr_avg'): assert t.dtype == p.dtype
 
 
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('name', ['Adam', 'RAdam'])
+def test_group_mixing_dtypes_and_step_counts_is_bucketed(name, impl):
+    """One group of float32 and float64 params, some of which get their first gradient steps after the
+    others: a step splits it by dtype and by step count at once (each param debiases with its own count).
+    Each param equals fastai's in its own dtype, and counts its own steps."""
+    spec = REGISTRY[name]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (5,), (300, 40), (2, 2, 3), (7,), (64, 70)]
+    dtypes = [torch.float32, torch.float64] * 3
+    first_step = [0, 2, 0, 3, 2, 5]  # when each param first has a gradient
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(d) for s, d in zip(shapes, dtypes)]
+    params = {kind: [nn.Parameter(t.clone()) for t in init] for kind in ('native', impl)}
+    opts = {kind: spec.make(kind, ps) for kind, ps in params.items()}
+    for t in range(10):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        for ps in params.values():
+            for p, g, first in zip(ps, grads, first_step): p.grad = g.to(p.dtype) if t >= first else None
+        for opt in opts.values(): opt.step()
+    for i, (a, b) in enumerate(zip(params['native'], params[impl])):
+        torch.testing.assert_close(b, a, **TOLERANCES[a.dtype], msg=f"param {i}")
+        assert opts[impl].state[b]['step'] == opts['native'].state[a]['step'] == 10 - first_step[i]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_group_mixing_devices_is_bucketed():
     spec = REGISTRY['Adam']
