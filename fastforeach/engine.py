@@ -125,6 +125,10 @@ class Bucket:
 
     def _slice(self, i, j): return Bucket(self.params[i:j], self.grads[i:j], self.states[i:j])
 
+    def pick(self, idx) -> 'Bucket':
+        "The params at `idx`, with their gradients and state."
+        return Bucket(*([xs[i] for i in idx] for xs in (self.params, self.grads, self.states)))
+
 
 class ForEachOptimizer(Optimizer):
     """A fastai `Optimizer` that updates whole lists of tensors with one step rule.
@@ -203,10 +207,10 @@ class ForEachOptimizer(Optimizer):
 
     def _buckets(self, params, grads, states) -> list[Bucket]:
         "One group's params split by device, dtype and, for rules that count steps, step count; in order."
+        group = Bucket(params, grads, states)
         by_device = torch._C._group_tensors_by_device_and_dtype([params], True)  # in C++: 0.1 µs a param
-        runs = [Bucket(params, grads, states)] if len(by_device) == 1 else [
-            Bucket(*([xs[i] for i in idx] for xs in (params, grads, states)))
-            for _, idx in sorted((idx[0], idx) for _, idx in by_device.values())]
+        runs = [group] if len(by_device) == 1 else [
+            group.pick(idx) for _, idx in sorted((idx[0], idx) for _, idx in by_device.values())]
         if not self.rule.counts_steps: return runs
         buckets = []
         for run in runs:
@@ -214,8 +218,7 @@ class ForEachOptimizer(Optimizer):
             if steps.count(steps[0]) == len(steps): buckets.append(run); continue
             by_step = {}
             for i, step in enumerate(steps): by_step.setdefault(step, []).append(i)
-            buckets += [Bucket(*([xs[i] for i in idx] for xs in (run.params, run.grads, run.states)))
-                        for idx in by_step.values()]
+            buckets += [run.pick(idx) for idx in by_step.values()]
         return buckets
 
     def _weight_decay(self, chunk: Bucket, hyper: dict):
