@@ -118,6 +118,19 @@ def test_save_load_resumes_exactly(name, impl, tmp_path):
     assert_same_opt_state(straight, resumed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('name', ['SGD', 'Adam', 'Lamb', 'ranger'])
+def test_mixed_precision_on_cuda(name, impl, tmp_path):
+    """fastai's `to_fp16` on CUDA: float16 autocast, and a gradient scaler that unscales the gradients through
+    the optimizer's `param_groups` and skips the steps whose gradients overflowed. (On CPU fastai's
+    MixedPrecision turns itself off.) A float16 forward pass turns an ulp of difference in a step into more
+    than float32 does, hence the looser tolerance."""
+    a, b = twin_runs(name, tmp_path, lambda learn: learn.to_fp16().fit(1, REGISTRY[name].lr), impl, device='cuda')
+    for (key, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(pa.float(), pb.float(), rtol=1e-2, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
 @pytest.mark.parametrize('name,options', [('Adam', {}), ('ranger', {}), ('SGD', {'mom': 0.9}), ('Larc', {'clip': False})])
 def test_factories_drop_into_learner(name, options, tmp_path):
     "`opt_func=fastforeach.Adam` as a fastai user writes it; `foreach=False` is fastai's own, same result."
