@@ -100,8 +100,8 @@ ADAMW = 'torch fused AdamW'
 
 
 def adamw_builder() -> Callable:
-    "torch's fused AdamW with fastai's Adam defaults: the benchmark's yardstick."
-    return _torch_builder(BENCH['Adam'].torch_equal('fused'), REGISTRY['Adam'], BENCH['Adam'].options)
+    "torch's fused AdamW with fastai's Adam defaults (the Adam rows' torch_fused): the benchmark's yardstick."
+    return implementations('Adam')['torch_fused']
 
 
 def _builder(spec: OptimizerSpec, impl, options):
