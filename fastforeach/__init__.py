@@ -1,12 +1,17 @@
 """fastforeach: fastai's optimizers done over whole lists of tensors at once.
 
-`from fastforeach import *` replaces `from fastai.optimizer import *`: the factories keep fastai's names,
-signatures and defaults and add keyword-only `foreach` (True: fastforeach, False: fastai's own) and
-`fused` (True: one pass over memory per step) switches.
+`from fastforeach import *` replaces `from fastai.optimizer import *`: it gives every public name of
+`fastai.optimizer` (`Optimizer`, `OptimWrapper`, the steppers such as `sgd_step` and `weight_decay`), with
+fastforeach's factories in place of fastai's. They keep fastai's names, signatures and defaults and add
+keyword-only `foreach` (True: fastforeach, False: fastai's own) and `fused` (True: one pass over memory
+per step) switches.
 """
+import fastai.optimizer as _fastai_optimizer
+from fastai.optimizer import *  # noqa: F403 - fastai's public names; fastforeach's own below take precedence
+
 from .engine import ForEachOptimizer
 from .lookahead import Lookahead, RangerForEachOptimizer
-from .optimizers import *
+from .optimizers import *  # noqa: F403
 from .optimizers import __all__ as _optimizer_classes
 from .registry import REGISTRY, make_factory
 
@@ -21,5 +26,8 @@ Larc = make_factory(REGISTRY['Larc'])
 Lamb = make_factory(REGISTRY['Lamb'])
 ranger = make_factory(REGISTRY['ranger'])
 
-__all__ = ['ForEachOptimizer', 'SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'Lookahead', 'ranger',
-           'RangerForEachOptimizer', *_optimizer_classes]
+# fastforeach's replacements of fastai's names; every other name of fastai's `__all__` is fastai's own object.
+OWN = ('SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'Lookahead', 'ranger')
+
+__all__ = list(dict.fromkeys([*_fastai_optimizer.__all__, *OWN, 'ForEachOptimizer', 'RangerForEachOptimizer',
+                              *_optimizer_classes]))
