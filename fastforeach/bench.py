@@ -24,7 +24,7 @@ from torch import nn
 from .oracle import Twins, max_relative_difference
 from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
-__all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'main']
+__all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'train_table', 'summary_table', 'main']
 
 
 def mlp(depth=100, width=64) -> nn.Module:
@@ -274,6 +274,33 @@ def memory_floor(model: str, threads: int = 2, device='cpu', steps=15, warmup=3)
              'fastai_over_this': times['fastai SGD'] / seconds} for name, seconds in times.items()]
 
 
+def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
+    """`fit_one_cycle` on digits with each implementation and the benchmark's options, discriminative lrs up to
+    10x the optimizer's registry lr: seconds per epoch, final accuracy and loss."""
+    from fastai.callback.progress import ProgressCallback
+
+    from .training import digits_learner
+    rows = []
+    for name in optimizers:
+        spec, options = REGISTRY[name], BENCH[name].options
+        for impl in IMPLEMENTATIONS:
+            learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr, **options), device=device,
+                                   n_train=1280)
+            learn.remove_cb(ProgressCallback)
+            with learn.no_logging():
+                start = time.perf_counter()
+                learn.fit_one_cycle(epochs, lr_max=slice(spec.lr, 10 * spec.lr))
+                seconds = (time.perf_counter() - start) / epochs
+                loss, acc = learn.validate()
+            rows.append({'optimizer': name, 'impl': impl, 's_per_epoch': seconds, 'accuracy': float(acc),
+                         'loss': float(loss)})
+    head = f"{'optimizer':<10} {'impl':<10} {'s/epoch':>8} {'accuracy':>9} {'valid loss':>11}"
+    lines = [head, '-' * len(head)] + [
+        f"{r['optimizer']:<10} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
+        for r in rows]
+    return {'rows': rows, 'table': '\n'.join(lines)}
+
+
 def format_memory_floor(rows: list[dict]) -> str:
     head = f"{'model':<12} {'what':<18} {'lists read':>10} {'ms':>8} {'fastai SGD / this':>18}"
     return '\n'.join([head, '-' * len(head)] + [
@@ -281,12 +308,52 @@ def format_memory_floor(rows: list[dict]) -> str:
         for r in rows])
 
 
-def machine_info(threads: int, device: str) -> dict:
+def machine_info(threads: int, device: str, command: str = '') -> dict:
     import fastai
-    return {'machine': platform.machine(), 'processor': platform.processor() or platform.platform(),
+    return {'command': command, 'machine': platform.machine(), 'processor': _cpu_name(),
             'python': platform.python_version(), 'torch': torch.__version__, 'fastai': fastai.__version__,
             'threads': threads, 'device': device,
             'cuda': torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else None}
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.platform()
+
+
+def describe_machine(info: dict) -> str:
+    "One line: the device, CPU, threads and versions a result was measured with."
+    device = info['cuda'] or f"{info['processor']} ({info['machine']})"
+    return (f"{device}, {info['threads']} torch threads, torch {info['torch']}, fastai {info['fastai']}, "
+            f"Python {info['python']}")
+
+
+# The rows of the README's table: every optimizer, on a model of large tensors and one of many small ones.
+SUMMARY_MODELS = {'xresnet50': 'xresnet50', 'mlp': 'MLP'}
+
+
+def summary_table(result: dict) -> str:
+    """Markdown: per optimizer, the foreach and fused speed-ups over fastai native and the fused step's time
+    over torch's fused AdamW's, on the models of `SUMMARY_MODELS` that `result` has; the command and
+    machine below it."""
+    rows = {(r['model'], r['optimizer'], r['impl']): r for r in result['rows']}
+    models = [m for m in SUMMARY_MODELS if any(key[0] == m for key in rows)]
+    optimizers = list(dict.fromkeys(r['optimizer'] for r in result['rows']))
+    head = ['optimizer'] + [f"{SUMMARY_MODELS[m]}: {what}" for m in models
+                            for what in ('foreach', 'fused', 'fused / torch AdamW')]
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' + '|---:' * (len(head) - 1) + '|']
+    for opt in optimizers:
+        cells = [opt]
+        for m in models:
+            foreach, fused = rows.get((m, opt, 'foreach')), rows.get((m, opt, 'fused'))
+            cells += [f"{foreach['speedup']:.2f}x" if foreach else '', f"**{fused['speedup']:.2f}x**" if fused else '',
+                      f"{fused['ms'] / fused['adamw_ms']:.2f}" if fused else '']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    info = result['info']
+    return '\n'.join(lines + ['', f"`{info['command']}` on {describe_machine(info)}."]) + '\n'
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -327,6 +394,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--check-steps', type=int, default=20, help='steps before the correctness check (default 20)')
     ap.add_argument('--json', metavar='PATH', help='write the results as JSON')
     ap.add_argument('--plot', metavar='PATH', help='write a PNG chart of the speed-ups')
+    ap.add_argument('--out', metavar='PREFIX',
+                    help='write PREFIX.json, PREFIX.png, PREFIX.txt (what is printed) and PREFIX.md (the summary table)')
     ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation')
     ap.add_argument('--compile-times', action='store_true',
                     help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
@@ -353,27 +422,34 @@ def main(argv=None) -> int:
     if args.device == 'cuda' and not torch.cuda.is_available(): ap.error("--device cuda: no CUDA device here")
     if args.quick: args.steps, args.warmup, args.check_steps = min(args.steps, 5), min(args.warmup, 2), min(args.check_steps, 5)
     torch.set_num_threads(args.threads)
+    command = ' '.join(['fastforeach-bench', *(sys.argv[1:] if argv is None else argv)])
     rows = run_bench(models, optimizers, steps=args.steps, warmup=args.warmup, check_steps=args.check_steps,
                      device=args.device)
-    print(format_table(rows))
-    result = {'info': machine_info(args.threads, args.device), 'steps': args.steps, 'warmup': args.warmup,
+    result = {'info': machine_info(args.threads, args.device, command), 'steps': args.steps, 'warmup': args.warmup,
               'check_steps': args.check_steps, 'rows': [asdict(r) for r in rows]}
+    report = [f"# {command}\n# {describe_machine(result['info'])}", format_table(rows)]
     if args.train:
-        from .training import train_table
         result['train'] = train = train_table(device=args.device)
-        print(); print(train['table'])
+        report.append(train['table'])
     if args.compile_times:
         result['compile_times'] = compiled = compile_times(optimizers, threads=args.threads, device=args.device)
-        print(); print(format_compile_times(compiled))
+        report.append(format_compile_times(compiled))
     if args.memory:
         result['memory'] = floor = [r for m in models for r in memory_floor(m, args.threads, args.device, args.steps,
                                                                             args.warmup)]
-        print(); print(format_memory_floor(floor))
-    if args.json:
-        with open(args.json, 'w') as f: json.dump(result, f, indent=2)
-    if args.plot: plot(rows, args.plot)
+        report.append(format_memory_floor(floor))
+    text = '\n\n'.join(report) + '\n'
+    print(text, end='')
+    outputs = {'json': args.json, 'png': args.plot}
+    if args.out: outputs.update({k: f"{args.out}.{k}" for k in ('json', 'png', 'txt', 'md')})
+    if outputs['json']:
+        with open(outputs['json'], 'w') as f: json.dump(result, f, indent=2)
+    if outputs['png']: plot(rows, outputs['png'])
+    if outputs.get('txt'):
+        with open(outputs['txt'], 'w') as f: f.write(text)
+    if outputs.get('md'):
+        with open(outputs['md'], 'w') as f: f.write(summary_table(result))
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

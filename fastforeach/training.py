@@ -1,13 +1,11 @@
 """Small real training with fastai's Learner: scikit-learn's bundled digits images (no download) and a
-small CNN with batch norm. Used by the Learner tests and by `fastforeach-bench --train`."""
+small CNN with batch norm. Used by the Learner tests, the docs' examples and `fastforeach-bench --train`."""
 from __future__ import annotations
-
-import time
 
 import torch
 from torch import nn
 
-__all__ = ['digits_dls', 'digits_cnn', 'cnn_splitter', 'digits_learner', 'train_table']
+__all__ = ['digits_dls', 'digits_cnn', 'cnn_splitter', 'digits_learner']
 
 
 def digits_dls(n_train=512, n_valid=256, bs=64, shuffle=True, seed=0, device='cpu'):
@@ -52,32 +50,3 @@ def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_tr
                     splitter=cnn_splitter, path=path or '.', **kwargs)
     learn.model.to(device)
     return learn
-
-
-def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
-    """`fit_one_cycle` with each implementation and the benchmark's options, discriminative lrs up to 10x the
-    optimizer's registry lr:
-    seconds per epoch, final accuracy and loss."""
-    from fastai.callback.progress import ProgressCallback
-
-    from .bench import BENCH
-    from .registry import IMPLEMENTATIONS, REGISTRY
-    rows = []
-    for name in optimizers:
-        spec, options = REGISTRY[name], BENCH[name].options
-        for impl in IMPLEMENTATIONS:
-            learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr, **options), device=device,
-                                   n_train=1280)
-            learn.remove_cb(ProgressCallback)
-            with learn.no_logging():
-                start = time.perf_counter()
-                learn.fit_one_cycle(epochs, lr_max=slice(spec.lr, 10 * spec.lr))
-                seconds = (time.perf_counter() - start) / epochs
-                loss, acc = learn.validate()
-            rows.append({'optimizer': name, 'impl': impl, 's_per_epoch': seconds, 'accuracy': float(acc),
-                         'loss': float(loss)})
-    head = f"{'optimizer':<10} {'impl':<10} {'s/epoch':>8} {'accuracy':>9} {'valid loss':>11}"
-    lines = [head, '-' * len(head)] + [
-        f"{r['optimizer']:<10} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
-        for r in rows]
-    return {'rows': rows, 'table': '\n'.join(lines)}

@@ -6,16 +6,19 @@ import sys
 import pytest
 
 from fastforeach import bench
-from fastforeach.training import train_table
+from fastforeach.bench import train_table
 
 
-def test_quick_mode_writes_table_json_and_png(tmp_path, capsys):
-    out_json, out_png = tmp_path / 'r.json', tmp_path / 'r.png'
-    assert bench.main(['--quick', '--json', str(out_json), '--plot', str(out_png)]) == 0
-    table = capsys.readouterr().out
+def test_quick_mode_writes_table_json_png_text_and_summary(tmp_path, capsys):
+    prefix = tmp_path / 'r'
+    assert bench.main(['--quick', '--out', str(prefix)]) == 0
+    text = (tmp_path / 'r.txt').read_text()
+    assert capsys.readouterr().out.endswith(text)  # after the progress bar
+    table = text.split('\n\n')[1]
     assert 'ms/step' in table and 'speed-up' in table and 'torch_fused' in table and ' fused ' in table and '/ AdamW' in table
-    result = json.loads(out_json.read_text())
-    assert {'torch', 'fastai', 'threads', 'machine'} <= set(result['info']) and result['info']['threads'] == 2
+    result = json.loads((tmp_path / 'r.json').read_text())
+    assert {'command', 'torch', 'fastai', 'threads', 'machine'} <= set(result['info']) and result['info']['threads'] == 2
+    assert result['info']['command'] == f"fastforeach-bench --quick --out {prefix}"
     rows = result['rows']
     assert {(r['model'], r['optimizer']) for r in rows} == {(m, o) for m in bench.QUICK_MODELS for o in bench.QUICK_OPTIMIZERS}
     for r in rows:
@@ -23,7 +26,13 @@ def test_quick_mode_writes_table_json_and_png(tmp_path, capsys):
         if r['impl'] in ('foreach', 'fused'): assert r['max_rel_diff'] < 1e-4  # equal to fastai, up to float32 rounding
     for model in bench.QUICK_MODELS:  # torch's fused AdamW timed once per optimizer, in the same rounds
         assert len({r['adamw_ms'] for r in rows if r['model'] == model}) == len(bench.QUICK_OPTIMIZERS)
-    assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (tmp_path / 'r.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    summary = (tmp_path / 'r.md').read_text()
+    assert summary == bench.summary_table(result)
+    adam_mlp = next(r for r in rows if (r['model'], r['optimizer'], r['impl']) == ('mlp', 'Adam', 'fused'))
+    assert f"| Adam | {rows[rows.index(adam_mlp) - 1]['speedup']:.2f}x | **{adam_mlp['speedup']:.2f}x** | " \
+           f"{adam_mlp['ms'] / adam_mlp['adamw_ms']:.2f} |" in summary
+    assert result['info']['command'] in summary
 
 
 def test_train_table_trains_each_implementation():
