@@ -107,6 +107,8 @@ def make_factory(spec: OptimizerSpec) -> Callable:
         return spec.foreach(*bound.args, **bound.kwargs, fused=fused)
 
     factory.__name__ = factory.__qualname__ = spec.name
+    # Where the factories live: pickle finds them by name there (fastai's `Learner.export` pickles `opt_func`).
+    factory.__module__ = 'fastforeach'
     factory.__doc__ = (f"fastai's `{spec.name}` with the same parameters and defaults. `foreach=True` (the default) "
                        f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
                        "`foreach=False` gives fastai's native optimizer.")

@@ -45,3 +45,10 @@ def test_fastai_steppers_build_a_native_optimizer():
     p.grad = torch.ones(3)
     opt.step()
     assert torch.allclose(p.detach(), torch.full((3,), 1 * (1 - 0.1 * 0.5) - 0.1))
+
+
+def test_factories_pickle_by_name():
+    "fastai's `Learner.export` pickles `opt_func`: a factory must be found again under its name."
+    import pickle
+    for name in fastforeach.OWN: assert pickle.loads(pickle.dumps(getattr(fastforeach, name))) is getattr(fastforeach, name)
+
