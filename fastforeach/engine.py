@@ -12,7 +12,8 @@ A step rule is a function over lists whose signature is its state spec::
 - further positional names: per-param state tensors under fastai's own keys, created as zeros on the
   first step;
 - keyword-only names: hypers read from the param group at every step, plus `step` (fastai's per-param
-  step count, already incremented) when the rule asks for it.
+  step count, already incremented) and `norms` (a `distributed.WholeNorms`: `norms(*lists)` gives the L2
+  norm of each whole param, also when the rule sees only this rank's shards) when the rule asks for them.
 
 A rule may return a dict of per-param values to store in the state (Larc's `local_lr`).
 """
@@ -29,10 +30,12 @@ import torch
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
+from .checkpoint import TorchOptimizerView
+from .distributed import LOCAL_NORMS, as_like, check_layout, is_sharded, layout, local, norms_for, wrap_like
 from .fused import FusedStep, Plans
 from .ops import mul_scalar_
 
-__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'debias', 'unlike_param']
+__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'check_params', 'debias', 'unlike_param']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
 # N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
@@ -81,6 +84,7 @@ class StepRule:
     hypers: tuple[str, ...]           # keyword-only names without a default: must be in every group
     optional_hypers: tuple[str, ...]  # keyword-only names with a default: passed when a group has them
     counts_steps: bool = field(default=False)
+    uses_norms: bool = field(default=False)
 
     @classmethod
     def of(cls, fn: Callable) -> 'StepRule':
@@ -89,15 +93,27 @@ class StepRule:
         if positional[:2] != ['p', 'g']:
             raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
         keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
+        given = ('step', 'norms')  # by the engine, not read from the param group
         return cls(fn, state_keys=tuple(positional[2:]),
-                   hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name != 'step'),
-                   optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty),
-                   counts_steps=any(p.name == 'step' for p in keyword))
+                   hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name not in given),
+                   optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty and p.name not in given),
+                   counts_steps=any(p.name == 'step' for p in keyword),
+                   uses_norms=any(p.name == 'norms' for p in keyword))
 
     @property
     def name(self) -> str:
         fn = self.fn.func if hasattr(self.fn, 'func') else self.fn
         return getattr(fn, '__name__', repr(fn))
+
+
+def check_params(params: L) -> None:
+    "Raise `TypeError` for torch.optim-style param groups (dicts): fastai's optimizers take lists of tensors."
+    for group in params:
+        if isinstance(group, dict):
+            raise TypeError("Invalid params: a param group given as a dict (torch.optim style, as "
+                            "ZeroRedundancyOptimizer passes them). fastai-style optimizers take a list of tensors, "
+                            "or a list of lists for several groups, with hypers as keywords; to shard optimizer "
+                            "state across ranks, shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)")
 
 
 def unlike_param(t, p: torch.Tensor):
@@ -107,11 +123,20 @@ def unlike_param(t, p: torch.Tensor):
 
 
 class Bucket:
-    "Params of one group that share device, dtype and step count, with what the rule needs of them."
-    __slots__ = ('params', 'grads', 'states')
+    """Params of one group that share device, dtype, layout and step count, with what the rule needs of them.
 
-    def __init__(self, params=None, grads=None, states=None):
+    `params` and `grads` are what the rule steps: for params sharded as DTensors, this rank's local shards,
+    with the DTensors themselves in `origins` (their state is created like them) and the `WholeNorms` that
+    completes their norms in `norms`. For plain params `origins` is `params`."""
+    __slots__ = ('params', 'grads', 'states', 'origins', 'norms')
+
+    def __init__(self, params=None, grads=None, states=None, origins=None, norms=LOCAL_NORMS):
         self.params, self.grads, self.states = params or [], grads or [], states or []
+        self.origins = self.params if origins is None else origins
+        self.norms = norms
+
+    @property
+    def sharded(self) -> bool: return self.origins is not self.params
 
     def chunks(self, max_bytes: int):
         "Split into runs of params whose total size stays under `max_bytes` (a param alone may exceed it)."
@@ -123,11 +148,23 @@ class Bucket:
             size += b
         if start < len(self.params): yield self._slice(start, len(self.params))
 
-    def _slice(self, i, j): return Bucket(self.params[i:j], self.grads[i:j], self.states[i:j])
+    def _slice(self, i, j): return self._like(*(xs[i:j] for xs in self._lists))
 
     def pick(self, idx) -> 'Bucket':
         "The params at `idx`, with their gradients and state."
-        return Bucket(*([xs[i] for i in idx] for xs in (self.params, self.grads, self.states)))
+        return self._like(*([xs[i] for i in idx] for xs in self._lists))
+
+    @property
+    def _lists(self): return (self.params, self.grads, self.states) + ((self.origins,) if self.sharded else ())
+
+    def _like(self, params, grads, states, origins=None):
+        return Bucket(params, grads, states, origins, self.norms)
+
+    def shards(self) -> 'Bucket':
+        "This bucket of DTensors as their local shards, after checking each can be stepped so."
+        for i, (p, g) in enumerate(zip(self.params, self.grads)): check_layout(p, g, f"of shape {tuple(p.shape)}")
+        return Bucket([local(p) for p in self.params], [local(g) for g in self.grads], self.states, self.params,
+                      norms_for(self.params[0]))
 
 
 class ForEachOptimizer(Optimizer):
@@ -149,7 +186,15 @@ class ForEachOptimizer(Optimizer):
         if missing: raise TypeError(f"{self.rule.name} needs hypers {missing}; give them as keywords")
         params = L(params)  # as fastai reads it: a lone tensor is one param, a list of lists is param groups
         if not params: raise ValueError("Invalid params: an empty list (the optimizer has nothing to update)")
+        check_params(params)
         super().__init__(params, cbs=[], **defaults)
+        # Whether any param is a DTensor (FSDP2): fixed once the optimizer holds its params.
+        self.sharded = any(is_sharded(p) for pg in self.param_lists for p in pg)
+
+    def __iter__(self):
+        """This optimizer as a `torch.optim.Optimizer` (`checkpoint.TorchOptimizerView`): torch.distributed.checkpoint's
+        `get_optimizer_state_dict(model, optimizers)` takes an optimizer or an iterable of them."""
+        yield TorchOptimizerView(self)
 
     # --- hypers -------------------------------------------------------------------------------------
     def _set_hyper(self, k, v):
@@ -185,8 +230,9 @@ class ForEachOptimizer(Optimizer):
                 if self.fused is not None and self.fused.ready(bucket.params[0], kwargs):
                     self._run_fused(bucket, hyper, kwargs)
                     continue
-                chunks = bucket.chunks(CPU_CHUNK_BYTES) if bucket.params[0].device.type == 'cpu' else [bucket]
-                for chunk in chunks:
+                # Sharded buckets stay whole: a rule that needs norms then all-reduces once per bucket.
+                on_cpu = bucket.params[0].device.type == 'cpu' and not bucket.sharded
+                for chunk in bucket.chunks(CPU_CHUNK_BYTES) if on_cpu else [bucket]:
                     self._weight_decay(chunk, hyper)
                     self._run_rule(chunk, kwargs)
 
@@ -211,6 +257,7 @@ class ForEachOptimizer(Optimizer):
         by_device = torch._C._group_tensors_by_device_and_dtype([params], True)  # in C++: 0.1 µs a param
         runs = [group] if len(by_device) == 1 else [
             group.pick(idx) for _, idx in sorted((idx[0], idx) for _, idx in by_device.values())]
+        if self.sharded: runs = [b for run in runs for b in self._by_layout(run)]
         if not self.rule.counts_steps: return runs
         buckets = []
         for run in runs:
@@ -220,6 +267,14 @@ class ForEachOptimizer(Optimizer):
             for i, step in enumerate(steps): by_step.setdefault(step, []).append(i)
             buckets += [run.pick(idx) for idx in by_step.values()]
         return buckets
+
+    @staticmethod
+    def _by_layout(run: Bucket) -> list[Bucket]:
+        "`run` split by layout (plain, or a DTensor's mesh and placements), DTensors as their local shards."
+        by_layout = {}
+        for i, p in enumerate(run.params): by_layout.setdefault(layout(p), []).append(i)
+        subs = [run] if len(by_layout) == 1 else [run.pick(idx) for idx in by_layout.values()]
+        return [sub.shards() if is_sharded(sub.params[0]) else sub for sub in subs]
 
     def _weight_decay(self, chunk: Bucket, hyper: dict):
         lr, wd = hyper['lr'], hyper.get('wd', 0.)
@@ -231,27 +286,33 @@ class ForEachOptimizer(Optimizer):
         else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
 
     def _state_lists(self, chunk: Bucket):
-        "The chunk's state tensors, one list per state key; missing ones are created as zeros first."
-        try: return [[state[key] for state in chunk.states] for key in self.rule.state_keys]
-        except KeyError: pass
-        # Only in a step, after every check has passed: a refused step leaves no trace.
-        for p, state in zip(chunk.params, chunk.states):
-            for key in self.rule.state_keys:
-                if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return self._state_lists(chunk)
+        """The chunk's state tensors, one list per state key (local shards for a sharded chunk); missing ones
+        are created as zeros first, like their params (DTensors sharded alike for DTensor params)."""
+        try: lists = [[state[key] for state in chunk.states] for key in self.rule.state_keys]
+        except KeyError:
+            # Only in a step, after every check has passed: a refused step leaves no trace.
+            for p, state in zip(chunk.origins, chunk.states):
+                for key in self.rule.state_keys:
+                    if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return self._state_lists(chunk)
+        return [[local(t) for t in xs] for xs in lists] if chunk.sharded else lists
 
     def _run_rule(self, chunk: Bucket, kwargs: dict):
+        if self.rule.uses_norms: kwargs = {**kwargs, 'norms': chunk.norms}
         self._store(chunk, self.rule.fn(chunk.params, chunk.grads, *self._state_lists(chunk), **kwargs))
 
     def _run_fused(self, bucket: Bucket, hyper: dict, kwargs: dict):
         do_wd = [state.get('do_wd', True) for state in bucket.states]
         self._store(bucket, self.fused.run(bucket.params, bucket.grads, self._state_lists(bucket), do_wd, kwargs,
                                            wd=hyper.get('wd', 0.), decouple_wd=self.decouple_wd,
-                                           plans=self.fused_plans))
+                                           plans=self.fused_plans, norms=bucket.norms))
 
-    @staticmethod
-    def _store(chunk: Bucket, out):
+    def _store(self, chunk: Bucket, out):
+        """Put a step's per-param values into the state: state tensors of sharded params that the step moved
+        (a fused step's pack) as DTensors around their new local shards, other values as they are."""
         for key, values in (out or {}).items():
+            if chunk.sharded and key in self.rule.state_keys:
+                values = [wrap_like(v, p) for v, p in zip(values, chunk.origins)]
             for state, value in zip(chunk.states, values): state[key] = value
 
     # --- state dict ---------------------------------------------------------------------------------
@@ -295,7 +356,7 @@ class ForEachOptimizer(Optimizer):
         for p, s in zip(params, sd['state']):
             s = dict(s)
             for key in self.rule.state_keys:
-                if key in s: s[key] = s[key].to(device=p.device, dtype=p.dtype)
+                if key in s: s[key] = as_like(s[key], p)
             state[p] = s
         self.hypers = type(self.hypers)(dict(h) for h in sd['hypers'])
         self.state = state

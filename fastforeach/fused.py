@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import operator
 import types
 import warnings
@@ -38,6 +39,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .distributed import LOCAL_NORMS, WholeNorms
 from .ops import device_tensor, mul_scalar_
 
 __all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
@@ -75,7 +77,10 @@ class FusedStep:
 
     def ready(self, p: torch.Tensor, hypers: dict) -> bool: return True
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool, plans: 'Plans'):
+    def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool, plans: 'Plans',
+            norms: WholeNorms = LOCAL_NORMS):
+        """Step; `norms` completes norms of whole params from the tensors given, which may be shards of them
+        (see `distributed.py`)."""
         raise NotImplementedError
 
 
@@ -97,7 +102,7 @@ class KernelStep(FusedStep):
 
     def ready(self, p, hypers): return self._ready is None or self._ready(p, hypers)
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS):
         for idx, takes_wd in split_by_wd(do_wd, wd):
             (ps, gs, *ss), ops = plans.operands(self, params, grads, states, idx)
             decay = wd if takes_wd else 0.
@@ -119,12 +124,12 @@ class EitherStep(FusedStep):
 
     def ready(self, p, hypers): return self.kernel.ready(p, hypers) or self.compiled.ready(p, hypers)
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS):
         p0, kernel_ready = params[0], self.kernel.ready(params[0], hypers)
         saves_a_pass = wd and decouple_wd and sum(p.numel() for p in params) >= COMPILED_MIN_NUMEL * len(params)
         use = self.kernel
         if (not kernel_ready or saves_a_pass) and self.compiled.ready(p0, hypers): use = self.compiled
-        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans)
+        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans, norms=norms)
 
 
 # --- compiled steps ---------------------------------------------------------------------------------
@@ -244,25 +249,23 @@ class Pack:
         return self._cached[key]
 
     @property
-    def numels(self) -> torch.Tensor:
-        "Each param's number of elements, as a 1-d tensor: per-param values are in `coefficient_dtype`."
-        return self._once('numels', lambda: device_tensor([p.numel() for p in self.params],
-                                                          coefficient_dtype(self.flat_p.dtype), self.flat_p.device))
-
-    @property
     def _runs(self) -> list[tuple[int, int]]:
         "(how many, elements each) of every run of params of the same size, in order (see `Plans.pack`)."
         return self._once('runs', lambda: [(len(list(run)), n) for n, run in
                                            itertools.groupby(p.numel() for p in self.params)])
 
-    def norms(self, flat: torch.Tensor) -> torch.Tensor:
-        """The L2 norm of each param's stretch of `flat` (the pack's params, gradients…), as a 1-d tensor:
-        one reduction per run of params of the same size, not one per param."""
-        rows, at = [], 0
-        for k, n in self._runs:
-            rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
-            at += k * n
-        return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(coefficient_dtype(flat.dtype))
+    def norms(self, *flats: torch.Tensor, whole: WholeNorms = LOCAL_NORMS) -> tuple[torch.Tensor, ...]:
+        """For each of `flats` (the pack's params, gradients…), the L2 norm of each param's stretch as a 1-d
+        tensor: one reduction per run of params of the same size, not one per param; completed by `whole`
+        to the norms of whole params where the pack holds shards of them (one all-reduce for all `flats`)."""
+        def of(flat):
+            rows, at = [], 0
+            for k, n in self._runs:
+                rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
+                at += k * n
+            return torch.cat(rows) if len(rows) > 1 else rows[0]
+        local = torch.stack([of(flat) for flat in flats]).to(coefficient_dtype(flats[0].dtype))
+        return tuple(whole.complete(local))
 
     def per_param(self, key: str, values: torch.Tensor) -> list[torch.Tensor]:
         """`values` (1-d, one per param) as one 0-d tensor per param, to store in the state: views of a buffer
@@ -491,10 +494,10 @@ def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor):
 
 class PackStep(NamedTuple):
     """How a `Pack` is stepped by an update that reduces over each tensor (Larc's and LAMB's norms), which
-    the pack cannot do in one elementwise loop: `run(pack, c, l2)` runs its compiled `phases` with
-    `run_flat`, and the reductions between them with `Pack.norms`; it returns one tuple of values to store
-    per param, as the update would, or None. `l2` says whether `c` carries an L2 factor (`c[1]`, else 0),
-    so that a pass that only adds it can be skipped.
+    the pack cannot do in one elementwise loop: `run(pack, c, l2, norms)` runs its compiled `phases` with
+    `run_flat`, and the reductions between them with `Pack.norms(..., whole=norms)`; it returns one tuple of
+    values to store per param, as the update would, or None. `l2` says whether `c` carries an L2 factor
+    (`c[1]`, else 0), so that a pass that only adds it can be skipped.
 
     Each phase is `(update, n_spread)`: `update(*flat, *spread, c)` gets tensors of the pack's size and
     dtype, then its last `n_spread` tensors in `coefficient_dtype`: per-param values spread over their
@@ -551,18 +554,24 @@ class CompiledStep(FusedStep):
     @property
     def pack_phases(self): return self.pack_step.phases if self.pack_step else ()
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS):
         phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
         p0, lr = params[0], hypers['lr']
         outs, stored = [None] * len(params), {}
         numels, largest = [p.numel() for p in params], pack_max_numel(p0.device)
+        # Shards of params: an update that takes norms inside its compiled loop would take the shard's, so
+        # every param goes through the pack, whose norms are completed across ranks; in the same order on
+        # every rank (a shard's size may differ from rank to rank).
+        every_param_packed = self.pack_step is not None and not norms.is_local
+        if every_param_packed: largest = math.inf
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
             c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
-            small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
+            small = [] if not self.packs else idx if every_param_packed else sorted(
+                (i for i in idx if numels[i] <= largest), key=numels.__getitem__)
             if small:
                 pack = plans.pack(self, params, states, small)
-                for i, r in zip(small, self._run_pack(pack, phases, c, l2 != 0, small, grads, states, stored)):
+                for i, r in zip(small, self._run_pack(pack, phases, c, l2 != 0, small, grads, states, stored, norms)):
                     outs[i] = r
                 idx = [i for i in idx if numels[i] > largest]
                 if not idx: continue
@@ -572,11 +581,11 @@ class CompiledStep(FusedStep):
         stored.update({key: [out[k] for out in outs] for k, key in enumerate(self.returns)})
         return stored or None
 
-    def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, stored) -> list:
+    def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, stored, norms) -> list:
         """Step `pack`, the params at `idx`; put the state it moved into `stored` (state key -> one value per
         param). What the update returns for each param (None for each when it returns nothing)."""
         pack.copy_in([grads[i] for i in idx])
-        if self.pack_step: outs = self.pack_step.run(pack, c, l2)
+        if self.pack_step: outs = self.pack_step.run(pack, c, l2, norms)
         else: outs = run_chunks(phases, chunked(pack.lists), c, 1)[0]
         pack.copy_out()
         for key, ss, views in zip(self._state_keys, states, pack.moved):

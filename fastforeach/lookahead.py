@@ -5,7 +5,8 @@ import torch
 from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
-from .engine import unlike_param
+from .distributed import as_like, local
+from .engine import ForEachOptimizer, unlike_param
 from .ops import device_tensor
 from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
                     run_chunks)
@@ -40,6 +41,8 @@ class Lookahead(_FastaiLookahead):
         super().__init__(opt, k=k, alpha=alpha)
         self.fused, self._plans, self._sync_checked = fused, Plans(), False
 
+    __iter__ = ForEachOptimizer.__iter__
+
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -49,16 +52,19 @@ class Lookahead(_FastaiLookahead):
         if not self._sync_checked:
             # Compile the sync at this optimizer's first step, with the step's own compiling, rather than
             # stall at step k (or at the first after loading a state dict).
-            for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
-                self._compiled_sync(list(slow_pg), list(fast_pg))
+            for slow, fast in self._weight_lists(): self._compiled_sync(slow, fast)
             self._sync_checked = True
         self.opt.step()
         self.count += 1
         if self.count % self.k == 0:
             with torch.no_grad():
-                for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
-                    self._sync(list(slow_pg), list(fast_pg))
+                for slow, fast in self._weight_lists(): self._sync(slow, fast)
         return loss
+
+    def _weight_lists(self):
+        "Per param group, the slow weights and the params, as this rank's shards where they are DTensors."
+        for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
+            yield [local(s) for s in slow_pg], [local(p) for p in fast_pg]
 
     def _sync(self, slow, fast):
         """With `fused`, params above the pack threshold sync in one compiled pass each; smaller ones, for
@@ -111,7 +117,7 @@ class Lookahead(_FastaiLookahead):
         self.opt.load_state_dict(inner)  # checks before it changes anything
         self.count = int(count)
         self.slow_weights = None if slow is None else L(
-            L(s.detach().to(device=p.device, dtype=p.dtype) for s, p in zip(slow_pg, pg))
+            L(as_like(s.detach(), p) for s, p in zip(slow_pg, pg))
             for slow_pg, pg in zip(slow, self.param_lists))
 
 

@@ -2,26 +2,19 @@
 import torch
 
 from ..engine import ForEachOptimizer, debias
-from ..ops import device_tensor
 from ..fused import CompiledStep, PackStep, run_flat
 from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
 __all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step', 'trust_ratio']
 
 
-def _rms(tensors):
-    "Root mean square of every tensor, as one 1-d tensor."
-    norms = torch.stack(torch._foreach_norm(tensors))
-    return norms / device_tensor([t.numel() for t in tensors], norms.dtype, norms.device).sqrt()
-
-
-def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
+def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, norms):
     """u = (grad_avg / debias1) / (√(sqr_avg / debias2) + eps);  q = min(rms(p) / rms(u), 10), or 1 when
-    either is 0;  p ← p − lr·q·u"""
+    either is 0;  p ← p − lr·q·u.  rms(p) / rms(u) is ‖p‖ / ‖u‖: both are means over the same elements."""
     average_grads(g, grad_avg, sqr_avg, mom=mom, sqr_mom=sqr_mom)
     update = torch._foreach_div(grad_avg, debias(mom, 1 - mom, step))
     torch._foreach_div_(update, debiased_rms(sqr_avg, step=step, sqr_mom=sqr_mom, eps=eps))
-    torch._foreach_addcmul_(p, update, (-lr * trust_ratio(_rms(p), _rms(update))).unbind())
+    torch._foreach_addcmul_(p, update, (-lr * trust_ratio(*norms(p, update))).unbind())
 
 
 def trust_ratio(r1, r2):
@@ -63,12 +56,13 @@ def lamb_scale(p, update, trust, c):
     p.mul_(c[0]).sub_(c[8] * trust * update)
 
 
-def _step_pack(pack, c, l2):
+def _step_pack(pack, c, l2, norms):
     # L2, when there is any, is added in the first pass, which reads the params anyway.
     # The pack's copy of the gradients holds the update after the first pass: one buffer less to stream.
-    update, root_n = pack.flat_g, pack.numels.sqrt()
+    update = pack.flat_g
     run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states], c)
-    trust = trust_ratio(c[0].abs() * pack.norms(pack.flat_p) / root_n, pack.norms(update) / root_n)
+    p_norm, u_norm = pack.norms(pack.flat_p, update, whole=norms)
+    trust = trust_ratio(c[0].abs() * p_norm, u_norm)  # rms(p) / rms(u) = ‖p‖ / ‖u‖
     run_flat(lamb_scale, [pack.flat_p, update, pack.spread(trust)], c)
 
 

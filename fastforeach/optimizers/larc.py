@@ -10,11 +10,12 @@ from ..fused import CompiledStep, PackStep, run_flat
 __all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs', 'fused_larc_step']
 
 
-def layer_lrs(p, g, *, lr, trust_coeff, wd, eps, clip):
-    """Every layer's lr at once: lr·trust_coeff·‖p‖ / (‖g‖ + wd·‖p‖ + eps), at most lr when `clip`.
+def layer_lrs(p, g, *, lr, trust_coeff, wd, eps, clip, norms):
+    """Every layer's lr at once: lr·trust_coeff·‖p‖ / (‖g‖ + wd·‖p‖ + eps), at most lr when `clip`, with the
+    norms of whole params (`norms`, see `engine.StepRule`).
 
     A list of 0-d tensors, so nothing waits for the device."""
-    p_norm, g_norm = torch.stack(torch._foreach_norm(p)), torch.stack(torch._foreach_norm(g))
+    p_norm, g_norm = norms(p, g)
     local_lr = lr * trust_coeff * p_norm / (g_norm + p_norm * wd + eps)
     if clip: local_lr = local_lr.clamp_max(lr)
     return local_lr.unbind()
@@ -26,16 +27,16 @@ def _layerwise_step(p, g, direction, **hypers):
     return {'local_lr': local_lr}
 
 
-def larc_step(p, g, *, lr, trust_coeff, wd, eps, clip=True):
+def larc_step(p, g, *, lr, trust_coeff, wd, eps, norms, clip=True):
     "p ← p − local_lr·g (see `layer_lrs`)"
-    return _layerwise_step(p, g, g, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
+    return _layerwise_step(p, g, g, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip, norms=norms)
 
 
-def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, clip=True):
+def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, norms, clip=True):
     "grad_avg ← mom·grad_avg + g;  p ← p − local_lr·grad_avg (see `layer_lrs`)"
     mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
-    return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip)
+    return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip, norms=norms)
 
 
 def _layer_lr(p_norm, g_norm, c):
@@ -79,9 +80,10 @@ def momentum_larc_apply(p, g, grad_avg, local_lr, c):
     p.mul_(c[0]).sub_(local_lr * grad_avg)
 
 
-def _step_pack(pack, c, l2, apply):
+def _step_pack(pack, c, l2, norms, apply):
     if l2: run_flat(l2_update, [pack.flat_p, pack.flat_g], c)
-    local_lr = _layer_lr(c[0].abs() * pack.norms(pack.flat_p), pack.norms(pack.flat_g), c[2:])
+    p_norm, g_norm = pack.norms(pack.flat_p, pack.flat_g, whole=norms)
+    local_lr = _layer_lr(c[0].abs() * p_norm, g_norm, c[2:])
     run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, pack.spread(local_lr)], c)
     return [(lr,) for lr in pack.per_param('local_lr', local_lr)]
 

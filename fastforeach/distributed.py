@@ -1,0 +1,116 @@
+"""Params sharded as DTensors (FSDP2's `fully_shard`, tensor parallelism): stepped on their local shards.
+
+Under FSDP2 every param, gradient and state tensor is a `DTensor`: each rank holds one shard of it. An
+elementwise update gives the same result shard by shard as on the whole tensor, so the engine hands
+its rules and fused steps the *local* shards, plain tensors on which every foreach op, kernel and
+compiled update applies (dispatching through DTensor measured 2x slower, and most fused ops have no
+sharding rule at all). The state stays a DTensor, sharded like its param, so checkpoints see the layout.
+
+What is not elementwise is a norm of a whole param (Larc's and LAMB's trust ratios): a rule asks for a
+`norms` argument (see `engine.StepRule`) and gets a `WholeNorms`, which computes the norms of the local
+shards and completes them with one all-reduce per call, over every list and param it is given.
+
+Only `Shard` and `Replicate` placements are supported: a param whose gradient is laid out otherwise
+(a `Partial` sum still to be reduced) is refused before a step changes anything.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['is_sharded', 'local', 'layout', 'WholeNorms', 'LOCAL_NORMS', 'norms_for', 'as_like', 'check_layout']
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a PyTorch without DTensor: nothing is ever sharded
+    DTensor = Replicate = Shard = None
+
+
+def is_sharded(t) -> bool:
+    "Whether `t` is a DTensor."
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of this rank's shard of `t` (`t` itself when it is not a DTensor). The same tensor
+    object at every call, as the fused steps' caches need (`DTensor.to_local()` makes a new view)."""
+    return t._local_tensor if is_sharded(t) else t
+
+
+def layout(t) -> tuple | None:
+    "What params must share to be stepped together: (mesh, placements) of a DTensor, None for a plain tensor."
+    return (t.device_mesh, tuple(t.placements)) if is_sharded(t) else None
+
+
+def check_layout(p, g, where: str) -> None:
+    "Raise `ValueError` when the engine cannot step sharded param `p` with gradient `g` shard by shard."
+    if layout(g) != layout(p):
+        raise ValueError(f"Invalid gradient for {where}: laid out as {_describe(g)}, its param as {_describe(p)}")
+    for placement in p.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise ValueError(f"Invalid param {where}: placement {placement} (fastforeach steps params sharded "
+                             "(Shard) or replicated (Replicate) over their mesh)")
+
+
+def _describe(t) -> str:
+    return f"DTensor with placements {tuple(t.placements)}" if is_sharded(t) else "a plain tensor"
+
+
+class WholeNorms:
+    """`norms(*lists)`: for each list of tensors, the L2 norm of each whole param as a 1-d tensor.
+
+    Over plain tensors these are their norms. Over the local shards of params sharded on the mesh dims
+    `groups` (their process groups), the shards' squared norms are summed across ranks, every list and
+    param in one all-reduce, so that each rank gets the norms of the whole params."""
+    def __init__(self, groups: tuple = ()):
+        self.groups = groups
+
+    @property
+    def is_local(self) -> bool: return not self.groups
+
+    def __call__(self, *lists: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(self.complete(torch.stack([torch.stack(torch._foreach_norm(xs)) for xs in lists])))
+
+    def complete(self, local_norms: torch.Tensor) -> torch.Tensor:
+        "The whole params' norms from their shards' `local_norms` (any shape, one entry per shard)."
+        if self.is_local: return local_norms
+        squares = local_norms.square()
+        for group in self.groups: dist.all_reduce(squares, group=group)
+        return squares.sqrt()
+
+
+LOCAL_NORMS = WholeNorms()
+
+
+def norms_for(p) -> WholeNorms:
+    "The `WholeNorms` of params laid out as `p`: reduced over the mesh dims its placements shard."
+    if not is_sharded(p): return LOCAL_NORMS
+    mesh = p.device_mesh
+    return WholeNorms(tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if isinstance(placement, Shard)))
+
+
+def as_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`t`, a tensor saved for param `p`, on `p`'s device and dtype and laid out as `p`: a plain tensor loaded
+    for a sharded param is cut to this rank's shard (every rank holds the same whole tensor, so nothing is
+    sent), a DTensor for a plain param is gathered whole."""
+    if is_sharded(p):
+        from torch.distributed.tensor import distribute_tensor
+        if not is_sharded(t): return distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements,
+                                                       src_data_rank=None)
+        t = t.to(dtype=p.dtype)
+        return t if layout(t) == layout(p) else t.redistribute(p.device_mesh, p.placements)
+    if is_sharded(t): t = t.full_tensor()
+    return t.to(device=p.device, dtype=p.dtype)
+
+
+def wrap_like(shard: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A DTensor laid out as sharded `p` whose local shard is `shard` (no copy, no communication).
+
+    `DTensor.from_local` gives the DTensor its shard's storage offset, though the DTensor's own storage is
+    empty, and `torch.save` then fails on it ("invalid python storage") when the shard does not start its
+    storage, as a pack's state views do (torch 2.14): such a DTensor is built around an offset-free stand-in
+    and then holds the shard itself."""
+    stand_in = shard if shard.storage_offset() == 0 else torch.empty_like(shard)
+    d = DTensor.from_local(stand_in, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+    d._local_tensor = shard
+    return d

@@ -1,0 +1,288 @@
+"""DDP, FSDP2 and distributed checkpoints with 2 gloo ranks on CPU, in worlds these tests spawn
+(`fastforeach.worlds.spawn`), each rank one thread.
+
+Each rank steps its half of every batch; the reference is one process stepping the whole batch (DDP
+averages the ranks' gradients, FSDP2 reduce-scatters their average), so after 20 steps the params must be
+the one process's, in float64, up to the rounding of a reduction done in another order (1e-12 relative).
+The model has a LayerNorm (norm and bias params take no weight decay), a param with no gradient, two
+param groups with their own lrs changed at every step, a param above the CPU pack threshold (8,400
+elements on each rank: stepped one compiled call at a time) and uneven shards (3 rows over 2 ranks).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastforeach.registry import REGISTRY
+from fastforeach.worlds import spawn
+
+STEPS, BATCH, TOL = 20, 8, 1e-12
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.wide = nn.Linear(6, 7), nn.LayerNorm(7), nn.Linear(7, 2400)
+        self.out, self.unused = nn.Linear(2400, 3), nn.Linear(2, 2)
+
+    def forward(self, x): return self.out(F.relu(self.wide(self.norm(self.inp(x)))))
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def param_groups(model: Net) -> list[list]:
+    return [[*model.inp.parameters(), *model.norm.parameters()],
+            [*model.wide.parameters(), *model.out.parameters(), *model.unused.parameters()]]
+
+
+def build(name, impl, model):
+    "The optimizer over `model`'s two groups, norm and bias params marked `do_wd=False` as fastai's Learner does."
+    opt = REGISTRY[name].make(impl, param_groups(model), **({'wd': 0.01} if name != 'Lookahead' else {}))
+    for p in [*model.norm.parameters(), model.inp.bias, model.wide.bias, model.out.bias]: opt.state[p]['do_wd'] = False
+    return opt
+
+
+def batches(n, start=0):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(BATCH, 6, generator=gen, dtype=torch.double) for _ in range(start + n)][start:]
+
+
+def train(model, opt, xs, lr, rank=None, world=1, first=0):
+    "Step on each of `xs` (this rank's share of it), with both groups' lrs, from `lr`, moved at every step."
+    for i, x in enumerate(xs, first):
+        if rank is not None: x = x.chunk(world)[rank]
+        model(x).pow(2).mean().backward()
+        opt.set_hyper('lr', [lr * 0.97 ** i, lr * 0.5 * 0.97 ** i])
+        opt.step()
+        opt.zero_grad()
+
+
+def whole(t) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def max_rel_diff(xs, ys) -> float:
+    return max(((whole(x) - whole(y)).abs().max() / whole(y).abs().max().clamp_min(1e-300)).item()
+               for x, y in zip(xs, ys))
+
+
+def fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in (model.inp, model.wide, model.out): fully_shard(layer)
+    return fully_shard(model)
+
+
+def ddp(model):
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, find_unused_parameters=True)
+
+
+# --- equality with one process ---------------------------------------------------------------------
+
+def _equal_to_one_process(rank, world):
+    "Per (mode, optimizer, impl): the params' largest relative difference from one process, and what went wrong."
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for name in REGISTRY:
+        lr = REGISTRY[name].lr
+        for impl in ('foreach', 'fused'):
+            reference = net()
+            train(reference, build(name, impl, reference), batches(STEPS), lr)
+            for mode, wrap in (('ddp', ddp), ('fsdp2', fsdp2)):
+                model = net()
+                wrapped = wrap(model)  # before the optimizer: FSDP2 replaces the params with DTensors
+                opt = build(name, impl, model)
+                train(wrapped, opt, batches(STEPS), lr, rank, world)
+                problems = []
+                if mode == 'fsdp2':
+                    inner = getattr(opt, 'opt', opt)
+                    for p in model.parameters():
+                        for key, s in inner.state[p].items():
+                            if isinstance(s, torch.Tensor) and s.shape == p.shape and (
+                                    not isinstance(s, DTensor) or s.placements != p.placements):
+                                problems.append(f"state {key!r} of a param of shape {tuple(p.shape)} is not sharded like it")
+                    torch.save(opt.state_dict(), f"/dev/null")  # Larc's local_lr, Lookahead's slow weights...
+                else:  # the replicas agree exactly
+                    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+                    gathered = [torch.empty_like(flat) for _ in range(world)]
+                    dist.all_gather(gathered, flat)
+                    if not all(torch.equal(g, gathered[0]) for g in gathered): problems.append("ranks differ")
+                out[(mode, name, impl)] = (max_rel_diff(model.parameters(), reference.parameters()), problems)
+    return out
+
+
+@pytest.fixture(scope='module')
+def one_process_results():
+    return spawn(_equal_to_one_process)
+
+
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('name', list(REGISTRY))
+def test_equals_one_process(one_process_results, name, impl, mode):
+    for rank, results in enumerate(one_process_results):
+        diff, problems = results[(mode, name, impl)]
+        assert diff < TOL, f"rank {rank}: {diff:.2e} from one process"
+        assert not problems, f"rank {rank}: {problems}"
+
+
+def _without_norm_all_reduce(rank, world):
+    "FSDP2 Larc (LARS, unclipped) and Lamb with the norms of their shards alone: far from one process."
+    from fastforeach.distributed import WholeNorms
+    WholeNorms.complete = lambda self, local_norms: local_norms
+    out = {}
+    for name, options in (('Larc', {'clip': False}), ('Lamb', {})):
+        for impl in ('foreach', 'fused'):
+            lr, reference, model = REGISTRY[name].lr, net(), fsdp2(net())
+            train(reference, REGISTRY[name].make(impl, param_groups(reference), **options), batches(5), lr)
+            train(model, REGISTRY[name].make(impl, param_groups(model), **options), batches(5), lr, rank, world)
+            out[(name, impl)] = max_rel_diff(model.parameters(), reference.parameters())
+    return out
+
+
+def test_sharded_norms_need_their_all_reduce():
+    "Checks the check above: drop the all-reduce of the shards' norms and Larc and Lamb leave one process's path."
+    for results in spawn(_without_norm_all_reduce):
+        for key, diff in results.items(): assert diff > 1e-6, key
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def _params(model): return [whole(p).detach().clone() for p in model.parameters()]
+
+
+def _checkpoints(rank, world, directory, name):
+    """Sharded: save at step 10 with torch.distributed.checkpoint, load into a fresh FSDP2 model, continue.
+    Full: the same checkpoint gathered whole, resumed in one process by fastforeach and by fastai's own
+    optimizer; and one process's full state dict loaded into FSDP2. What each continuation ends at, and
+    whether reading or loading a state dict moved a param."""
+    import fastai.optimizer
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from fastforeach.checkpoint import as_torch_optimizer
+    first, rest = batches(10), batches(10, start=10)
+    # Not strict: the param that never got a gradient has no state, as in fastai (and torch.optim).
+    full, loose = StateDictOptions(full_state_dict=True, strict=False), StateDictOptions(strict=False)
+    lr, result = REGISTRY[name].lr, {}
+
+    model = fsdp2(net()); opt = build(name, 'fused', model)
+    train(model, opt, first, lr, rank, world)
+    dcp.save({'model': get_model_state_dict(model), 'optim': get_optimizer_state_dict(model, opt)},
+             checkpoint_id=f"{directory}/{name}")
+    whole_sd = get_optimizer_state_dict(model, opt, options=full)
+    whole_model = get_model_state_dict(model, options=full)
+    train(model, opt, rest, lr, rank, world, first=10)
+    result['straight'] = _params(model)
+
+    resumed = fsdp2(net()); ropt = build(name, 'fused', resumed)
+    before = _params(resumed)
+    template = {'model': get_model_state_dict(resumed), 'optim': get_optimizer_state_dict(resumed, ropt)}
+    result['template moved'] = max_rel_diff(_params(resumed), before)
+    # The template has state for every param (torch.distributed.checkpoint creates it with a zero step); the
+    # checkpoint none for the param that never got a gradient, as in fastai: a partial load leaves it at zero.
+    dcp.load(template, checkpoint_id=f"{directory}/{name}", planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(resumed, template['model'])
+    loaded = _params(resumed)
+    set_optimizer_state_dict(resumed, ropt, template['optim'], options=loose)
+    result['load moved'] = max_rel_diff(_params(resumed), loaded)
+    train(resumed, ropt, rest, lr, rank, world, first=10)
+    result['sharded resume'] = _params(resumed)
+
+    # One process (every rank alone), from the full state dict: fastforeach, then fastai's own optimizer.
+    for kind in ('fastforeach', 'fastai'):
+        single = net(); single.load_state_dict(whole_model)
+        sopt, sd = build(name, 'fused', single), copy.deepcopy(whole_sd)  # a loaded state shares its tensors
+        if kind == 'fastai':
+            native = REGISTRY[name].make('native', param_groups(single), **({'wd': 0.01} if name != 'Lookahead' else {}))
+            set_optimizer_state_dict(single, as_torch_optimizer(sopt), sd, options=loose)
+            native.load_state_dict(sopt.state_dict())  # fastai's own format and keys
+            sopt = native
+        else: set_optimizer_state_dict(single, sopt, sd, options=loose)
+        train(single, sopt, rest, lr, first=10)
+        result[f'{kind} resume'] = _params(single)
+
+    # And back: one process's state dict, whole, loaded into FSDP2.
+    single = net(); sopt = build(name, 'fused', single)
+    train(single, sopt, first, lr)
+    single_sd, single_model = get_optimizer_state_dict(single, sopt), single.state_dict()
+    back = fsdp2(net()); bopt = build(name, 'fused', back)
+    set_model_state_dict(back, single_model, options=full)
+    set_optimizer_state_dict(back, bopt, single_sd, options=full)
+    train(back, bopt, rest, lr, rank, world, first=10)
+    result['from one process'] = _params(back)
+    return result
+
+
+@pytest.mark.parametrize('name', ['Adam', 'Larc', 'ranger'])
+def test_distributed_checkpoints_resume_exactly(name, tmp_path):
+    for rank, r in enumerate(spawn(_checkpoints, str(tmp_path), name)):
+        assert r['template moved'] == 0 and r['load moved'] == 0, rank
+        assert max_rel_diff(r['sharded resume'], r['straight']) == 0, rank  # the same shards, the same steps
+        for kind in ('fastforeach resume', 'fastai resume', 'from one process'):
+            assert max_rel_diff(r[kind], r['straight']) < TOL, (rank, kind)
+
+
+# --- fastai's Learner under DDP --------------------------------------------------------------------
+
+def _learner_under_distrib_ctx(rank, world):
+    """fastai's `distrib_ctx` on 2 CPU processes: accelerate's `cpu=True`, no SyncBatchNorm (it needs a GPU),
+    and a shim for `DistributedDL._broadcast`, which moves the batch order to CUDA for NCCL: on gloo it
+    broadcasts the CPU tensor. The final params of each implementation, and whether the ranks agree."""
+    import torch.distributed as dist
+    from fastai.distributed import DistributedDL
+
+    from fastforeach.training import digits_learner
+
+    def broadcast_on_cpu(self, t, rank):
+        t = torch.LongTensor(t)
+        dist.broadcast(t, rank)
+        return t.tolist()
+    DistributedDL._broadcast = broadcast_on_cpu
+
+    out = {}
+    for impl in ('native', 'foreach', 'fused'):
+        learn = digits_learner(lambda params, lr: REGISTRY['Adam'].make(impl, params, lr))
+        with learn.no_logging(), learn.no_bar(), learn.distrib_ctx(sync_bn=False, cpu=True):
+            learn.fit_one_cycle(2, lr_max=slice(1e-3, 1e-2))
+        flat = torch.cat([p.detach().flatten() for p in learn.model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        out[impl] = (flat, all(torch.equal(g, gathered[0]) for g in gathered), type(learn.opt).__name__)
+    return out
+
+
+def test_fastai_learner_under_distrib_ctx():
+    for rank, r in enumerate(spawn(_learner_under_distrib_ctx)):
+        native = r['native'][0]
+        for impl in ('foreach', 'fused'):
+            flat, ranks_agree, opt = r[impl]
+            assert ranks_agree and opt == 'AdamForEachOptimizer', (rank, impl)
+            # float32 training through a CNN: the Learner tests' tolerance (tests/test_learner.py)
+            torch.testing.assert_close(flat, native, rtol=1e-3, atol=1e-5)
+
+
+# --- what cannot work ------------------------------------------------------------------------------
+
+def _zero_redundancy(rank, world):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import fastforeach
+    try: ZeroRedundancyOptimizer(net().parameters(), optimizer_class=fastforeach.Adam, lr=1e-3)
+    except TypeError as e: return str(e)
+
+
+def test_zero_redundancy_optimizer_is_refused_clearly():
+    "It hands the optimizer torch.optim-style dicts; the error says so and points to FSDP2."
+    for message in spawn(_zero_redundancy):
+        assert 'param group given as a dict' in message and 'fully_shard' in message
