@@ -6,7 +6,8 @@ averages the ranks' gradients, FSDP2 reduce-scatters their average), so after 20
 the one process's, in float64, up to the rounding of a reduction done in another order (1e-12 relative).
 The model has a LayerNorm (norm and bias params take no weight decay), a param with no gradient, two
 param groups with their own lrs changed at every step, a param above the CPU pack threshold (8,400
-elements on each rank: stepped one compiled call at a time) and uneven shards (3 rows over 2 ranks).
+elements on each rank: stepped one compiled call at a time), uneven shards (3 rows over 2 ranks) and an
+empty one (a 1-element param leaves rank 1 nothing).
 """
 import copy
 
@@ -26,8 +27,9 @@ class Net(nn.Module):
         super().__init__()
         self.inp, self.norm, self.wide = nn.Linear(6, 7), nn.LayerNorm(7), nn.Linear(7, 2400)
         self.out, self.unused = nn.Linear(2400, 3), nn.Linear(2, 2)
+        self.scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, x): return self.out(F.relu(self.wide(self.norm(self.inp(x)))))
+    def forward(self, x): return self.out(F.relu(self.wide(self.norm(self.inp(x))))) * self.scale
 
 
 def net() -> Net:
@@ -37,7 +39,7 @@ def net() -> Net:
 
 def param_groups(model: Net) -> list[list]:
     return [[*model.inp.parameters(), *model.norm.parameters()],
-            [*model.wide.parameters(), *model.out.parameters(), *model.unused.parameters()]]
+            [*model.wide.parameters(), *model.out.parameters(), *model.unused.parameters(), model.scale]]
 
 
 def build(name, impl, model):
@@ -286,3 +288,31 @@ def test_zero_redundancy_optimizer_is_refused_clearly():
     "It hands the optimizer torch.optim-style dicts; the error says so and points to FSDP2."
     for message in spawn(_zero_redundancy):
         assert 'param group given as a dict' in message and 'fully_shard' in message
+
+
+def _unsupported_layouts(rank, world):
+    """A gradient still to be summed across ranks (`Partial`), and a plain gradient for a DTensor param: the
+    error each step raises, and whether anything changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    mesh = init_device_mesh('cpu', (world,))
+    out = {}
+    for label, grad in (('partial', lambda p: DTensor.from_local(torch.ones(4, dtype=torch.float64), mesh, [Partial()])),
+                        ('plain', lambda p: torch.ones(4, dtype=torch.float64))):
+        for impl in ('foreach', 'fused'):
+            p = nn.Parameter(distribute_tensor(torch.arange(4.).double(), mesh, [Shard(0)]))
+            q = nn.Parameter(distribute_tensor(torch.arange(4.).double(), mesh, [Shard(0)]))
+            opt = REGISTRY['Adam'].make(impl, [q, p])
+            q.grad, p.grad = torch.ones_like(q), grad(p)
+            before = [t.full_tensor().clone() for t in (q, p)]
+            try: opt.step(); error = None
+            except ValueError as e: error = str(e)
+            unchanged = all(torch.equal(t.full_tensor(), b) for t, b in zip((q, p), before)) and not opt.state[q]
+            out[(label, impl)] = (error, unchanged)
+    return out
+
+
+def test_unsupported_layouts_are_refused_before_a_step():
+    for results in spawn(_unsupported_layouts):
+        for key, (error, unchanged) in results.items():
+            assert error and 'Invalid' in error and unchanged, (key, error)
