@@ -24,7 +24,8 @@ from torch import nn
 from .oracle import Twins, max_relative_difference
 from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
-__all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'train_table', 'summary_table', 'main']
+__all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'distributed_bench', 'train_table', 'summary_table',
+           'main']
 
 
 def mlp(depth=100, width=64) -> nn.Module:
@@ -131,18 +132,27 @@ def _params_like(model: nn.Module, device) -> list[nn.Parameter]:
     return [nn.Parameter(p.detach().clone().to(device)) for p in model.parameters()]
 
 
-def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: int, warmup: int, device) -> dict:
-    "Median seconds per step of each implementation, interleaved so that they share the machine's moods."
+def contenders(model: nn.Module, impls: dict[str, Callable], lr: float, device, shard: Callable = None) -> dict:
+    """Each implementation's optimizer over its own copy of `model`'s params, with fixed gradients; `shard`,
+    when given, turns each param and gradient into a DTensor (as FSDP2 would) before the optimizer sees it."""
     opts = {}
     for impl, build in impls.items():
         params = _params_like(model, device)
         gen = torch.Generator().manual_seed(0)
-        for p in params: p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+        grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in params]
+        if shard is not None: params = [nn.Parameter(shard(p.detach())) for p in params]; grads = list(map(shard, grads))
+        for p, g in zip(params, grads): p.grad = g
         opts[impl] = build(params, lr)
+    return opts
+
+
+def time_opts(opts: dict, steps: int, warmup: int, sync: Callable = lambda: None) -> dict:
+    """Median seconds per step of each optimizer, interleaved so that they share the machine's moods; `sync`
+    before and after each step (CUDA: wait for the device; several ranks: a barrier)."""
     times = {impl: [] for impl in opts}
-    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
     # A new order every round: in a fixed one, each contender would always find the cache as the same
-    # neighbour left it (measured: up to 7% on the MLP between two copies of one optimizer).
+    # neighbour left it (measured: up to 7% on the MLP between two copies of one optimizer). Seeded, so
+    # that every rank of a world steps the same optimizer at the same time.
     order, shuffle = list(opts.items()), random.Random(0).shuffle
     for i in range(warmup + steps):
         shuffle(order)
@@ -152,6 +162,12 @@ def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: i
             sync(); elapsed = time.perf_counter() - start
             if i >= warmup: times[impl].append(elapsed)
     return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: int, warmup: int, device) -> dict:
+    "Median seconds per step of each implementation on `model`'s params (see `contenders`, `time_opts`)."
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    return time_opts(contenders(model, impls, lr, device), steps, warmup, sync)
 
 
 def max_difference(model: nn.Module, impl_build: Callable, native_build: Callable, lr, steps, device) -> float:
@@ -308,6 +324,78 @@ def format_memory_floor(rows: list[dict]) -> str:
         for r in rows])
 
 
+# --- under FSDP2 ------------------------------------------------------------------------------------
+
+TORCH_ADAMW = {'torch AdamW foreach': _torch_adamw('foreach'), 'torch AdamW fused': _torch_adamw('fused')}
+
+
+def state_bytes(opt) -> int:
+    """Bytes of the tensors in `opt`'s state dict (this rank's shards of DTensors), each storage counted once:
+    what the optimizer holds beyond params and gradients."""
+    from .distributed import local
+    seen, stack = {}, [opt.state_dict()]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = local(x).untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict): stack += x.values()
+        elif isinstance(x, (list, tuple)): stack += x
+    return sum(seen.values())
+
+
+def _fsdp2_rank(rank, world, models, optimizers, steps, warmup):
+    "One rank of `distributed_bench`: its median step times and state bytes, and one process's state bytes."
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh('cpu', (world,))
+    shard = lambda t: distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)  # as fully_shard lays params out
+    adamw = {impl: _torch_builder(build, REGISTRY['Adam'], {}) for impl, build in TORCH_ADAMW.items()}
+    rows = []
+    for model_name in models:
+        model = MODELS[model_name]()
+        for name in optimizers:
+            spec, impls = REGISTRY[name], implementations(name)
+            builders = {'foreach': impls['foreach'], 'fused': impls['fused'], **adamw}
+            sharded = contenders(model, builders, spec.lr, 'cpu', shard)
+            times = time_opts(sharded, steps, warmup, dist.barrier)
+            whole = contenders(model, builders, spec.lr, 'cpu')
+            for opt in whole.values(): opt.step()
+            rows += [{'model': model_name, 'optimizer': name, 'impl': impl, 'ms': times[impl] * 1e3,
+                      'state_bytes': state_bytes(opt), 'one_process_state_bytes': state_bytes(whole[impl])}
+                     for impl, opt in sharded.items()]
+    return rows
+
+
+def distributed_bench(models, optimizers, *, world_size=2, threads=1, steps=7, warmup=3) -> list[dict]:
+    """Each optimizer's step on FSDP2's layout (every param and gradient a DTensor sharded on dim 0 over
+    `world_size` gloo ranks, `threads` torch threads each) beside torch's AdamW, foreach and fused, on the
+    same DTensors in the same rounds: the slowest rank's median step time, and the state bytes each rank
+    holds (the most of any rank) against what one process holds."""
+    from .worlds import spawn
+    ranks = spawn(_fsdp2_rank, models, optimizers, steps, warmup, world_size=world_size, threads=threads)
+    rows = ranks[0]
+    for i, row in enumerate(rows):
+        row['ms'] = max(r[i]['ms'] for r in ranks)
+        row['state_bytes'] = max(r[i]['state_bytes'] for r in ranks)
+    return rows
+
+
+def format_distributed(rows: list[dict], world_size: int) -> str:
+    head = (f"{'model':<12} {'optimizer':<10} {'impl':<20} {'ms/step':>8} {'/ AdamW fused':>14} "
+            f"{'state MB/rank':>14} {'one process MB':>15} {'ratio':>6}")
+    yardstick = {(r['model'], r['optimizer']): r['ms'] for r in rows if r['impl'] == 'torch AdamW fused'}
+    lines = [f"FSDP2 layout: {world_size} gloo ranks; each optimizer timed beside torch's AdamW in the same rounds",
+             head, '-' * len(head)]
+    for r in rows:
+        one = r['one_process_state_bytes']
+        lines.append(f"{r['model']:<12} {r['optimizer']:<10} {r['impl']:<20} {r['ms']:>8.2f} "
+                     f"{r['ms'] / yardstick[r['model'], r['optimizer']]:>13.2f}x {r['state_bytes'] / 2**20:>14.2f} "
+                     f"{one / 2**20:>15.2f} {r['state_bytes'] / one if one else float('nan'):>6.2f}")
+    return '\n'.join(lines)
+
+
 def machine_info(threads: int, device: str, command: str = '') -> dict:
     import fastai
     return {'command': command, 'machine': platform.machine(), 'processor': _cpu_name(),
@@ -401,6 +489,9 @@ def _parser() -> argparse.ArgumentParser:
                     help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
     ap.add_argument('--memory', action='store_true',
                     help="also time plain passes over each model's params beside SGD: the floor of a one-pass step")
+    ap.add_argument('--distributed', type=int, nargs='?', const=2, metavar='RANKS',
+                    help="also step each optimizer on FSDP2's layout over RANKS gloo processes (default 2) beside "
+                         "torch's AdamW on the same DTensors: step time and optimizer state bytes per rank")
     return ap
 
 
@@ -420,6 +511,7 @@ def main(argv=None) -> int:
     if min(args.steps, args.check_steps) < 1 or args.warmup < 0: ap.error("--steps and --check-steps must be >= 1")
     if args.device not in ('cpu', 'cuda'): ap.error(f"unknown device {args.device!r}; choose cpu or cuda")
     if args.device == 'cuda' and not torch.cuda.is_available(): ap.error("--device cuda: no CUDA device here")
+    if args.distributed is not None and args.distributed < 2: ap.error(f"--distributed needs 2 ranks or more, got {args.distributed}")
     if args.quick: args.steps, args.warmup, args.check_steps = min(args.steps, 5), min(args.warmup, 2), min(args.check_steps, 5)
     torch.set_num_threads(args.threads)
     command = ' '.join(['fastforeach-bench', *(sys.argv[1:] if argv is None else argv)])
@@ -438,6 +530,11 @@ def main(argv=None) -> int:
         result['memory'] = floor = [r for m in models for r in memory_floor(m, args.threads, args.device, args.steps,
                                                                             args.warmup)]
         report.append(format_memory_floor(floor))
+    if args.distributed:
+        result['distributed'] = dist_rows = distributed_bench(
+            models, optimizers, world_size=args.distributed, threads=max(1, args.threads // args.distributed),
+            steps=args.steps, warmup=args.warmup)
+        report.append(format_distributed(dist_rows, args.distributed))
     text = '\n\n'.join(report) + '\n'
     print(text, end='')
     outputs = {'json': args.json, 'png': args.plot}

@@ -305,7 +305,8 @@ class ForEachOptimizer(Optimizer):
         do_wd = [state.get('do_wd', True) for state in bucket.states]
         self._store(bucket, self.fused.run(bucket.params, bucket.grads, self._state_lists(bucket), do_wd, kwargs,
                                            wd=hyper.get('wd', 0.), decouple_wd=self.decouple_wd,
-                                           plans=self.fused_plans, norms=bucket.norms))
+                                           plans=self.fused_plans, norms=bucket.norms,
+                                           sizes=[p.numel() for p in bucket.origins] if bucket.sharded else None))
 
     def _store(self, chunk: Bucket, out):
         """Put a step's per-param values into the state: state tensors of sharded params that the step moved

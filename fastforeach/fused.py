@@ -78,9 +78,9 @@ class FusedStep:
     def ready(self, p: torch.Tensor, hypers: dict) -> bool: return True
 
     def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool, plans: 'Plans',
-            norms: WholeNorms = LOCAL_NORMS):
-        """Step; `norms` completes norms of whole params from the tensors given, which may be shards of them
-        (see `distributed.py`)."""
+            norms: WholeNorms = LOCAL_NORMS, sizes: list[int] | None = None):
+        """Step. The tensors may be shards of the params (see `distributed.py`): `norms` then completes norms
+        of whole params, and `sizes` gives the whole params' numbers of elements, the same on every rank."""
         raise NotImplementedError
 
 
@@ -102,7 +102,7 @@ class KernelStep(FusedStep):
 
     def ready(self, p, hypers): return self._ready is None or self._ready(p, hypers)
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS, sizes=None):
         for idx, takes_wd in split_by_wd(do_wd, wd):
             (ps, gs, *ss), ops = plans.operands(self, params, grads, states, idx)
             decay = wd if takes_wd else 0.
@@ -124,12 +124,13 @@ class EitherStep(FusedStep):
 
     def ready(self, p, hypers): return self.kernel.ready(p, hypers) or self.compiled.ready(p, hypers)
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS, sizes=None):
         p0, kernel_ready = params[0], self.kernel.ready(params[0], hypers)
-        saves_a_pass = wd and decouple_wd and sum(p.numel() for p in params) >= COMPILED_MIN_NUMEL * len(params)
+        saves_a_pass = wd and decouple_wd and sum(sizes or [p.numel() for p in params]) >= COMPILED_MIN_NUMEL * len(params)
         use = self.kernel
         if (not kernel_ready or saves_a_pass) and self.compiled.ready(p0, hypers): use = self.compiled
-        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans, norms=norms)
+        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans, norms=norms,
+                       sizes=sizes)
 
 
 # --- compiled steps ---------------------------------------------------------------------------------
@@ -554,21 +555,19 @@ class CompiledStep(FusedStep):
     @property
     def pack_phases(self): return self.pack_step.phases if self.pack_step else ()
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS, sizes=None):
         phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
         p0, lr = params[0], hypers['lr']
         outs, stored = [None] * len(params), {}
-        numels, largest = [p.numel() for p in params], pack_max_numel(p0.device)
+        # Sizes of whole params, so that shards are packed alike, in the same order, on every rank.
+        numels, largest = sizes or [p.numel() for p in params], pack_max_numel(p0.device)
         # Shards of params: an update that takes norms inside its compiled loop would take the shard's, so
-        # every param goes through the pack, whose norms are completed across ranks; in the same order on
-        # every rank (a shard's size may differ from rank to rank).
-        every_param_packed = self.pack_step is not None and not norms.is_local
-        if every_param_packed: largest = math.inf
+        # every param goes through the pack, whose norms are completed across ranks.
+        if self.pack_step is not None and not norms.is_local: largest = math.inf
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
             c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
-            small = [] if not self.packs else idx if every_param_packed else sorted(
-                (i for i in idx if numels[i] <= largest), key=numels.__getitem__)
+            small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
             if small:
                 pack = plans.pack(self, params, states, small)
                 for i, r in zip(small, self._run_pack(pack, phases, c, l2 != 0, small, grads, states, stored, norms)):

@@ -33,6 +33,10 @@ def _rank_main(rank, world_size, port, out_dir, threads, fn, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save({'ok': result}, Path(out_dir) / f'{rank}.pt')
+        # Every rank done before any tears the group down: a rank that destroys it while a peer still
+        # finishes a collective can abort either process (seen as "terminate called without an active
+        # exception" from gloo).
+        dist.barrier()
     except BaseException:
         torch.save({'error': traceback.format_exc()}, Path(out_dir) / f'{rank}.pt')
         raise

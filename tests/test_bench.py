@@ -66,11 +66,26 @@ def test_memory_floor_times_plain_passes_beside_sgd(tmp_path, capsys):
     assert next(r for r in rows if r['what'] == 'fastai SGD')['fastai_over_this'] == 1
 
 
+def test_distributed_mode_times_fsdp2_steps_and_halves_the_state(tmp_path, capsys):
+    "FSDP2's layout over 2 ranks: every optimizer beside torch's AdamW, each rank holding half the state."
+    out_json = tmp_path / 'r.json'
+    assert bench.main(['--models', 'mlp', '--optimizers', 'Adam', 'Lamb', '--steps', '2', '--warmup', '1',
+                       '--check-steps', '2', '--distributed', '--json', str(out_json)]) == 0
+    assert 'state MB/rank' in capsys.readouterr().out
+    rows = json.loads(out_json.read_text())['distributed']
+    assert {(r['optimizer'], r['impl']) for r in rows} == {
+        (o, i) for o in ('Adam', 'Lamb') for i in ('foreach', 'fused', 'torch AdamW foreach', 'torch AdamW fused')}
+    for r in rows:
+        assert r['ms'] > 0
+        assert r['state_bytes'] / r['one_process_state_bytes'] == pytest.approx(0.5, abs=0.01)  # 64-row tensors split evenly
+
+
 @pytest.mark.parametrize('args,message', [
     (['--models', 'resnet1000'], 'unknown model resnet1000'),
     (['--optimizers', 'Adamax'], 'unknown optimizer Adamax'),
     (['--threads', '0'], '--threads must be >= 1'),
     (['--device', 'tpu'], "unknown device 'tpu'"),
+    (['--distributed', '1'], '--distributed needs 2 ranks or more'),
 ])
 def test_bad_arguments_exit_with_a_message(args, message):
     proc = subprocess.run([sys.executable, '-m', 'fastforeach.bench', *args], capture_output=True, text=True)
