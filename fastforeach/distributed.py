@@ -7,7 +7,7 @@ compiled update applies (dispatching through DTensor measured 2x slower, and mos
 sharding rule at all). The state stays a DTensor, sharded like its param, so checkpoints see the layout.
 
 What is not elementwise is a norm of a whole param (Larc's and LAMB's trust ratios): a rule asks for a
-`norms` argument (see `engine.StepRule`) and gets a `WholeNorms`, which computes the norms of the local
+`norms` argument (see `rules.StepRule`) and gets a `WholeNorms`, which computes the norms of the local
 shards and completes them with one all-reduce per call, over every list and param it is given.
 
 Only `Shard` and `Replicate` placements are supported: a param whose gradient is laid out otherwise

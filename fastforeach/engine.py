@@ -2,27 +2,12 @@
 
 `ForEachOptimizer` is a `fastai.optimizer.Optimizer` whose `step` gathers, once per step, every param
 that has a gradient together with its gradient, its state and its `do_wd` flag, applies weight decay,
-and hands whole lists of tensors to a pure *step rule*.
-
-A step rule is a function over lists whose signature is its state spec::
-
-    def adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps): ...
-
-- positional `p, g`: the params and their gradients;
-- further positional names: per-param state tensors under fastai's own keys, created as zeros on the
-  first step;
-- keyword-only names: hypers read from the param group at every step, plus `step` (fastai's per-param
-  step count, already incremented) and `norms` (a `distributed.WholeNorms`: `norms(*lists)` gives the L2
-  norm of each whole param, also when the rule sees only this rank's shards) when the rule asks for them.
-
-A rule may return a dict of per-param values to store in the state (Larc's `local_lr`).
+and hands whole lists of tensors to a pure *step rule* (see `rules.py`) or to its fused form (`fused/`).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from numbers import Real
 from typing import Callable
 
@@ -33,6 +18,7 @@ from fastcore.foundation import L
 from .checkpoint import TorchOptimizerView
 from .distributed import LOCAL_NORMS, as_like, check_layout, is_sharded, layout, local, norms_for, wrap_like
 from .fused import FusedStep, Plans
+from .rules import StepRule
 from .ops import mul_scalar_
 
 __all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'check_params', 'debias', 'unlike_param']
@@ -74,36 +60,6 @@ def check_hyper(name: str, value, where: str = '') -> None:
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
     if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite real number {expected})")
-
-
-@dataclass(frozen=True)
-class StepRule:
-    "What the engine reads off a step rule's signature: state keys and hypers."
-    fn: Callable
-    state_keys: tuple[str, ...]
-    hypers: tuple[str, ...]           # keyword-only names without a default: must be in every group
-    optional_hypers: tuple[str, ...]  # keyword-only names with a default: passed when a group has them
-    counts_steps: bool = field(default=False)
-    uses_norms: bool = field(default=False)
-
-    @classmethod
-    def of(cls, fn: Callable) -> 'StepRule':
-        params = list(inspect.signature(fn).parameters.values())
-        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if positional[:2] != ['p', 'g']:
-            raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
-        keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
-        given = ('step', 'norms')  # by the engine, not read from the param group
-        return cls(fn, state_keys=tuple(positional[2:]),
-                   hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name not in given),
-                   optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty and p.name not in given),
-                   counts_steps=any(p.name == 'step' for p in keyword),
-                   uses_norms=any(p.name == 'norms' for p in keyword))
-
-    @property
-    def name(self) -> str:
-        fn = self.fn.func if hasattr(self.fn, 'func') else self.fn
-        return getattr(fn, '__name__', repr(fn))
 
 
 def check_params(params: L) -> None:
@@ -174,7 +130,7 @@ class ForEachOptimizer(Optimizer):
     params whose state does not say `do_wd=False`. Then `opt_step` (see the module docstring) runs once
     per (group, device, dtype, step count), cut into cache-sized chunks on CPU.
 
-    `opt_step` may also be a `FusedStep` (see `fused.py`): the same rule done in one pass over memory,
+    `opt_step` may also be a `FusedStep` (see `fused/`): the same rule done in one pass over memory,
     weight decay included.
     """
     def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, **defaults):

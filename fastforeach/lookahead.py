@@ -35,7 +35,7 @@ class Lookahead(_FastaiLookahead):
     """fastai's `Lookahead` with foreach slow-weight updates: every `k` steps of `opt`,
     slow ← slow + alpha·(fast − slow), then fast ← slow. Wraps fastforeach and fastai optimizers alike;
     its `state_dict` has fastai's shape (`count`, `slow_weights`). `fused=True` compiles the sync into one
-    pass per tensor (see `fused.py`)."""
+    pass per tensor (see `fused/`)."""
     def __init__(self, opt, k=6, alpha=0.5, *, fused=False):
         check_lookahead(k, alpha)
         super().__init__(opt, k=k, alpha=alpha)

@@ -11,6 +11,7 @@ from torch import nn
 
 import fastforeach
 from fastforeach import fused
+from fastforeach.fused import compile as compiling, compiled as compiled_steps, plans as fused_plans
 from fastforeach.oracle import oracle_layers
 from fastforeach.registry import REGISTRY
 from fastforeach.training import digits_learner
@@ -32,7 +33,7 @@ def test_one_cycle_schedule_never_recompiles(name, tmp_path):
         learn.fit_one_cycle(2, slice(REGISTRY[name].lr / 10, REGISTRY[name].lr))
     assert learn.opt.hypers[0]['lr'] != learn.opt.hypers[-1]['lr']
     assert graphs() == before and fused.compile_cache_info() == compiled
-    assert fused._CHECKED and all(fused._CHECKED.values())  # compiled for real, no foreach fallback
+    assert compiling._CHECKED and all(compiling._CHECKED.values())  # compiled for real, no foreach fallback
 
 
 def test_one_graph_serves_every_layout():
@@ -46,7 +47,7 @@ def test_one_graph_serves_every_layout():
     before, compiled = graphs(), fused.compile_cache_info()
     run([[nn.Parameter(torch.randn(n, 2 * n + 1)) for n in range(1, 30)], [nn.Parameter(torch.randn(1))]])
     assert graphs() == before and fused.compile_cache_info() == compiled
-    assert fused._CHECKED and all(fused._CHECKED.values())  # compiled for real, no foreach fallback
+    assert compiling._CHECKED and all(compiling._CHECKED.values())  # compiled for real, no foreach fallback
 
 
 def _halve_update(p, g, c):
@@ -91,9 +92,9 @@ def test_odd_memory_layouts(name):
 def test_fallback_when_nothing_compiles(monkeypatch):
     "No compiler: one warning, then the foreach rule, with the same result; nothing half-applied."
     def no_compiler(*args, **kwargs): raise RuntimeError("no C++ compiler found")
-    monkeypatch.setattr(fused, '_CHECKED', {})
-    monkeypatch.setattr(fused, '_COMPILED', {})
-    monkeypatch.setattr(fused.torch, 'compile', no_compiler)
+    monkeypatch.setattr(compiling, '_CHECKED', {})
+    monkeypatch.setattr(compiling, '_COMPILED', {})
+    monkeypatch.setattr(torch, 'compile', no_compiler)
     spec = REGISTRY['Lamb']
     twins = against_fastai(spec, 'fused', oracle_layers(torch.float64))
     with pytest.warns(RuntimeWarning, match="could not compile the fused lamb_norms and lamb_apply") as record:
@@ -116,12 +117,12 @@ def test_sizes_traced_another_way_when_the_first_fails(monkeypatch):
     def specialised():
         tried.append('specialised')
         yield
-    monkeypatch.setattr(fused, '_CHECKED', {})
-    monkeypatch.setattr(fused, '_size_configs', lambda: (unlowerable, specialised))
+    monkeypatch.setattr(compiling, '_CHECKED', {})
+    monkeypatch.setattr(compiling, '_size_configs', lambda: (unlowerable, specialised))
     spec = REGISTRY['RMSProp']
     twins = against_fastai(spec, 'fused', oracle_layers(torch.float64))
     for _ in range(5): twins.step(spec.lr)  # a fallback warning would be an error (pytest.ini)
-    assert tried == ['oblivious', 'specialised'] and all(fused._CHECKED.values())
+    assert tried == ['oblivious', 'specialised'] and all(compiling._CHECKED.values())
     assert_twins_equal(twins, torch.float64, 5)
 
 
@@ -249,7 +250,7 @@ def test_sgd_decoupled_decay_on_large_tensors_is_compiled(options, monkeypatch):
     def spy(phases, *args):
         ran.extend(update.__name__ for update, _ in phases)
         return run_chunks(phases, *args)
-    monkeypatch.setattr(fused, 'run_chunks', spy)
+    monkeypatch.setattr(compiled_steps, 'run_chunks', spy)
     spec = REGISTRY['SGD']
     torch.manual_seed(0)
     layers = [[nn.Parameter(torch.randn(150, 150)) for _ in range(3)] + [nn.Parameter(torch.randn(150))]]
@@ -269,7 +270,7 @@ def _state_buffers(opt, params, key):
 def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     """Compiled updates step every small param of a (group, do_wd) split as one pack, over state that lives
     end to end, in one compiled call per phase; a large param gets calls of its own. Equal to fastai."""
-    calls, compiled = [], fused._compiled
+    calls, compiled = [], compiling._compiled
     def spy(*key):  # records the size of the first real tensor of every compiled call
         fn = compiled(*key)
         def call(tensors, c):
@@ -277,7 +278,7 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
             if first.numel() != fused.WARMUP_SIZE: calls.append(first.numel())  # not compiling on dummies
             return fn(tensors, c)
         return call
-    monkeypatch.setattr(fused, '_compiled', spy)
+    monkeypatch.setattr(compiling, '_compiled', spy)
     spec = REGISTRY[name]
     torch.manual_seed(0)
     small = [nn.Parameter(torch.randn(3 + i % 5, 7)) for i in range(30)]
@@ -299,7 +300,7 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
         def __init__(self, *args):
             built.append(self)
             super().__init__(*args)
-    monkeypatch.setattr(fused, 'Pack', CountedPack)
+    monkeypatch.setattr(fused_plans, 'Pack', CountedPack)
     for t in range(1, 6):
         calls.clear()
         twins.step(spec.lr)

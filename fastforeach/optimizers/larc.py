@@ -12,7 +12,7 @@ __all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs
 
 def layer_lrs(p, g, *, lr, trust_coeff, wd, eps, clip, norms):
     """Every layer's lr at once: lr·trust_coeff·‖p‖ / (‖g‖ + wd·‖p‖ + eps), at most lr when `clip`, with the
-    norms of whole params (`norms`, see `engine.StepRule`).
+    norms of whole params (`norms`, see `rules.StepRule`).
 
     A list of 0-d tensors, so nothing waits for the device."""
     p_norm, g_norm = norms(p, g)

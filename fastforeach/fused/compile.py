@@ -1,0 +1,175 @@
+"""Compiling per-tensor updates once per process, and calling them on chunks of tensors or on packs."""
+from __future__ import annotations
+
+import inspect
+import types
+import warnings
+from typing import Callable
+
+import torch
+
+__all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
+           'run_chunks', 'run_flat', 'compile_cache_info']
+
+# Tensors per call of a compiled update: larger chunks mean fewer Python calls per step, but a longer
+# first compile (each tensor of a chunk is its own loop in the generated code).
+CHUNK = 8
+WARMUP_SIZE = 1 << 16
+
+
+# How a compiled update is called (see `_runner`).
+PLAIN, DECAY, FLAT = 'plain', 'decay', 'flat'
+
+
+def _runner(update: Callable, mode: str):
+    """`run(lists, c)`: `update(*tensors, c)` on the i-th tensor of every list, for each i.
+
+    With FLAT, `run(tensors, c)` is `update(*tensors, c)`: whole tensors, not lists.
+
+    With DECAY, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
+    decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`."""
+    if mode == FLAT: return lambda tensors, c: update(*tensors, c)
+
+    def run(lists, c):
+        out = []
+        for i in range(len(lists[0])):
+            tensors = [xs[i] for xs in lists]
+            if mode == DECAY:
+                p, g = tensors[0], tensors[1]
+                tensors[1] = g + c[1] * p
+                p.mul_(c[0])
+                out.append(update(*tensors, c[2:]))
+            else: out.append(update(*tensors, c))
+        return out
+    return run
+
+
+_COMPILED: dict[tuple, Callable] = {}
+_CHECKED: dict[tuple, bool] = {}   # (updates, dtype, device type) -> whether they compiled; process-wide
+
+
+def compile_cache_info() -> list[tuple]:
+    "The graphs this process has compiled: (update, how it is called, dtype, device type)."
+    return [(k[0].__name__, *k[1:]) for k in _COMPILED]
+
+
+def _compiled(update: Callable, mode: str, dtype: torch.dtype, device_type: str) -> Callable:
+    key = (update, mode, dtype, device_type)
+    if key not in _COMPILED:
+        run = _runner(update, mode)
+        # A code object of its own per key: dynamo caches graphs per code object (see module docstring).
+        own = types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{update.__name__}", None, run.__closure__)
+        # Not fullgraph: should dynamo ever give up on a call (a recompile limit), it then runs the update
+        # eagerly, slower but right, where fullgraph would raise in the middle of a step.
+        _COMPILED[key] = torch.compile(own, dynamic=True)
+    return _COMPILED[key]
+
+
+def _size_configs() -> tuple:
+    """How sizes are traced, tried in order. Sizes stay symbolic and no two tensors are forced to share a
+    size; the first also leaves sizes 0 and 1 unspecialised (one graph for every size). Older PyTorch
+    (2.11) fails to lower graphs traced that way (`KeyError: 'unbacked_bindings'`), so the second
+    specialises them (a 1-element tensor then gets a graph of its own)."""
+    import torch.fx.experimental._config as fx_config
+    return (lambda: fx_config.patch(use_duck_shape=False, backed_size_oblivious=True),
+            lambda: fx_config.patch(use_duck_shape=False))
+
+
+def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
+    "float64 params get float64 coefficients; every other float gets float32, as PyTorch's scalar math does."
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: int, chunk: int = CHUNK) -> bool:
+    """Compile (or find compiled) the `phases` of a step (see `run_chunks`) for `like`'s dtype and device,
+    on dummy tensors, before any real tensor is touched. On failure, warn once and return False: the
+    caller steps with its foreach form."""
+    def attempt():
+        lists = [[_warmup(like) for _ in range(chunk)] for _ in range(n_lists)]
+        run_chunks(phases, [lists], _warmup(like, n_coefficients, coefficient_dtype(like.dtype)), chunk)
+    return _compiles((phases, like.dtype, like.device.type, chunk), [update for update, _ in phases], like, attempt)
+
+
+def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool:
+    "`compiles` for a phase of a `PackStep`: (update, how many of its tensors are spread values)."
+    update, n_spread = phase
+    def attempt():
+        n_flat = len(inspect.signature(update).parameters) - 1 - n_spread  # all but the spread values and c
+        spread = [_warmup(like, dtype=coefficient_dtype(like.dtype)) for _ in range(n_spread)]
+        run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *spread],
+                 _warmup(like, n_coefficients, coefficient_dtype(like.dtype)))
+    return _compiles((phase, like.dtype, like.device.type), [update], like, attempt)
+
+
+def _warmup(like, size=WARMUP_SIZE, dtype=None):
+    # Inductor plans loops (threads, vector width) from the sizes it first sees: large ones, as real
+    # weights are, so that the kernels run on every thread.
+    return torch.ones(size, dtype=dtype or like.dtype, device=like.device)
+
+
+def _compiles(key, updates, like, attempt) -> bool:
+    if key not in _CHECKED:
+        try:
+            # Under no_grad, as steps run: dynamo guards on grad mode, and would compile again for the step.
+            with torch.no_grad(): _first_that_compiles(attempt)
+            _CHECKED[key] = True
+        except Exception as e:  # noqa: BLE001 - any failure to compile means: use the foreach form
+            first_line = str(e).splitlines()[0] if str(e) else ''
+            name = ' and '.join(update.__name__ for update in updates)
+            warnings.warn(f"fastforeach: could not compile the fused {name} for {like.dtype} on "
+                          f"{like.device.type} ({type(e).__name__}: {first_line}); using its foreach form instead",
+                          RuntimeWarning, stacklevel=6)
+            _CHECKED[key] = False
+    return _CHECKED[key]
+
+
+def _first_that_compiles(attempt):
+    "Run `attempt` under the first of `_size_configs` it compiles under; raise the first failure if none."
+    first = None
+    for config in _size_configs():
+        try:
+            with config(): return attempt()
+        except Exception as e:  # noqa: BLE001 - try the next way of tracing sizes
+            first = first or e
+    raise first
+
+
+def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int) -> list:
+    """The compiled `phases`, `((update, mode), ...)`, over every chunk; what the last returned for the
+    first `n` (real, not padding) tensors.
+
+    A second phase gets the chunk's params and state (not the gradients) followed by what the first
+    returned per tensor (lists of 0-d tensors): LAMB's norms, which must be known before its update."""
+    like = chunks[0][0][0]
+    fns = [_compiled(update, mode, like.dtype, like.device.type) for update, mode in phases]
+    out = []
+    for chunk in chunks:
+        res = fns[0](chunk, c)
+        for fn in fns[1:]: res = fn([chunk[0], *chunk[2:], *map(list, zip(*res))], c)
+        out += res
+    return out[:n]
+
+
+def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor):
+    "The compiled `update(*tensors, c)` on whole tensors (a pack's): what it returns."
+    like = tensors[0]
+    return _compiled(update, FLAT, like.dtype, like.device.type)(tensors, c)
+
+
+def _dummies(dtype, device, n_lists: int) -> list[list[torch.Tensor]]:
+    "`CHUNK` distinct one-element tensors per list: padding that lets one graph serve chunks of any length."
+    key = (dtype, device, n_lists)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = [[torch.zeros(1, dtype=dtype, device=device) for _ in range(CHUNK)] for _ in range(n_lists)]
+    return _DUMMIES[key]
+
+
+_DUMMIES: dict = {}
+
+
+def chunked(lists: list[list[torch.Tensor]], size: int = CHUNK) -> list[list[list[torch.Tensor]]]:
+    "Parallel lists cut into chunks of `size` (at most `CHUNK`) tensors, the last one padded with dummies."
+    n, like = len(lists[0]), lists[0][0]
+    pad = -n % size
+    padded = [xs + d[:pad] for xs, d in zip(lists, _dummies(like.dtype, like.device, len(lists)))]
+    return [[xs[s:s + size] for xs in padded] for s in range(0, n + pad, size)]

@@ -1,0 +1,55 @@
+"""What a fused step keeps between steps: operands and packs, reused while the same tensors come back."""
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Callable
+
+import torch
+
+from .layout import Operands, _identity
+from .packs import Pack
+
+__all__ = ['Plans']
+
+class Plans:
+    """The operands of each call site's last step, reused while the same tensors come back with the same
+    storage (fastai keeps its gradient tensors between steps; the state is ours).
+
+    Building them costs a few microseconds per tensor, which on a model of many small tensors is more
+    than the fused arithmetic."""
+    def __init__(self):
+        self._plans = {}
+
+    def __getstate__(self):
+        "A copy (pickle, deepcopy) starts with no plans: the cached operands alias the original's tensors."
+        return {'_plans': {}}
+
+    def get(self, key, tensors: list, build: Callable):
+        "`(operands, ops)`: the cached operands and no ops, or `build()`'s, cached when no op needs copying back."
+        ptrs = list(map(torch.Tensor.data_ptr, tensors))
+        plan = self._plans.get(key)
+        if plan is not None and plan[1] == ptrs and all(map(operator.is_, plan[0], tensors)):
+            return plan[2], ()
+        operands, ops = build()
+        if any(o.back for o in ops): self._plans.pop(key, None)
+        else: self._plans[key] = (tensors, ptrs, operands)
+        return operands, ops
+
+    def operands(self, owner, params, grads, states, idx, alias=_identity):
+        "`Operands.of(params, grads, states, idx, alias)` for `owner`, from the last step's when they still hold."
+        lists = (params, grads, *states)
+        if len(idx) < len(params): lists = [[xs[i] for i in idx] for xs in lists]  # else idx is every index
+        tensors = list(itertools.chain.from_iterable(lists))
+        return self.get((owner, id(params[idx[0]])), tensors, lambda: Operands.of(params, grads, states, idx, alias))
+
+    def pack(self, owner, params, states, idx) -> Pack:
+        """The `Pack` of the params at `idx` for `owner`, the last step's while the same params and state come
+        back. `idx` should be sorted by size, so that params of one size lie together (see `Pack.norms`)."""
+        sub = [[xs[i] for i in idx] for xs in (params, *states)]
+        tensors = [t for xs in sub for t in xs]
+        key = (owner, 'pack', id(params[idx[0]]))
+        pack = self.get(key, tensors, lambda: (Pack(sub[0], sub[1:]), ()))[0]
+        # Moved state is stored by the caller; the next step finds it in place and caches a pack over it.
+        if any(v is not None for v in pack.moved): self._plans.pop(key, None)
+        return pack
