@@ -13,6 +13,7 @@ from .engine import ForEachOptimizer
 from .lookahead import Lookahead, RangerForEachOptimizer
 from .optimizers import *  # noqa: F403
 from .optimizers import __all__ as _optimizer_classes
+from .pure_bf16 import PureBF16
 from .registry import REGISTRY, make_factory
 
 __version__ = '0.1.0'
@@ -30,4 +31,4 @@ ranger = make_factory(REGISTRY['ranger'])
 OWN = ('SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'Lookahead', 'ranger')
 
 __all__ = list(dict.fromkeys([*_fastai_optimizer.__all__, *OWN, 'ForEachOptimizer', 'RangerForEachOptimizer',
-                              *_optimizer_classes]))
+                              *_optimizer_classes, 'PureBF16']))

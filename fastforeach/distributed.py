@@ -89,18 +89,19 @@ def norms_for(p) -> WholeNorms:
     return WholeNorms(tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if isinstance(placement, Shard)))
 
 
-def as_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """`t`, a tensor saved for param `p`, on `p`'s device and dtype and laid out as `p`: a plain tensor loaded
-    for a sharded param is cut to this rank's shard (every rank holds the same whole tensor, so nothing is
-    sent), a DTensor for a plain param is gathered whole."""
+def as_like(t: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t`, a tensor saved for param `p`, on `p`'s device, in `dtype` (`p`'s by default) and laid out as `p`:
+    a plain tensor loaded for a sharded param is cut to this rank's shard (every rank holds the same whole
+    tensor, so nothing is sent), a DTensor for a plain param is gathered whole."""
+    dtype = dtype or p.dtype
     if is_sharded(p):
         from torch.distributed.tensor import distribute_tensor
-        if not is_sharded(t): return distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements,
+        if not is_sharded(t): return distribute_tensor(t.to(device=p.device, dtype=dtype), p.device_mesh, p.placements,
                                                        src_data_rank=None)
-        t = t.to(dtype=p.dtype)
+        t = t.to(dtype=dtype)
         return t if layout(t) == layout(p) else t.redistribute(p.device_mesh, p.placements)
     if is_sharded(t): t = t.full_tensor()
-    return t.to(device=p.device, dtype=p.dtype)
+    return t.to(device=p.device, dtype=dtype)
 
 
 def wrap_like(shard: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -17,16 +17,20 @@ from fastcore.foundation import L
 
 from .checkpoint import TorchOptimizerView
 from .distributed import LOCAL_NORMS, as_like, check_layout, is_sharded, layout, local, norms_for, wrap_like
-from .fused import FusedStep, Plans
+from .fused import Context, FusedStep, Plans
 from .rules import StepRule
 from .ops import mul_scalar_
+from .precision import COMP, Rounding, is_low_precision
 
-__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'check_params', 'debias', 'unlike_param']
+__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'check_params', 'debias', 'fastai_steppers', 'unlike_param']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
 # N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
 # loaded; on GPU one launch over everything is best.
 CPU_CHUNK_BYTES = 1 << 20
+# 16-bit params stepped on float32 working copies are stepped in runs of at most this many bytes (of the
+# params) on a GPU too, so that the copies stay small beside the model.
+FLOAT32_CHUNK_BYTES = 64 << 20
 
 
 def debias(mom: float, damp: float, step: int) -> float:
@@ -70,6 +74,11 @@ def check_params(params: L) -> None:
                             "ZeroRedundancyOptimizer passes them). fastai-style optimizers take a list of tensors, "
                             "or a list of lists for several groups, with hypers as keywords; to shard optimizer "
                             "state across ranks, shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)")
+
+
+def fastai_steppers(factory: Callable, **options) -> list:
+    "The stepper callbacks of the optimizer fastai's `factory` builds with `options` (lr among them)."
+    return list(factory([torch.zeros(1)], **options).cbs)
 
 
 def unlike_param(t, p: torch.Tensor):
@@ -132,8 +141,20 @@ class ForEachOptimizer(Optimizer):
 
     `opt_step` may also be a `FusedStep` (see `fused/`): the same rule done in one pass over memory,
     weight decay included.
+
+    16-bit params (bfloat16, float16) are stepped as `rounding` says (see `precision.py`): on float32
+    working values written back with Kahan summation (`'kahan'`, its buffer in `kahan_dtype`) or
+    stochastic rounding (`'stochastic'`), or, with `'nearest'`, by the steppers of the optimizer that
+    fastai's factory `fastai` builds with the same hypers and `fastai_options`, bit for bit as fastai does
+    (without `fastai`, the rule steps them as they are, each op rounded to 16 bits).
     """
-    def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, **defaults):
+    def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, *, rounding: str = 'kahan',
+                 kahan_dtype: torch.dtype = torch.float32, fastai: Callable | None = None, fastai_options: dict = None,
+                 **defaults):
+        self.rounding = Rounding(rounding, kahan_dtype)
+        # fastai's own steppers for this optimizer: how 16-bit params are stepped with rounding='nearest'.
+        self.steppers = None if fastai is None else fastai_steppers(fastai, decouple_wd=decouple_wd, **defaults,
+                                                                     **(fastai_options or {}))
         self.fused = opt_step if isinstance(opt_step, FusedStep) else None
         self.fused_plans = Plans()  # what the fused step keeps between steps, for this optimizer only
         self.rule = StepRule.of(opt_step.rule if self.fused else opt_step)
@@ -179,18 +200,26 @@ class ForEachOptimizer(Optimizer):
             kwargs = {k: hyper[k] for k in self.rule.hypers}
             kwargs.update({k: hyper[k] for k in self.rule.optional_hypers if k in hyper})
             for bucket in buckets:
+                p0 = bucket.params[0]
+                if self._as_fastai(p0):
+                    self._run_fastai(bucket, hyper)
+                    continue
                 if self.rule.counts_steps:
                     step = bucket.states[0].get('step', 0) + 1
                     for state in bucket.states: state['step'] = step
                     kwargs['step'] = step
-                if self.fused is not None and self.fused.ready(bucket.params[0], kwargs):
-                    self._run_fused(bucket, hyper, kwargs)
+                in_float32 = self.rounding.in_float32(p0)
+                if self.fused is not None and self.fused.ready(p0, kwargs, self.rounding if in_float32 else None):
+                    self._run_fused(bucket, hyper, kwargs, in_float32)
                     continue
                 # Sharded buckets stay whole: a rule that needs norms then all-reduces once per bucket.
-                on_cpu = bucket.params[0].device.type == 'cpu' and not bucket.sharded
-                for chunk in bucket.chunks(CPU_CHUNK_BYTES) if on_cpu else [bucket]:
-                    self._weight_decay(chunk, hyper)
-                    self._run_rule(chunk, kwargs)
+                size = None if bucket.sharded else FLOAT32_CHUNK_BYTES if in_float32 and p0.device.type != 'cpu' \
+                    else CPU_CHUNK_BYTES if p0.device.type == 'cpu' else None
+                for chunk in bucket.chunks(size) if size else [bucket]:
+                    if in_float32: self._run_in_float32(chunk, hyper, kwargs)
+                    else:
+                        self._weight_decay(chunk, hyper)
+                        self._store(chunk, self._run_rule(chunk, kwargs))
 
     def _gather(self):
         "Per group: its hypers and its buckets of params with a gradient."
@@ -253,22 +282,57 @@ class ForEachOptimizer(Optimizer):
             return self._state_lists(chunk)
         return [[local(t) for t in xs] for xs in lists] if chunk.sharded else lists
 
-    def _run_rule(self, chunk: Bucket, kwargs: dict):
+    def _run_rule(self, chunk: Bucket, kwargs: dict, states: list | None = None):
         if self.rule.uses_norms: kwargs = {**kwargs, 'norms': chunk.norms}
-        self._store(chunk, self.rule.fn(chunk.params, chunk.grads, *self._state_lists(chunk), **kwargs))
+        states = self._state_lists(chunk) if states is None else states
+        return self.rule.fn(chunk.params, chunk.grads, *states, **kwargs)
 
-    def _run_fused(self, bucket: Bucket, hyper: dict, kwargs: dict):
+    def _run_in_float32(self, chunk: Bucket, hyper: dict, kwargs: dict):
+        """Weight decay and the rule on float32 copies of the chunk's 16-bit params (with their Kahan
+        buffers added), gradients and state; then the state rounded back and the params written back as
+        `rounding` says. The gradients are left as they were (L2 goes into the copies)."""
+        states = self._state_lists(chunk)
+        comps = self.rounding.compensations(chunk.origins, chunk.states)
+        if comps is not None and chunk.sharded: comps = [local(c) for c in comps]
+        work = Bucket(self.rounding.working(chunk.params, comps), [g.float() for g in chunk.grads], chunk.states,
+                      norms=chunk.norms)
+        states32 = [[t.float() for t in xs] for xs in states]
+        self._weight_decay(work, hyper)
+        out = self._run_rule(work, kwargs, states32)
+        for xs, ys in zip(states, states32): torch._foreach_copy_(xs, ys)
+        self.rounding.write_back(chunk.params, work.params, comps)
+        self._store(chunk, out)
+
+    def _keeps_comp(self, p) -> bool:
+        "Whether params like `p` have a Kahan buffer here: 16 bits, Kahan summation."
+        return self.rounding.kahan and self.rounding.in_float32(p)
+
+    def _as_fastai(self, p) -> bool:
+        "Whether params like `p` are stepped by fastai's own steppers: 16 bits, rounded to nearest."
+        return self.steppers is not None and self.rounding.mode == 'nearest' and is_low_precision(p.dtype)
+
+    def _run_fastai(self, bucket: Bucket, hyper: dict):
+        "fastai's step, one param at a time: every stepper's result merged into the param's state, as fastai does."
+        for p, state in zip(bucket.origins, bucket.states):
+            for stepper in self.steppers:
+                new = stepper(p, **{**state, **hyper})
+                if isinstance(new, dict): state.update(new)
+
+    def _run_fused(self, bucket: Bucket, hyper: dict, kwargs: dict, in_float32: bool):
         do_wd = [state.get('do_wd', True) for state in bucket.states]
+        comps = self.rounding.compensations(bucket.origins, bucket.states) if in_float32 else None
+        if comps is not None and bucket.sharded: comps = [local(c) for c in comps]
+        context = Context(norms=bucket.norms, sizes=[p.numel() for p in bucket.origins] if bucket.sharded else None,
+                          rounding=self.rounding if in_float32 else None, comps=comps)
         self._store(bucket, self.fused.run(bucket.params, bucket.grads, self._state_lists(bucket), do_wd, kwargs,
                                            wd=hyper.get('wd', 0.), decouple_wd=self.decouple_wd,
-                                           plans=self.fused_plans, norms=bucket.norms,
-                                           sizes=[p.numel() for p in bucket.origins] if bucket.sharded else None))
+                                           plans=self.fused_plans, context=context))
 
     def _store(self, chunk: Bucket, out):
         """Put a step's per-param values into the state: state tensors of sharded params that the step moved
         (a fused step's pack) as DTensors around their new local shards, other values as they are."""
         for key, values in (out or {}).items():
-            if chunk.sharded and key in self.rule.state_keys:
+            if chunk.sharded and (key in self.rule.state_keys or key == COMP):
                 values = [wrap_like(v, p) for v, p in zip(values, chunk.origins)]
             for state, value in zip(chunk.states, values): state[key] = value
 
@@ -300,6 +364,9 @@ class ForEachOptimizer(Optimizer):
                         continue
                     got = unlike_param(state[key], p)
                     if got: raise ValueError(f"Invalid state dict: {where}: state {key!r} {got}")
+                if COMP in state:
+                    got = unlike_param(state[COMP], p)
+                    if got: raise ValueError(f"Invalid state dict: {where}: state {COMP!r} {got}")
                 if self.rule.counts_steps and any(k in state for k in self.rule.state_keys):
                     step = state.get('step')
                     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
@@ -314,6 +381,9 @@ class ForEachOptimizer(Optimizer):
             s = dict(s)
             for key in self.rule.state_keys:
                 if key in s: s[key] = as_like(s[key], p)
+            if COMP in s:  # kept where this optimizer sums 16-bit params with Kahan, in its buffers' dtype
+                comp = s.pop(COMP)
+                if self._keeps_comp(p): s[COMP] = as_like(comp, p, self.rounding.kahan_dtype)
             state[p] = s
         self.hypers = type(self.hypers)(dict(h) for h in sd['hypers'])
         self.state = state

@@ -6,6 +6,7 @@ from fastai.optimizer import Lookahead as _FastaiLookahead
 from fastcore.foundation import L
 
 from .distributed import as_like, local
+from .precision import COMP, is_low_precision
 from .engine import ForEachOptimizer, unlike_param
 from .ops import device_tensor
 from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
@@ -52,19 +53,55 @@ class Lookahead(_FastaiLookahead):
         if not self._sync_checked:
             # Compile the sync at this optimizer's first step, with the step's own compiling, rather than
             # stall at step k (or at the first after loading a state dict).
-            for slow, fast in self._weight_lists(): self._compiled_sync(slow, fast)
+            for slow, fast, _ in self._weight_lists(): self._compiled_sync(slow, fast)
             self._sync_checked = True
         self.opt.step()
         self.count += 1
         if self.count % self.k == 0:
             with torch.no_grad():
-                for slow, fast in self._weight_lists(): self._sync(slow, fast)
+                for slow, fast, params in self._weight_lists():
+                    low = [i for i, f in enumerate(fast) if is_low_precision(f.dtype)]
+                    if low:
+                        self._sync_16_bit(*([xs[i] for i in low] for xs in (slow, fast, params)))
+                        rest = [i for i in range(len(fast)) if i not in set(low)]
+                        slow, fast = [slow[i] for i in rest], [fast[i] for i in rest]
+                    self._sync(slow, fast)
         return loss
 
     def _weight_lists(self):
-        "Per param group, the slow weights and the params, as this rank's shards where they are DTensors."
+        "Per param group: the slow weights and the params, as this rank's shards where they are DTensors; the params."
         for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
-            yield [local(s) for s in slow_pg], [local(p) for p in fast_pg]
+            yield [local(s) for s in slow_pg], [local(p) for p in fast_pg], list(fast_pg)
+
+    def _sync_16_bit(self, slow, fast, params):
+        """The sync of 16-bit params, as the inner optimizer's `rounding` says: with Kahan summation or
+        stochastic rounding, the slow weights are float32 (their moves are as small as the steps') and the
+        fast ones are written back from them as the steps write them; with 'nearest', or a fastai optimizer
+        inside, fastai's own sync, op by op."""
+        rounding = getattr(self.opt, 'rounding', None)
+        if rounding is None or not rounding.in_float32(fast[0]):
+            for s, f in zip(slow, fast):
+                s.add_(f - s, alpha=self.alpha)
+                f.copy_(s)
+            return
+        comps = rounding.compensations(params, [self.opt.state[p] for p in params])
+        if comps is not None: comps = [local(c) for c in comps]
+        torch._foreach_lerp_(slow, rounding.working(fast, comps), self.alpha)
+        rounding.write_back(fast, [s.clone() for s in slow], comps)
+
+    def _slow_dtype(self, p) -> torch.dtype:
+        "float32 for the slow weights of 16-bit params stepped in float32 (see `_sync_16_bit`), else `p`'s dtype."
+        rounding = getattr(self.opt, 'rounding', None)
+        return torch.float32 if rounding is not None and rounding.in_float32(p) else p.dtype
+
+    def _copy_weights(self):
+        "The slow weights: the weights the steps see (with their Kahan buffers), in `_slow_dtype`."
+        inner = self.opt
+        def slow(p):
+            comp = inner.state[p].get(COMP) if hasattr(inner, 'rounding') else None
+            w = p.detach().to(self._slow_dtype(p))
+            return w + comp if comp is not None and w.dtype == torch.float32 else w.clone()
+        self.slow_weights = L(L(slow(p) for p in pg) for pg in self.param_lists)
 
     def _sync(self, slow, fast):
         """With `fused`, params above the pack threshold sync in one compiled pass each; smaller ones, for
@@ -117,14 +154,15 @@ class Lookahead(_FastaiLookahead):
         self.opt.load_state_dict(inner)  # checks before it changes anything
         self.count = int(count)
         self.slow_weights = None if slow is None else L(
-            L(as_like(s.detach(), p) for s, p in zip(slow_pg, pg))
+            L(as_like(s.detach(), p, self._slow_dtype(p)) for s, p in zip(slow_pg, pg))
             for slow_pg, pg in zip(slow, self.param_lists))
 
 
 class RangerForEachOptimizer(Lookahead):
     "fastai's `ranger`: `RAdamForEachOptimizer` inside `Lookahead`."
     def __init__(self, params, lr, mom=0.95, wd=0.01, eps=1e-6, k=6, alpha=0.5, *, sqr_mom=0.99, beta=0.,
-                 decouple_wd=True, fused=False):
+                 decouple_wd=True, fused=False, rounding='kahan', kahan_dtype=torch.float32):
         check_lookahead(k, alpha)
         super().__init__(RAdamForEachOptimizer(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta,
-                                               decouple_wd=decouple_wd, fused=fused), k=k, alpha=alpha, fused=fused)
+                                               decouple_wd=decouple_wd, fused=fused, rounding=rounding,
+                                               kahan_dtype=kahan_dtype), k=k, alpha=alpha, fused=fused)

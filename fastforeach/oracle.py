@@ -38,9 +38,19 @@ class Twins:
     """Optimizer `a` and optimizer `b` on identical copies of `groups`, given identical gradients.
 
     With `mark_no_wd`, 1-d params (norm and bias) are marked `do_wd=False`, as fastai's Learner does; the
-    last param of the last group never gets a gradient."""
-    def __init__(self, build_a: Callable, build_b: Callable, groups, seed: int = 0, mark_no_wd: bool = True):
-        self.params_a, self.params_b = _clone_groups(groups), _clone_groups(groups)
+    last param of the last group never gets a gradient.
+
+    With `low_precision` (a 16-bit dtype), `b` steps copies of `groups` in that dtype, and `a` float64
+    copies of the same (rounded) values; the gradients are rounded to it too, so that both see the same
+    numbers and only their arithmetic differs."""
+    def __init__(self, build_a: Callable, build_b: Callable, groups, seed: int = 0, mark_no_wd: bool = True,
+                 low_precision: torch.dtype | None = None):
+        self.low_precision = low_precision
+        if low_precision is not None:
+            groups = [[p.detach().to(low_precision) for p in g] for g in groups]
+            self.params_a = [[nn.Parameter(p.double()) for p in g] for g in groups]
+            self.params_b = _clone_groups(groups)
+        else: self.params_a, self.params_b = _clone_groups(groups), _clone_groups(groups)
         self.opt_a, self.opt_b = build_a(self.params_a), build_b(self.params_b)
         self.no_grad = (len(groups) - 1, len(groups[-1]) - 1)
         for opt, params in ((self.opt_a, self.params_a), (self.opt_b, self.params_b)):
@@ -57,8 +67,8 @@ class Twins:
         "Fresh random gradients, a new lr per group (and a new mom when there is one), then step both."
         for where, pa, pb in self.pairs():
             if where == self.no_grad: continue
-            g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64).to(pa) * 0.1
-            pa.grad, pb.grad = g.clone(), g.clone()
+            g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64).to(pb) * 0.1
+            pa.grad, pb.grad = g.to(pa.dtype), g.clone()
         self.t += 1
         lr = base_lr * (1 + 0.5 * math.sin(self.t / 7))
         n = len(self.params_a)

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import fastai.optimizer as native
+import torch
 
 from .lookahead import Lookahead, RangerForEachOptimizer
+from .precision import check_rounding
 from .optimizers import (AdamForEachOptimizer, LambForEachOptimizer, LarcForEachOptimizer, QHAdamForEachOptimizer,
                          RAdamForEachOptimizer, RMSPropForEachOptimizer, SGDForEachOptimizer)
 
@@ -85,32 +87,45 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
 ]}
 
 
-def make_factory(spec: OptimizerSpec) -> Callable:
-    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach` and `fused`.
+# The switches every factory adds to fastai's signature, keyword-only, with their defaults.
+SWITCHES = {'foreach': (True, bool), 'fused': (False, bool), 'rounding': ('kahan', str),
+            'kahan_dtype': (torch.float32, torch.dtype)}
 
-    `foreach=True` builds the fastforeach optimizer, one pass over memory per step with `fused=True`;
-    `foreach=False` returns fastai's own."""
+
+def make_factory(spec: OptimizerSpec) -> Callable:
+    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach`, `fused`, `rounding` and
+    `kahan_dtype`.
+
+    `foreach=True` builds the fastforeach optimizer, one pass over memory per step with `fused=True`, with
+    16-bit params written back as `rounding` says (see `precision.py`); `foreach=False` returns fastai's
+    own, which rounds 16-bit params to nearest."""
     sig = inspect.signature(spec.native)
-    flags = [inspect.Parameter('foreach', inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool),
-             inspect.Parameter('fused', inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)]
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+             for name, (default, kind) in SWITCHES.items()]
     params = list(sig.parameters.values())
     at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
 
-    def factory(*args, foreach: bool = True, fused: bool = False, **kwargs):
+    def factory(*args, foreach: bool = True, fused: bool = False, rounding: str = 'kahan',
+                kahan_dtype: torch.dtype = torch.float32, **kwargs):
         bound = sig.bind(*args, **kwargs)  # TypeError for an unknown keyword, as a plain function gives
         for name, flag in (('foreach', foreach), ('fused', fused)):
             if not isinstance(flag, bool): raise ValueError(f"Invalid {name}: {flag!r} (must be True or False)")
-        if fused and not foreach:
-            raise ValueError(f"Invalid options for {spec.name}: fused=True with foreach=False "
-                             "(fastai's native optimizers have no fused form)")
+        check_rounding(rounding, kahan_dtype)
+        if not foreach and (fused or rounding == 'stochastic' or kahan_dtype != torch.float32):
+            given = 'fused=True' if fused else f"rounding={rounding!r}" if rounding == 'stochastic' else \
+                f"kahan_dtype={kahan_dtype}"
+            raise ValueError(f"Invalid options for {spec.name}: {given} with foreach=False (fastai's native "
+                             "optimizers have no fused form and round 16-bit params to nearest)")
         if not foreach: return spec.native(*bound.args, **bound.kwargs)
-        return spec.foreach(*bound.args, **bound.kwargs, fused=fused)
+        return spec.foreach(*bound.args, **bound.kwargs, fused=fused, rounding=rounding, kahan_dtype=kahan_dtype)
 
     factory.__name__ = factory.__qualname__ = spec.name
     # Where the factories live: pickle finds them by name there (fastai's `Learner.export` pickles `opt_func`).
     factory.__module__ = 'fastforeach'
     factory.__doc__ = (f"fastai's `{spec.name}` with the same parameters and defaults. `foreach=True` (the default) "
                        f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
-                       "`foreach=False` gives fastai's native optimizer.")
+                       "`foreach=False` gives fastai's native optimizer. 16-bit params are written back with "
+                       "`rounding`: 'kahan' (a compensation buffer in `kahan_dtype`), 'stochastic', or 'nearest' "
+                       "(fastai's own steps).")
     factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])
     return factory

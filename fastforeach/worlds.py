@@ -33,15 +33,16 @@ def _rank_main(rank, world_size, port, out_dir, threads, fn, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save({'ok': result}, Path(out_dir) / f'{rank}.pt')
-        # Every rank done before any tears the group down: a rank that destroys it while a peer still
-        # finishes a collective can abort either process (seen as "terminate called without an active
-        # exception" from gloo).
+        # Every rank done before any leaves: a rank that tears down while a peer still finishes a
+        # collective can abort either process.
         dist.barrier()
     except BaseException:
         torch.save({'error': traceback.format_exc()}, Path(out_dir) / f'{rank}.pt')
         raise
-    finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+    # Leave without tearing down: the results are saved, and gloo's threads and what accelerate registers
+    # at exit have been seen to abort a process on its way out ("terminate called without an active
+    # exception").
+    os._exit(0)
 
 
 def spawn(fn: Callable, *args, world_size: int = 2, threads: int = 1) -> list:

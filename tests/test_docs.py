@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import fastforeach
+from fastforeach.registry import SWITCHES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ PAGES = sorted((ROOT / 'docs' / 'optimizers').glob('*.md'))
 def test_optimizer_pages_state_the_factories_defaults(page):
     for name, table in documented_defaults(page).items():
         params = {k: p for k, p in inspect.signature(getattr(fastforeach, name)).parameters.items()
-                  if k not in ('params', 'opt', 'foreach', 'fused')}
+                  if k not in ('params', 'opt', *SWITCHES)}  # the switches every factory has: documented once
         assert list(table) == list(params), f"{page.name}: {name}'s table lists {list(table)}"
         for k, p in params.items():
             assert table[k] == ('required' if p.default is p.empty else repr(p.default)), f"{page.name}: {name}.{k}"

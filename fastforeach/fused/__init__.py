@@ -32,8 +32,8 @@ from .compiled import CompiledStep
 from .layout import Operands, end_to_end, flat_alias, is_dense
 from .packs import PACK_MAX_NUMEL, Pack, PackStep, pack_max_numel
 from .plans import Plans
-from .steps import COMPILED_MIN_NUMEL, EitherStep, FusedStep, KernelStep, split_by_wd
+from .steps import COMPILED_MIN_NUMEL, Context, EitherStep, FusedStep, KernelStep, split_by_wd
 
 __all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
            'PACK_MAX_NUMEL', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks',
-           'run_flat', 'flat_alias', 'end_to_end', 'compile_cache_info', 'pack_max_numel']
+           'run_flat', 'flat_alias', 'end_to_end', 'compile_cache_info', 'pack_max_numel', 'Context']

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from ..precision import stochastic_round
+
 __all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
            'run_chunks', 'run_flat', 'compile_cache_info']
 
@@ -21,25 +23,44 @@ WARMUP_SIZE = 1 << 16
 PLAIN, DECAY, FLAT = 'plain', 'decay', 'flat'
 
 
-def _runner(update: Callable, mode: str):
+def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bool = True, first: bool = True):
     """`run(lists, c)`: `update(*tensors, c)` on the i-th tensor of every list, for each i.
 
     With FLAT, `run(tensors, c)` is `update(*tensors, c)`: whole tensors, not lists.
 
     With DECAY, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
-    decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`."""
+    decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`.
+
+    With `rounding` ('kahan' or 'stochastic', for 16-bit params: see `precision.py`), the update works on
+    float32 copies of its tensors, the param's with its Kahan buffer (the last list) added: the `first`
+    phase of a step (lists: params, grads, *states) writes the state back, the phase that `writes` the
+    param writes it and its buffer back, in the same pass: each 16-bit tensor read once and written once.
+    (A later phase gets params, *states, *what the first returned; it only reads the state.)"""
     if mode == FLAT: return lambda tensors, c: update(*tensors, c)
 
     def run(lists, c):
         out = []
         for i in range(len(lists[0])):
             tensors = [xs[i] for xs in lists]
+            if rounding is not None:
+                comp = tensors.pop() if rounding == 'kahan' else None
+                p, originals = tensors[0], tensors
+                tensors = [p.float() + comp.float() if comp is not None else p.float(), *(t.float() for t in tensors[1:])]
             if mode == DECAY:
-                p, g = tensors[0], tensors[1]
-                tensors[1] = g + c[1] * p
-                p.mul_(c[0])
+                w, g = tensors[0], tensors[1]
+                tensors[1] = g + c[1] * w
+                w.mul_(c[0])
                 out.append(update(*tensors, c[2:]))
             else: out.append(update(*tensors, c))
+            if rounding is not None and first:
+                for t, t32 in zip(originals[2:], tensors[2:]): t.copy_(t32)
+            if rounding is not None and writes:
+                w = tensors[0]
+                if comp is not None:
+                    p_new = w.to(p.dtype)
+                    comp.copy_(w - p_new.float())
+                    p.copy_(p_new)
+                else: p.copy_(stochastic_round(w, p.dtype, torch.rand_like(w)))
         return out
     return run
 
@@ -49,19 +70,23 @@ _CHECKED: dict[tuple, bool] = {}   # (updates, dtype, device type) -> whether th
 
 
 def compile_cache_info() -> list[tuple]:
-    "The graphs this process has compiled: (update, how it is called, dtype, device type)."
+    "The graphs this process has compiled: (update, how it is called, dtype, device type, rounding, writes, first)."
     return [(k[0].__name__, *k[1:]) for k in _COMPILED]
 
 
-def _compiled(update: Callable, mode: str, dtype: torch.dtype, device_type: str) -> Callable:
-    key = (update, mode, dtype, device_type)
+def _compiled(update: Callable, mode: str, dtype: torch.dtype, device_type: str, rounding: str | None = None,
+              writes: bool = True, first: bool = True) -> Callable:
+    key = (update, mode, dtype, device_type, rounding, writes, first)
     if key not in _COMPILED:
-        run = _runner(update, mode)
+        run = _runner(update, mode, rounding, writes, first)
         # A code object of its own per key: dynamo caches graphs per code object (see module docstring).
         own = types.FunctionType(run.__code__.replace(), run.__globals__, f"fused_{update.__name__}", None, run.__closure__)
         # Not fullgraph: should dynamo ever give up on a call (a recompile limit), it then runs the update
         # eagerly, slower but right, where fullgraph would raise in the middle of a step.
-        _COMPILED[key] = torch.compile(own, dynamic=True)
+        # A 16-bit write-back rounds to 16 bits and keeps what rounding took off: inductor must not fold the
+        # round trip w.to(bfloat16).float() into w (its default), or nothing would be kept.
+        options = {'emulate_precision_casts': True} if rounding is not None else None
+        _COMPILED[key] = torch.compile(own, dynamic=True, options=options)
     return _COMPILED[key]
 
 
@@ -80,25 +105,30 @@ def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: int, chunk: int = CHUNK) -> bool:
-    """Compile (or find compiled) the `phases` of a step (see `run_chunks`) for `like`'s dtype and device,
-    on dummy tensors, before any real tensor is touched. On failure, warn once and return False: the
-    caller steps with its foreach form."""
+def compiles(phases: tuple, like: torch.Tensor, n_lists: int, n_coefficients: int, chunk: int = CHUNK,
+             rounding: str | None = None, dtypes: tuple | None = None) -> bool:
+    """Compile (or find compiled) the `phases` of a step (see `run_chunks`) for `like`'s dtype and device
+    (each list's dtype in `dtypes` when they differ), on dummy tensors, before any real tensor is touched.
+    On failure, warn once and return False: the caller steps with its foreach form."""
+    dtypes = dtypes or (like.dtype,) * n_lists
     def attempt():
-        lists = [[_warmup(like) for _ in range(chunk)] for _ in range(n_lists)]
-        run_chunks(phases, [lists], _warmup(like, n_coefficients, coefficient_dtype(like.dtype)), chunk)
-    return _compiles((phases, like.dtype, like.device.type, chunk), [update for update, _ in phases], like, attempt)
+        lists = [[_warmup(like, dtype=dtype) for _ in range(chunk)] for dtype in dtypes]
+        run_chunks(phases, [lists], _warmup(like, n_coefficients, coefficient_dtype(like.dtype)), chunk, rounding)
+    return _compiles((phases, dtypes, like.device.type, chunk, rounding), [update for update, _ in phases], like,
+                     attempt)
 
 
-def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int) -> bool:
-    "`compiles` for a phase of a `PackStep`: (update, how many of its tensors are spread values)."
+def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int, dtypes: tuple | None = None) -> bool:
+    """`compiles` for a phase of a `PackStep`: (update, how many of its tensors are spread values); `dtypes`,
+    when given, those of the pack's flat tensors, one per tensor before the spread values."""
     update, n_spread = phase
+    n_flat = len(inspect.signature(update).parameters) - 1 - n_spread  # all but the spread values and c
+    dtypes = dtypes[:n_flat] if dtypes else (like.dtype,) * n_flat
     def attempt():
-        n_flat = len(inspect.signature(update).parameters) - 1 - n_spread  # all but the spread values and c
         spread = [_warmup(like, dtype=coefficient_dtype(like.dtype)) for _ in range(n_spread)]
-        run_flat(update, [*(_warmup(like) for _ in range(n_flat)), *spread],
+        run_flat(update, [*(_warmup(like, dtype=dtype) for dtype in dtypes), *spread],
                  _warmup(like, n_coefficients, coefficient_dtype(like.dtype)))
-    return _compiles((phase, like.dtype, like.device.type), [update], like, attempt)
+    return _compiles((phase, dtypes, like.device.type), [update], like, attempt)
 
 
 def _warmup(like, size=WARMUP_SIZE, dtype=None):
@@ -134,18 +164,24 @@ def _first_that_compiles(attempt):
     raise first
 
 
-def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int) -> list:
+def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int, rounding: str | None = None) -> list:
     """The compiled `phases`, `((update, mode), ...)`, over every chunk; what the last returned for the
     first `n` (real, not padding) tensors.
 
     A second phase gets the chunk's params and state (not the gradients) followed by what the first
-    returned per tensor (lists of 0-d tensors): LAMB's norms, which must be known before its update."""
-    like = chunks[0][0][0]
-    fns = [_compiled(update, mode, like.dtype, like.device.type) for update, mode in phases]
+    returned per tensor (lists of 0-d tensors): LAMB's norms, which must be known before its update.
+
+    With `rounding` (see `_runner`), every phase works on the params' float32 working values and the last
+    writes them back; with 'kahan' the chunk's last list is the Kahan buffers, handed to every phase last."""
+    like, last = chunks[0][0][0], len(phases) - 1
+    fns = [_compiled(update, mode, like.dtype, like.device.type, rounding, i == last, i == 0)
+           for i, (update, mode) in enumerate(phases)]
     out = []
     for chunk in chunks:
-        res = fns[0](chunk, c)
-        for fn in fns[1:]: res = fn([chunk[0], *chunk[2:], *map(list, zip(*res))], c)
+        comps = chunk[-1:] if rounding == 'kahan' else []
+        chunk = chunk[:-1] if comps else chunk
+        res = fns[0]([*chunk, *comps], c)
+        for fn in fns[1:]: res = fn([chunk[0], *chunk[2:], *map(list, zip(*res)), *comps], c)
         out += res
     return out[:n]
 
@@ -156,11 +192,11 @@ def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor):
     return _compiled(update, FLAT, like.dtype, like.device.type)(tensors, c)
 
 
-def _dummies(dtype, device, n_lists: int) -> list[list[torch.Tensor]]:
-    "`CHUNK` distinct one-element tensors per list: padding that lets one graph serve chunks of any length."
-    key = (dtype, device, n_lists)
+def _dummies(dtypes: tuple, device) -> list[list[torch.Tensor]]:
+    "`CHUNK` distinct one-element tensors per list, of its dtype: padding that lets one graph serve chunks of any length."
+    key = (dtypes, device)
     if key not in _DUMMIES:
-        _DUMMIES[key] = [[torch.zeros(1, dtype=dtype, device=device) for _ in range(CHUNK)] for _ in range(n_lists)]
+        _DUMMIES[key] = [[torch.zeros(1, dtype=dtype, device=device) for _ in range(CHUNK)] for dtype in dtypes]
     return _DUMMIES[key]
 
 
@@ -171,5 +207,5 @@ def chunked(lists: list[list[torch.Tensor]], size: int = CHUNK) -> list[list[lis
     "Parallel lists cut into chunks of `size` (at most `CHUNK`) tensors, the last one padded with dummies."
     n, like = len(lists[0]), lists[0][0]
     pad = -n % size
-    padded = [xs + d[:pad] for xs, d in zip(lists, _dummies(like.dtype, like.device, len(lists)))]
+    padded = [xs + d[:pad] for xs, d in zip(lists, _dummies(tuple(xs[0].dtype for xs in lists), like.device))]
     return [[xs[s:s + size] for xs in padded] for s in range(0, n + pad, size)]

@@ -5,13 +5,15 @@ import math
 from functools import cached_property
 from typing import Callable
 
-from ..distributed import LOCAL_NORMS
+import torch
+
 from ..ops import device_tensor
+from ..precision import COMP, Rounding
 from ..rules import StepRule
 from .compile import CHUNK, DECAY, PLAIN, chunked, coefficient_dtype, compiles, flat_compiles, run_chunks
 from .layout import flat_alias
 from .packs import Pack, PackStep, pack_max_numel
-from .steps import FusedStep, split_by_wd
+from .steps import PLAIN_CONTEXT, FusedStep, split_by_wd
 
 __all__ = ['CompiledStep']
 
@@ -34,7 +36,11 @@ class CompiledStep(FusedStep):
 
     `chunk`: tensors per compiled call for the others. An update that reduces each tensor before it
     writes (Larc) takes 1: given several, inductor runs every tensor's reduction before any update, so
-    none finds its tensor still in cache (Larc on xresnet50, CPU: 10% faster one at a time)."""
+    none finds its tensor still in cache (Larc on xresnet50, CPU: 10% faster one at a time).
+
+    16-bit params stepped in float32 (see `precision.py`): each compiled call works on float32 working
+    values and writes the params (and their Kahan buffers) back in the same pass; packs hold float32
+    working values (see `Pack`)."""
     def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
                  choose: Callable | None = None, then: Callable | None = None, pack_step: PackStep | None = None,
                  chunk: int = CHUNK):
@@ -54,47 +60,61 @@ class CompiledStep(FusedStep):
     @property
     def _n_lists(self) -> int: return 2 + len(self._state_keys)
 
-    def ready(self, p, hypers) -> bool:
+    def ready(self, p, hypers, rounding: Rounding | None = None) -> bool:
+        "Whether every phase compiled for params like `p` (written back as `rounding` says, for 16-bit params)."
         n_coefficients = 2 + len(self.coefficients(**hypers))
-        return (compiles(self._phases(hypers), p, self._n_lists, n_coefficients, self.chunk) and
-                all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
+        if rounding is None:
+            return (compiles(self._phases(hypers), p, self._n_lists, n_coefficients, self.chunk) and
+                    all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
+        comps = (rounding.kahan_dtype,) if rounding.kahan else ()
+        working = (torch.float32, torch.float32, *(p.dtype,) * len(self._state_keys))  # a pack's flat tensors
+        return (compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, self.chunk,
+                         rounding.mode, (p.dtype,) * self._n_lists + comps) and
+                (compiles(self._phases(hypers), p.float(), self._n_lists, n_coefficients, CHUNK, None, working)
+                 if self.pack_step is None and self.packs else True) and
+                all(flat_compiles(phase, p.float(), n_coefficients, working) for phase in self.pack_phases))
 
     @property
     def pack_phases(self): return self.pack_step.phases if self.pack_step else ()
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS, sizes=None):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, context=PLAIN_CONTEXT):
         phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
         p0, lr = params[0], hypers['lr']
         outs, stored = [None] * len(params), {}
+        rounding = context.rounding.mode if context.rounding is not None else None
+        comps = context.comps if rounding == 'kahan' else None
         # Sizes of whole params, so that shards are packed alike, in the same order, on every rank.
-        numels, largest = sizes or [p.numel() for p in params], pack_max_numel(p0.device)
+        numels, largest = context.sizes or [p.numel() for p in params], pack_max_numel(p0.device)
         # Shards of params: an update that takes norms inside its compiled loop would take the shard's, so
         # every param goes through the pack, whose norms are completed across ranks.
-        if self.pack_step is not None and not norms.is_local: largest = math.inf
+        if self.pack_step is not None and not context.norms.is_local: largest = math.inf
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
             c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
             small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
             if small:
-                pack = plans.pack(self, params, states, small)
-                for i, r in zip(small, self._run_pack(pack, phases, c, l2 != 0, small, grads, states, stored, norms)):
+                pack = plans.pack(self, params, states, small, comps, rounding)
+                for i, r in zip(small, self._run_pack(pack, phases, c, l2 != 0, small, grads, states, comps, stored,
+                                                      context.norms)):
                     outs[i] = r
                 idx = [i for i in idx if numels[i] > largest]
                 if not idx: continue
-            lists, ops = plans.operands(self, params, grads, states, idx, flat_alias)
-            for i, r in zip(idx, run_chunks(phases, chunked(lists, self.chunk), c, len(idx))): outs[i] = r
+            lists, ops = plans.operands(self, params, grads, [*states, *([comps] if comps else [])], idx, flat_alias)
+            for i, r in zip(idx, run_chunks(phases, chunked(lists, self.chunk), c, len(idx), rounding)): outs[i] = r
             for o in ops: o.write_back()
         stored.update({key: [out[k] for out in outs] for k, key in enumerate(self.returns)})
         return stored or None
 
-    def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, stored, norms) -> list:
-        """Step `pack`, the params at `idx`; put the state it moved into `stored` (state key -> one value per
-        param). What the update returns for each param (None for each when it returns nothing)."""
+    def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, comps, stored, norms) -> list:
+        """Step `pack`, the params at `idx`; put the state (and Kahan buffers) it moved into `stored` (state
+        key -> one value per param). What the update returns for each param (None for each when it returns
+        nothing)."""
         pack.copy_in([grads[i] for i in idx])
         if self.pack_step: outs = self.pack_step.run(pack, c, l2, norms)
         else: outs = run_chunks(phases, chunked(pack.lists), c, 1)[0]
         pack.copy_out()
-        for key, ss, views in zip(self._state_keys, states, pack.moved):
+        keys, lists = (*self._state_keys, *((COMP,) if comps else ())), (*states, *((comps,) if comps else ()))
+        for key, ss, views in zip(keys, lists, pack.moved):
             if views is None: continue
             values = stored.setdefault(key, list(ss))
             for i, v in zip(idx, views): values[i] = v

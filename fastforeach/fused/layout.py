@@ -76,7 +76,7 @@ def end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, first.storage_offset(), (n,), (1,))
 
 
-def laid_end_to_end(like: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    "A new buffer, and views of it shaped like each of `like` (contiguous), one after the other."
-    flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
+def laid_end_to_end(like: list[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    "A new buffer (in `dtype`, else `like`'s), and views of it shaped like each of `like` (contiguous), one after the other."
+    flat = torch.empty(sum(t.numel() for t in like), dtype=dtype or like[0].dtype, device=like[0].device)
     return flat, [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in like]), like)]

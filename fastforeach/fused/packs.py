@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..distributed import LOCAL_NORMS, WholeNorms
+from ..precision import stochastic_round
 from .compile import coefficient_dtype
 from .layout import end_to_end, laid_end_to_end
 
@@ -33,21 +34,29 @@ class Pack:
     the params and this step's gradients into buffers of their own (`copy_in`) and the params back
     (`copy_out`), so the pack holds while params and state do, whatever becomes of the gradients. State
     not laid out so (new, loaded from a state dict, replaced by hand) is moved into a new buffer when the
-    pack is made: `moved[k]` holds the views to store in its place, or None where state key k stayed."""
-    __slots__ = ('params', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'moved', '_cached')
+    pack is made: `moved[k]` holds the views to store in its place, or None where state key k stayed.
 
-    def __init__(self, params, states):
-        self.params = params
-        self.flat_p, self.p_views = laid_end_to_end(params)
-        self.flat_g, self.g_views = laid_end_to_end(params)
+    16-bit params stepped in float32 (`rounding`, see `precision.py`) are copied in as float32 working
+    values, with their Kahan buffers (`comps`, which live end to end like state, moved last) added, and
+    written back from them in `copy_out`; their state stays in their own dtype."""
+    __slots__ = ('params', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'flat_comp', 'moved', 'rounding',
+                 '_cached')
+
+    def __init__(self, params, states, comps=None, rounding: str | None = None):
+        self.params, self.rounding = params, rounding
+        dtype = params[0].dtype
+        work = torch.float32 if rounding else dtype
+        self.flat_p, self.p_views = laid_end_to_end(params, work)
+        self.flat_g, self.g_views = laid_end_to_end(params, work)
         self.flat_states, self.moved = [], []
-        for ss in states:
+        for ss, want in [*((ss, dtype) for ss in states), *([(comps, comps[0].dtype)] if comps else [])]:
             flat, views = end_to_end(ss), None
-            if flat is None or flat.dtype != self.flat_p.dtype or flat.device != self.flat_p.device:
-                flat, views = laid_end_to_end(params)
+            if flat is None or flat.dtype != want or flat.device != self.flat_p.device:
+                flat, views = laid_end_to_end(params, want)
                 torch._foreach_copy_(views, ss)
             self.flat_states.append(flat)
             self.moved.append(views)
+        self.flat_comp = self.flat_states.pop() if comps else None
         self._cached = {}
 
     @property
@@ -57,9 +66,17 @@ class Pack:
 
     def copy_in(self, grads):
         torch._foreach_copy_(self.p_views, self.params)
+        if self.flat_comp is not None: self.flat_p.add_(self.flat_comp)
         torch._foreach_copy_(self.g_views, grads)
 
-    def copy_out(self): torch._foreach_copy_(self.params, self.p_views)
+    def copy_out(self):
+        if not self.rounding: return torch._foreach_copy_(self.params, self.p_views)
+        rounded, views = self._once('rounded', lambda: laid_end_to_end(self.params))
+        if self.flat_comp is not None:
+            rounded.copy_(self.flat_p)
+            torch.sub(self.flat_p, rounded, out=self.flat_comp)
+        else: rounded.copy_(stochastic_round(self.flat_p, rounded.dtype, torch.rand_like(self.flat_p)))
+        torch._foreach_copy_(self.params, views)
 
     def _once(self, key, make):
         if key not in self._cached: self._cached[key] = make()

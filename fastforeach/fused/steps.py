@@ -1,16 +1,35 @@
 """Fused steps and the ones done by PyTorch's own multi-tensor kernels."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..distributed import LOCAL_NORMS, WholeNorms
 from ..ops import mul_scalar_
+from ..precision import Rounding
 
-__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'split_by_wd', 'COMPILED_MIN_NUMEL']
+__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'Context', 'split_by_wd', 'COMPILED_MIN_NUMEL']
 
 COMPILED_MIN_NUMEL = 1 << 14
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a fused step knows of its bucket beyond its tensors.
+
+    The tensors may be shards of the params (see `distributed.py`): `norms` then completes norms of whole
+    params, and `sizes` gives the whole params' numbers of elements, the same on every rank. For 16-bit
+    params stepped in float32 (see `precision.py`), `rounding` says how they are written back and `comps`
+    holds their Kahan buffers (with Kahan summation)."""
+    norms: WholeNorms = LOCAL_NORMS
+    sizes: list | None = None
+    rounding: Rounding | None = None
+    comps: list | None = None
+
+
+PLAIN_CONTEXT = Context()
 
 
 class FusedStep:
@@ -18,17 +37,17 @@ class FusedStep:
 
     `run` applies weight decay itself, to the params whose `do_wd` flag is set, and returns what the rule
     would return (a dict of per-param state values, or None). `ready` says whether it can run on these
-    tensors with these hypers; when it cannot, the engine runs the foreach rule. A fused step is shared by
-    every optimizer that uses it; what an optimizer caches between steps lives in its own `plans`."""
+    tensors with these hypers (and `rounding`, for 16-bit params stepped in float32); when it cannot, the
+    engine runs the foreach rule. A fused step is shared by every optimizer that uses it; what an
+    optimizer caches between steps lives in its own `plans`."""
     def __init__(self, rule: Callable):
         self.rule = rule
 
-    def ready(self, p: torch.Tensor, hypers: dict) -> bool: return True
+    def ready(self, p: torch.Tensor, hypers: dict, rounding: Rounding | None = None) -> bool: return rounding is None
 
     def run(self, params, grads, states, do_wd, hypers, *, wd: float, decouple_wd: bool, plans: 'Plans',
-            norms: WholeNorms = LOCAL_NORMS, sizes: list[int] | None = None):
-        """Step. The tensors may be shards of the params (see `distributed.py`): `norms` then completes norms
-        of whole params, and `sizes` gives the whole params' numbers of elements, the same on every rank."""
+            context: Context = PLAIN_CONTEXT):
+        "Step the bucket (see `Context`)."
         raise NotImplementedError
 
 
@@ -48,9 +67,11 @@ class KernelStep(FusedStep):
         super().__init__(rule)
         self.kernel, self.decoupled_in_kernel, self._ready = kernel, decoupled_in_kernel, ready
 
-    def ready(self, p, hypers): return self._ready is None or self._ready(p, hypers)
+    def ready(self, p, hypers, rounding=None):
+        "PyTorch's kernels round each param to nearest: not for 16-bit params stepped in float32."
+        return rounding is None and (self._ready is None or self._ready(p, hypers))
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS, sizes=None):
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, context=PLAIN_CONTEXT):
         for idx, takes_wd in split_by_wd(do_wd, wd):
             (ps, gs, *ss), ops = plans.operands(self, params, grads, states, idx)
             decay = wd if takes_wd else 0.
@@ -61,21 +82,26 @@ class KernelStep(FusedStep):
 
 class EitherStep(FusedStep):
     """`kernel` where it does the job in one pass, else `compiled`: for SGD, whose kernel has L2 but not
-    decoupled weight decay and cannot do momentum 0 with a buffer.
+    decoupled weight decay and cannot do momentum 0 with a buffer; for 16-bit params stepped in float32,
+    which no kernel does (Adam and SGD).
 
-    Decoupled decay with the kernel is a pass of its own over the params; the compiled update saves it,
-    but a compiled call costs tens of microseconds, so it is taken only where tensors are large enough for
-    the pass to cost more (`COMPILED_MIN_NUMEL` elements on average; measured on xresnet50 and the MLP)."""
+    Decoupled decay with a kernel that lacks it is a pass of its own over the params; the compiled update
+    saves it, but a compiled call costs tens of microseconds, so it is taken only where tensors are large
+    enough for the pass to cost more (`COMPILED_MIN_NUMEL` elements on average; measured on xresnet50 and
+    the MLP)."""
     def __init__(self, kernel: KernelStep, compiled: 'CompiledStep'):
         super().__init__(kernel.rule)
         self.kernel, self.compiled = kernel, compiled
 
-    def ready(self, p, hypers): return self.kernel.ready(p, hypers) or self.compiled.ready(p, hypers)
+    def ready(self, p, hypers, rounding=None):
+        return self.kernel.ready(p, hypers, rounding) or self.compiled.ready(p, hypers, rounding)
 
-    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, norms=LOCAL_NORMS, sizes=None):
-        p0, kernel_ready = params[0], self.kernel.ready(params[0], hypers)
-        saves_a_pass = wd and decouple_wd and sum(sizes or [p.numel() for p in params]) >= COMPILED_MIN_NUMEL * len(params)
+    def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, context=PLAIN_CONTEXT):
+        p0, rounding = params[0], context.rounding
+        kernel_ready = self.kernel.ready(p0, hypers, rounding)
+        saves_a_pass = (wd and decouple_wd and not self.kernel.decoupled_in_kernel and
+                        sum(context.sizes or [p.numel() for p in params]) >= COMPILED_MIN_NUMEL * len(params))
         use = self.kernel
-        if (not kernel_ready or saves_a_pass) and self.compiled.ready(p0, hypers): use = self.compiled
-        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans, norms=norms,
-                       sizes=sizes)
+        if (not kernel_ready or saves_a_pass) and self.compiled.ready(p0, hypers, rounding): use = self.compiled
+        return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans,
+                       context=context)

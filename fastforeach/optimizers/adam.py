@@ -1,11 +1,12 @@
 "Adam, AdamW (decoupled weight decay) and the pieces the Adam family shares."
+import fastai.optimizer as native
 import torch
 
 from ..ops import add_scalar_, device_tensor, mul_scalar_
 from ..engine import ForEachOptimizer, debias
-from ..fused import KernelStep
+from ..fused import CompiledStep, EitherStep, KernelStep
 
-__all__ = ['AdamForEachOptimizer', 'adam_step', 'average_grads', 'debiased_rms', 'fused_adam_step',
+__all__ = ['AdamForEachOptimizer', 'adam_step', 'adam_update', 'average_grads', 'debiased_rms', 'fused_adam_step',
            'average_grads_update', 'averaging_coefficients']
 
 
@@ -51,12 +52,24 @@ def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):
            weight_decay=wd, eps=hypers['eps'], amsgrad=False, maximize=False)
 
 
-fused_adam_step = KernelStep(adam_step, _torch_fused_adam, decoupled_in_kernel=True)
+def adam_update(p, g, grad_avg, sqr_avg, c):
+    """One tensor of `adam_step` (compiled: for 16-bit params stepped in float32, which PyTorch's kernels do not
+    do); c = averaging coefficients (see `averaging_coefficients`), then lr, eps."""
+    average_grads_update(g, grad_avg, sqr_avg, c)
+    p.sub_(c[6] * (grad_avg * c[4]) / ((sqr_avg * c[5]).sqrt() + c[7]))
+
+
+def _coefficients(*, step, lr, mom, sqr_mom, eps): return [*averaging_coefficients(mom, sqr_mom, step), lr, eps]
+
+
+fused_adam_step = EitherStep(KernelStep(adam_step, _torch_fused_adam, decoupled_in_kernel=True),
+                             CompiledStep(adam_step, adam_update, _coefficients))
 
 
 class AdamForEachOptimizer(ForEachOptimizer):
     """fastai's `Adam` as one foreach step: AdamW with `decouple_wd=True`, Adam with L2 otherwise.
     `fused=True`: PyTorch's fused AdamW/Adam kernel."""
-    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, *, fused=False):
-        super().__init__(params, fused_adam_step if fused else adam_step, decouple_wd=decouple_wd,
-                         lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, *, fused=False,
+                 rounding='kahan', kahan_dtype=torch.float32):
+        super().__init__(params, fused_adam_step if fused else adam_step, decouple_wd=decouple_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype, fastai=native.Adam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

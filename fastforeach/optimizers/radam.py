@@ -1,6 +1,7 @@
 "RAdam, and SAdam through `beta`."
 import math
 
+import fastai.optimizer as native
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +74,8 @@ fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients, choose=
 
 class RAdamForEachOptimizer(ForEachOptimizer):
     "fastai's `RAdam` as one foreach step (SAdam with `beta > 0`); `fused=True`: the compiled update."
-    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., beta=0., decouple_wd=True, *, fused=False):
-        super().__init__(params, fused_radam_step if fused else radam_step, decouple_wd=decouple_wd,
-                         lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., beta=0., decouple_wd=True, *, fused=False,
+                 rounding='kahan', kahan_dtype=torch.float32):
+        super().__init__(params, fused_radam_step if fused else radam_step, decouple_wd=decouple_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype, fastai=native.RAdam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
+                         beta=beta)

@@ -1,4 +1,5 @@
 "SGD, with or without momentum."
+import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_
@@ -56,7 +57,9 @@ fused_momentum_sgd_step = EitherStep(
 class SGDForEachOptimizer(ForEachOptimizer):
     """fastai's `SGD` as one foreach step; `mom` at construction picks plain or momentum SGD, as in fastai.
     `fused=True`: PyTorch's fused SGD kernel, or a compiled update when there is decoupled weight decay."""
-    def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True, *, fused=False):
+    def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True, *, fused=False, rounding='kahan',
+                 kahan_dtype=torch.float32):
         if mom == 0: rule = fused_sgd_step if fused else sgd_step
         else: rule = fused_momentum_sgd_step if fused else momentum_sgd_step
-        super().__init__(params, rule, decouple_wd=decouple_wd, lr=lr, mom=mom, wd=wd)
+        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
+                         fastai=native.SGD, lr=lr, mom=mom, wd=wd)

@@ -1,0 +1,259 @@
+"""16-bit params: Kahan summation, stochastic rounding and fastai's own rounding (see fastforeach/precision.py)."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastforeach
+from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.precision import COMP
+from fastforeach.registry import REGISTRY
+
+IMPLS = ['foreach', 'fused']
+BF16 = torch.bfloat16
+
+
+def constant_moves(rounding, impl, step, steps=1000, n=1, w0=1.0, **options):
+    """`n` bf16 weights of `w0` moved by −`step` for `steps` steps (SGD with lr 1 and the gradient `step`,
+    rounded to bf16 as every input is): the params, their Kahan buffers (or None), and the intended end."""
+    p = nn.Parameter(torch.full((n,), w0, dtype=BF16))
+    g = torch.full((n,), step, dtype=BF16)
+    opt = fastforeach.SGD([p], lr=1., rounding=rounding, fused=impl == 'fused', **options)
+    for _ in range(steps):
+        p.grad = g.clone()
+        opt.step()
+    comp = opt.state[p].get(COMP)
+    return p.detach().double(), None if comp is None else comp.double(), w0 - steps * g[0].double()
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_plain_rounding_loses_tiny_updates_and_kahan_keeps_them(impl):
+    "1000 steps of 1e-4 at a weight of 1.0: under half a bf16 ulp (2^-8), so rounded to nearest none lands."
+    p, _, _ = constant_moves('nearest', impl, 1e-4)
+    assert p.item() == 1.0
+    p, comp, target = constant_moves('kahan', impl, 1e-4)
+    moved, intended = 1 - (p + comp).item(), 1 - target.item()
+    assert abs(moved - intended) <= 0.01 * intended
+    assert abs(p.item() - target.item()) <= 2 ** -7  # one bf16 ulp in [0.5, 1)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_kahan_keeps_even_tinier_updates_with_its_default_buffer(impl):
+    "1e-6 per step, 400x under half an ulp: the default (float32) buffer keeps them to within 5%."
+    p, comp, target = constant_moves('kahan', impl, 1e-6)
+    moved, intended = 1 - (p + comp).item(), 1 - target.item()
+    assert abs(moved - intended) <= 0.05 * intended
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_a_bf16_kahan_buffer_loses_part_of_tiny_updates(impl):
+    "The memory-saving buffer (as optimi's): measurably short of the intended move at 1e-6 per step."
+    p, comp, target = constant_moves('kahan', impl, 1e-6, kahan_dtype=BF16)
+    assert comp.dtype == torch.float64 and (1 - (p + comp).item()) < 0.8 * (1 - target.item())
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_stochastic_rounding_is_unbiased(impl):
+    "Over 4096 weights, the mean end lies within 3 standard errors of the intended one; nothing extra is kept."
+    torch.manual_seed(0)
+    p, comp, target = constant_moves('stochastic', impl, 1e-4, n=4096)
+    assert comp is None
+    standard_error = p.std() / math.sqrt(p.numel())
+    assert abs(p.mean() - target) <= 3 * standard_error
+    assert p.std() > 0  # it does round at random
+
+
+def update_error_bound(name: str, steps: int) -> float:
+    """How far a bf16 run with Kahan summation may end from fastai's float64 run, relative to the distance
+    each param travelled: the update is computed in float32 from bf16 gradients (the same in both runs)
+    and bf16 state. Each state value stored in bf16 is off by at most 2^-9 of itself, and an average with
+    decay β carries each error on, so it is off by at most 2^-9·min(steps, 1/(1 − β)); an update that
+    divides by √(squared average) inherits half of that one's. The Kahan write-back with a float32 buffer
+    adds at most 2^-24 of the weight per step (see the test below)."""
+    spec = REGISTRY[name]
+    opt = spec.make('foreach', [nn.Parameter(torch.zeros(1))])
+    hypers = getattr(opt, 'opt', opt).hypers[0]
+    def carried(beta): return min(steps, 1 / (1 - beta)) if beta else 0
+    momentum, squares = carried(hypers.get('mom', 0)), carried(hypers.get('sqr_mom', 0)) / 2
+    # SGD (the registry's has no momentum) and Lookahead over it keep no state; LAMB's trust ratio divides
+    # by the update's norm: its error once more.
+    term = {'SGD': 0, 'Lookahead': 0, 'RMSProp': squares, 'Larc': momentum,
+            'Lamb': 2 * (momentum + squares)}.get(name, momentum + squares)
+    return 2 ** -9 * term
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('name', list(REGISTRY))
+def test_kahan_follows_fastai_in_float64(name, impl):
+    """bf16 params with Kahan summation beside fastai's optimizer in float64 (the oracle's layers, two
+    groups, do_wd marks, a param without gradient, a new lr each step), for 100 steps: p + comp within
+    `update_error_bound` of the distance travelled, plus the float32 write-back's share."""
+    spec, steps = REGISTRY[name], 100
+    twins = Twins(lambda g: spec.make('native', g), lambda g: spec.make(impl, g), oracle_layers(torch.float64),
+                  low_precision=BF16)
+    travelled = [torch.zeros_like(pa) for _, pa, _ in twins.pairs()]
+    largest = [pa.detach().abs() for _, pa, _ in twins.pairs()]
+    for _ in range(steps):
+        before = [pa.detach().clone() for _, pa, _ in twins.pairs()]
+        twins.step(spec.lr)
+        for t, m, b, (_, pa, _) in zip(travelled, largest, before, twins.pairs()):
+            t += (pa.detach() - b).abs()
+            torch.maximum(m, pa.detach().abs(), out=m)
+    inner = getattr(twins.opt_b, 'opt', twins.opt_b)
+    bound = update_error_bound(name, steps)
+    for t, m, (where, pa, pb) in zip(travelled, largest, twins.pairs()):
+        if where == twins.no_grad: continue
+        w = pb.detach().double() + inner.state[pb][COMP].double()
+        error = (w - pa.detach()).abs()
+        allowed = bound * t + 2 ** -24 * (steps * m + t)
+        assert (error <= allowed + 1e-12).all(), (where, (error / t.clamp_min(1e-30)).max().item(), bound)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('name', list(REGISTRY))
+def test_nearest_is_fastais_bf16_step_bit_for_bit(name, impl):
+    "rounding='nearest': fastai's own steppers, so every param and state tensor equals fastai's bf16 run exactly."
+    spec = REGISTRY[name]
+    twins = Twins(lambda g: spec.make('native', g), lambda g: spec.make(impl, g, rounding='nearest'),
+                  [[p.detach().to(BF16) for p in g] for g in oracle_layers()])
+    for _ in range(30): twins.step(spec.lr)
+    for label, a, b in twins.compared():
+        if isinstance(a, torch.Tensor): assert a.dtype == b.dtype and torch.equal(a, b), label
+        else: assert a == b, label
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_state_dict_resume_is_exact(impl):
+    "Saved mid-run and loaded into a new optimizer over copies of the params, the run goes on bit for bit."
+    def make(params): return fastforeach.Adam(params, lr=1e-3, fused=impl == 'fused')
+    params = [p.detach().to(BF16).requires_grad_() for g in oracle_layers() for p in g]
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=gen).to(BF16) for p in params] for _ in range(10)]
+    def steps(opt, params, gs):
+        for step in gs:
+            for p, g in zip(params, step): p.grad = g.clone()
+            opt.step()
+    straight = make(params)
+    steps(straight, params, grads[:5])
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    resumed = make(copies)
+    resumed.load_state_dict(copy.deepcopy(straight.state_dict()))
+    assert all(COMP in resumed.state[p] and resumed.state[p][COMP].dtype == torch.float32 for p in copies)
+    steps(straight, params, grads[5:])
+    steps(resumed, copies, grads[5:])
+    assert all(torch.equal(a, b) for a, b in zip(params, copies))
+    for a, b in zip(params, copies): assert torch.equal(straight.state[a][COMP], resumed.state[b][COMP])
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'rounding': 'truncate'}, "Invalid rounding: 'truncate'"),
+    ({'kahan_dtype': torch.int8}, 'Invalid kahan_dtype: torch.int8'),
+    ({'foreach': False, 'rounding': 'stochastic'}, "rounding='stochastic' with foreach=False"),
+])
+def test_bad_rounding_options(options, message):
+    with pytest.raises(ValueError, match=message): fastforeach.Adam(oracle_layers(), lr=1e-3, **options)
+
+
+def test_float32_params_are_unaffected():
+    "rounding applies to 16-bit params only: float32 params step exactly as without it, no buffer."
+    runs = []
+    for rounding in ('kahan', 'stochastic', 'nearest'):
+        groups = oracle_layers()
+        opt = fastforeach.Adam(groups, lr=1e-3, rounding=rounding)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in [p for g in groups for p in g][:-1]: p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        assert all(COMP not in s for s in opt.state.values())
+        runs.append([p.detach() for g in groups for p in g])
+    for other in runs[1:]: assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+# --- fastai's Learner in pure bf16 ------------------------------------------------------------------
+
+def digits_run(opt_func, pure_bf16: bool, train, tmp_path=None, **kwargs):
+    from fastforeach.training import digits_learner
+    learn = digits_learner(opt_func, n_train=1280, path=tmp_path, **kwargs)
+    if pure_bf16: learn.to_pure_bf16()
+    with learn.no_logging(), learn.no_bar(): train(learn)
+    return learn
+
+
+def test_pure_bf16_trains_as_float32_and_plain_bf16_does_not():
+    """`fit_one_cycle` on digits with Adam: pure bf16 with Kahan summation ends within a point of float32's
+    accuracy (and 1% of its loss); plain bf16 (fastai's rounding) loses the updates of the schedule's tail."""
+    def train(learn): learn.fit_one_cycle(5, 1e-3)
+    runs = {kind: digits_run(partial_adam(rounding), kind != 'fp32', train).validate()
+            for kind, rounding in (('fp32', 'kahan'), ('kahan', 'kahan'), ('plain', 'nearest'))}
+    (loss32, acc32), (loss_k, acc_k), (loss_p, acc_p) = runs['fp32'], runs['kahan'], runs['plain']
+    assert abs(acc_k - acc32) <= 0.01 and abs(loss_k - loss32) <= 0.01 * loss32
+    assert acc_p <= acc32 - 0.01 and loss_p >= loss32 + 0.01
+
+
+def partial_adam(rounding):
+    from functools import partial
+    return partial(fastforeach.Adam, rounding=rounding)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_pure_bf16_learner_is_all_bf16(impl):
+    "Params, gradients, optimizer state and buffers in bf16, the Kahan buffers in float32; predictions in float32."
+    from functools import partial
+    seen = {}
+    class Spy(fastforeach.PureBF16.__mro__[1]):  # a fastai Callback, after PureBF16
+        order = 20
+        def after_loss(self): seen['pred'], seen['loss'] = self.pred.dtype, self.loss.dtype
+    learn = digits_run(partial(fastforeach.Adam, fused=impl == 'fused'), True,
+                       lambda learn: learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1), cbs=Spy())
+    assert seen == {'pred': torch.float32, 'loss': torch.float32}
+    for p in learn.model.parameters():
+        assert p.dtype == BF16 and p.grad.dtype == BF16
+        state = learn.opt.state[p]
+        assert state['grad_avg'].dtype == state['sqr_avg'].dtype == BF16 and state[COMP].dtype == torch.float32
+    assert all(b.dtype == BF16 for b in learn.model.buffers() if b.is_floating_point())
+
+
+def test_switching_to_bf16_keeps_the_rounding_remainder():
+    "A float32 model (and its optimizer's state) switched to bf16: p + kahan_comp is the float32 weight."
+    from fastforeach.pure_bf16 import model_to_bf16
+    model = nn.Linear(5, 3)
+    opt = fastforeach.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters(): p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    model_to_bf16(model, opt)
+    for p, b in zip(model.parameters(), before):
+        assert p.dtype == BF16 and opt.state[p]['grad_avg'].dtype == BF16
+        assert torch.equal(p.double() + opt.state[p][COMP].double(), b.double())
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_pure_bf16_save_load_resumes_exactly(impl, tmp_path):
+    "Saved after an epoch (bf16 model, bf16 state and Kahan buffers) and resumed: as training straight through."
+    from functools import partial
+    opt_func = partial(fastforeach.Adam, fused=impl == 'fused')
+    straight = digits_run(opt_func, True, lambda learn: learn.fit(2, 1e-3), tmp_path / 'a', shuffle=False)
+    first = digits_run(opt_func, True, lambda learn: learn.fit(1, 1e-3), tmp_path / 'b', shuffle=False)
+    first.save('half', with_opt=True)
+    def resume(learn):
+        learn.load('half', with_opt=True)
+        learn.fit(1, 1e-3)
+    resumed = digits_run(opt_func, True, resume, tmp_path / 'b', shuffle=False, seed=1)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()): assert torch.equal(a, b)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(straight.opt.state[a][COMP], resumed.opt.state[b][COMP])
+
+
+def test_kahan_checkpoint_in_fastais_own_optimizer(tmp_path):
+    "fastai's optimizer loads a pure-bf16 checkpoint: the Kahan buffers are dropped, with a warning, and it trains."
+    from functools import partial
+    first = digits_run(fastforeach.Adam, True, lambda learn: learn.fit(1, 1e-3), tmp_path)
+    first.save('bf16', with_opt=True)
+    def resume(learn):
+        learn.load('bf16', with_opt=True)
+        with pytest.warns(RuntimeWarning, match="no Kahan summation: dropping"): learn.fit(1, 1e-3)
+    native = digits_run(partial(fastforeach.Adam, foreach=False), True, resume, tmp_path)
+    assert all(COMP not in s for s in native.opt.state.values())
+    assert not math.isnan(native.validate()[0])
