@@ -290,6 +290,60 @@ def memory_floor(model: str, threads: int = 2, device='cpu', steps=15, warmup=3)
              'fastai_over_this': times['fastai SGD'] / seconds} for name, seconds in times.items()]
 
 
+# What `--memory` counts, per model: (label, optimizer, param dtype, options, pack threshold on this device).
+# Adam's fused step is PyTorch's kernel in float32 (no packs); RAdam's is compiled, and packs small params.
+_BF16 = torch.bfloat16
+MEMORY_SETUPS = [
+    ('fastai native', 'Adam', torch.float32, {'foreach': False}, None),
+    ('foreach', 'Adam', torch.float32, {}, None),
+    ('fused', 'Adam', torch.float32, {'fused': True}, None),
+    ('torch fused AdamW', 'AdamW', torch.float32, {}, None),
+    ('fused', 'RAdam', torch.float32, {'fused': True}, None),
+    ('fused, CUDA packs', 'RAdam', torch.float32, {'fused': True}, 'cuda'),
+    ('foreach, Kahan', 'Adam', _BF16, {}, None),
+    ('fused, Kahan', 'Adam', _BF16, {'fused': True}, None),
+    ('fused, Kahan bf16', 'Adam', _BF16, {'fused': True, 'kahan_dtype': _BF16}, None),
+    ('fused, stochastic', 'Adam', _BF16, {'fused': True, 'rounding': 'stochastic'}, None),
+    ('fused, Kahan', 'RAdam', _BF16, {'fused': True}, None),
+    ('fused, Kahan, CUDA packs', 'RAdam', _BF16, {'fused': True}, 'cuda'),
+]
+
+
+def memory_table(model: str, device='cpu') -> list[dict]:
+    """Bytes per param element each setup holds after two steps (`memory.memory_report`): params, gradients,
+    optimizer state and fastforeach's own buffers, the last also as a share of the param bytes. 'CUDA
+    packs' steps with CUDA's pack threshold (`fused.PACK_MAX_NUMEL`), which packs far more params."""
+    import fastforeach
+
+    from .fused import PACK_MAX_NUMEL
+    from .memory import memory_report
+    net, rows = MODELS[model](), []
+    for label, name, dtype, options, threshold in MEMORY_SETUPS:
+        params = [nn.Parameter(p.to(dtype)) for p in _params_like(net, device)]
+        gen = torch.Generator().manual_seed(0)
+        for p in params: p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+        saved = dict(PACK_MAX_NUMEL)
+        if threshold: PACK_MAX_NUMEL[torch.device(device).type] = PACK_MAX_NUMEL[threshold]
+        try:
+            opt = (torch.optim.AdamW(params, 1e-3, fused=True) if name == 'AdamW' else
+                   getattr(fastforeach, name)(params, REGISTRY[name].lr, **options))
+            for _ in range(2): opt.step()
+        finally: PACK_MAX_NUMEL.update(saved)
+        report = memory_report(params, opt)
+        rows.append({'model': model, 'setup': f"{name} {str(dtype).split('.')[-1]} {label}",
+                     **{k: v for k, v in report['per_param'].items()},
+                     'extra_share': report['fastforeach'] / report['params']})
+    return rows
+
+
+def format_memory_table(rows: list[dict]) -> str:
+    head = (f"{'model':<12} {'setup':<38} {'params':>7} {'grads':>6} {'state':>6} {'buffers':>8} {'total':>6} "
+            f"{'buffers / params':>17}")
+    return '\n'.join(['bytes per param element', head, '-' * len(head)] + [
+        f"{r['model']:<12} {r['setup']:<38} {r['params']:>7.2f} {r['grads']:>6.2f} {r['state']:>6.2f} "
+        f"{r['fastforeach']:>8.2f} {r['total']:>6.2f} {r['extra_share']:>16.1%}" for r in rows])
+
+
 def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
     """`fit_one_cycle` on digits with each implementation and the benchmark's options, discriminative lrs up to
     10x the optimizer's registry lr: seconds per epoch, final accuracy and loss."""
@@ -488,7 +542,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--compile-times', action='store_true',
                     help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
     ap.add_argument('--memory', action='store_true',
-                    help="also time plain passes over each model's params beside SGD: the floor of a one-pass step")
+                    help="also count the bytes per param each setup holds (fp32, pure bf16), and time plain passes "
+                         "over each model's params beside SGD: the floor of a one-pass step")
     ap.add_argument('--distributed', type=int, nargs='?', const=2, metavar='RANKS',
                     help="also step each optimizer on FSDP2's layout over RANKS gloo processes (default 2) beside "
                          "torch's AdamW on the same DTensors: step time and optimizer state bytes per rank")
@@ -530,6 +585,8 @@ def main(argv=None) -> int:
         result['memory'] = floor = [r for m in models for r in memory_floor(m, args.threads, args.device, args.steps,
                                                                             args.warmup)]
         report.append(format_memory_floor(floor))
+        result['bytes'] = held = [r for m in models for r in memory_table(m, args.device)]
+        report.append(format_memory_table(held))
     if args.distributed:
         result['distributed'] = dist_rows = distributed_bench(
             models, optimizers, world_size=args.distributed, threads=max(1, args.threads // args.distributed),

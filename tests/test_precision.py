@@ -257,3 +257,21 @@ def test_kahan_checkpoint_in_fastais_own_optimizer(tmp_path):
     native = digits_run(partial(fastforeach.Adam, foreach=False), True, resume, tmp_path)
     assert all(COMP not in s for s in native.opt.state.values())
     assert not math.isnan(native.validate()[0])
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('setup,expected', [
+    ({'dtype': torch.float32}, 16), ({'dtype': BF16}, 12), ({'dtype': BF16, 'kahan_dtype': BF16}, 10),
+    ({'dtype': BF16, 'rounding': 'stochastic'}, 8)])
+def test_bytes_per_param_of_adam(setup, expected):
+    "Counted from the tensors: params, gradients and both averages, plus the Kahan buffer where there is one."
+    from fastforeach.memory import memory_report
+    setup = dict(setup)
+    dtype = setup.pop('dtype')
+    params = [nn.Parameter(torch.randn(64, 64, dtype=dtype)) for _ in range(3)]
+    for p in params: p.grad = torch.randn_like(p)
+    opt = fastforeach.Adam(params, lr=1e-3, **setup)
+    opt.step()
+    report = memory_report(params, opt)
+    assert report['per_param']['total'] == expected and report['fastforeach'] == 0

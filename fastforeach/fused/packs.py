@@ -78,6 +78,11 @@ class Pack:
         else: rounded.copy_(stochastic_round(self.flat_p, rounded.dtype, torch.rand_like(self.flat_p)))
         torch._foreach_copy_(self.params, views)
 
+    def buffers(self) -> list:
+        "Every tensor the pack holds: its flat params, gradients, state and buffers, and what it keeps for reuse."
+        return [self.flat_p, self.flat_g, *self.flat_states, *([self.flat_comp] if self.flat_comp is not None else []),
+                *self._cached.values()]
+
     def _once(self, key, make):
         if key not in self._cached: self._cached[key] = make()
         return self._cached[key]

@@ -25,6 +25,10 @@ class Plans:
         "A copy (pickle, deepcopy) starts with no plans: the cached operands alias the original's tensors."
         return {'_plans': {}}
 
+    def buffers(self) -> list:
+        "What the cached plans hold: packs, and operands (flat aliases of params and state, or copies of them)."
+        return [operands for _, _, operands in self._plans.values()]
+
     def get(self, key, tensors: list, build: Callable):
         "`(operands, ops)`: the cached operands and no ops, or `build()`'s, cached when no op needs copying back."
         ptrs = list(map(torch.Tensor.data_ptr, tensors))

@@ -1,0 +1,71 @@
+"""What a training setup holds in memory, per parameter element, counted from the tensors themselves.
+
+`memory_report(params, opt)` walks the params, their gradients, the optimizer's state (its state dict:
+averages, Kahan buffers, Lookahead's slow weights, torch.optim's step counts) and fastforeach's own
+buffers (packs, cached operands, the compiled steps' padding), and counts each storage once, in the
+first of these it is found in: a pack's state buffers are the state, a flat alias of a param is the
+param. DTensors count this rank's shard.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from fastcore.foundation import L
+
+from .distributed import local
+
+__all__ = ['memory_report', 'own_buffers']
+
+KINDS = ('params', 'grads', 'state', 'fastforeach')
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    "Every tensor in `obj`: nested dicts, lists and tuples, and objects that say what they hold (`buffers()`)."
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor): yield x
+        elif isinstance(x, dict): stack += x.values()
+        elif isinstance(x, (list, tuple, L)): stack += list(x)
+        elif hasattr(x, 'buffers') and not isinstance(x, torch.nn.Module): stack += list(x.buffers())
+
+
+def own_buffers(opt) -> list[torch.Tensor]:
+    "fastforeach's own tensors behind `opt`: its fused steps' and Lookahead's plans and packs, and the padding of compiled calls."
+    from .fused.compile import _DUMMIES
+    plans = [getattr(o, name) for o in (opt, getattr(opt, 'opt', None)) if o is not None
+             for name in ('fused_plans', '_plans') if hasattr(o, name)]
+    return list(_tensors([p.buffers() for p in plans])) + list(_tensors(_DUMMIES))
+
+
+def _state_of(opt) -> Iterable:
+    sd = opt.state_dict()
+    return sd if 'hypers' in sd else sd.get('state', {})  # fastai's own format, or torch.optim's
+
+
+def memory_report(params: Iterable[torch.Tensor], opt=None) -> dict:
+    """Bytes held by the params, their gradients, `opt`'s state and fastforeach's buffers, each storage
+    counted once (see the module docstring); `per_param` gives the same divided by the number of param
+    elements, and `total` their sum."""
+    params = [p for p in params]
+    found = {
+        'params': params,
+        'grads': [p.grad for p in params if p.grad is not None],
+        'state': list(_tensors(_state_of(opt))) if opt is not None else [],
+        'fastforeach': own_buffers(opt) if opt is not None else [],
+    }
+    seen, report = set(), {}
+    for kind in KINDS:
+        total = 0
+        for t in found[kind]:
+            storage = local(t).untyped_storage()
+            key = (storage.data_ptr(), storage.device)
+            if key in seen or storage.nbytes() == 0: continue
+            seen.add(key)
+            total += storage.nbytes()
+        report[kind] = total
+    report['total'] = sum(report[k] for k in KINDS)
+    n = sum(local(p).numel() for p in params)
+    report['per_param'] = {k: report[k] / n for k in (*KINDS, 'total')}
+    return report
