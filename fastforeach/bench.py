@@ -309,39 +309,52 @@ MEMORY_SETUPS = [
 ]
 
 
-def memory_table(model: str, device='cpu') -> list[dict]:
-    """Bytes per param element each setup holds after two steps (`memory.memory_report`): params, gradients,
-    optimizer state and fastforeach's own buffers, the last also as a share of the param bytes. 'CUDA
-    packs' steps with CUDA's pack threshold (`fused.PACK_MAX_NUMEL`), which packs far more params."""
+class _WithThreshold:
+    "An optimizer stepped with another device's pack threshold (`fused.PACK_MAX_NUMEL`) in force."
+    def __init__(self, opt, device: str, threshold: str):
+        self.opt, self.device, self.threshold = opt, device, threshold
+
+    def step(self):
+        from .fused import PACK_MAX_NUMEL
+        saved = dict(PACK_MAX_NUMEL)
+        PACK_MAX_NUMEL[self.device] = PACK_MAX_NUMEL[self.threshold]
+        try: self.opt.step()
+        finally: PACK_MAX_NUMEL.update(saved)
+
+
+def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
+    """Bytes per param element each setup holds after its warm-up steps (`memory.memory_report`): params,
+    gradients, optimizer state and fastforeach's own buffers, the last also as a share of the param bytes;
+    and its step time, the setups interleaved as in `time_opts`. 'CUDA packs' steps with CUDA's pack
+    threshold (`fused.PACK_MAX_NUMEL`), which packs far more params."""
     import fastforeach
 
-    from .fused import PACK_MAX_NUMEL
     from .memory import memory_report
-    net, rows = MODELS[model](), []
+    net, setups = MODELS[model](), {}
     for label, name, dtype, options, threshold in MEMORY_SETUPS:
         params = [nn.Parameter(p.to(dtype)) for p in _params_like(net, device)]
         gen = torch.Generator().manual_seed(0)
         for p in params: p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
-        saved = dict(PACK_MAX_NUMEL)
-        if threshold: PACK_MAX_NUMEL[torch.device(device).type] = PACK_MAX_NUMEL[threshold]
-        try:
-            opt = (torch.optim.AdamW(params, 1e-3, fused=True) if name == 'AdamW' else
-                   getattr(fastforeach, name)(params, REGISTRY[name].lr, **options))
-            for _ in range(2): opt.step()
-        finally: PACK_MAX_NUMEL.update(saved)
-        report = memory_report(params, opt)
-        rows.append({'model': model, 'setup': f"{name} {str(dtype).split('.')[-1]} {label}",
-                     **{k: v for k, v in report['per_param'].items()},
-                     'extra_share': report['fastforeach'] / report['params']})
+        opt = (torch.optim.AdamW(params, 1e-3, fused=True) if name == 'AdamW' else
+               getattr(fastforeach, name)(params, REGISTRY[name].lr, **options))
+        if threshold: opt = _WithThreshold(opt, torch.device(device).type, threshold)
+        setups[f"{name} {str(dtype).split('.')[-1]} {label}"] = (params, opt)
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    times = time_opts({k: opt for k, (_, opt) in setups.items()}, steps, warmup, sync)
+    rows = []
+    for setup, (params, opt) in setups.items():
+        report = memory_report(params, getattr(opt, 'opt', opt) if isinstance(opt, _WithThreshold) else opt)
+        rows.append({'model': model, 'setup': setup, **report['per_param'],
+                     'extra_share': report['fastforeach'] / report['params'], 'ms': times[setup] * 1e3})
     return rows
 
 
 def format_memory_table(rows: list[dict]) -> str:
     head = (f"{'model':<12} {'setup':<38} {'params':>7} {'grads':>6} {'state':>6} {'buffers':>8} {'total':>6} "
-            f"{'buffers / params':>17}")
-    return '\n'.join(['bytes per param element', head, '-' * len(head)] + [
+            f"{'buffers / params':>17} {'ms/step':>8}")
+    return '\n'.join(['bytes per param element, and step time', head, '-' * len(head)] + [
         f"{r['model']:<12} {r['setup']:<38} {r['params']:>7.2f} {r['grads']:>6.2f} {r['state']:>6.2f} "
-        f"{r['fastforeach']:>8.2f} {r['total']:>6.2f} {r['extra_share']:>16.1%}" for r in rows])
+        f"{r['fastforeach']:>8.2f} {r['total']:>6.2f} {r['extra_share']:>16.1%} {r['ms']:>8.2f}" for r in rows])
 
 
 def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
@@ -585,7 +598,7 @@ def main(argv=None) -> int:
         result['memory'] = floor = [r for m in models for r in memory_floor(m, args.threads, args.device, args.steps,
                                                                             args.warmup)]
         report.append(format_memory_floor(floor))
-        result['bytes'] = held = [r for m in models for r in memory_table(m, args.device)]
+        result['bytes'] = held = [r for m in models for r in memory_table(m, args.device, args.steps, args.warmup)]
         report.append(format_memory_table(held))
     if args.distributed:
         result['distributed'] = dist_rows = distributed_bench(

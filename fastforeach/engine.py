@@ -186,6 +186,15 @@ class ForEachOptimizer(Optimizer):
         for i, hyper in enumerate(self.hypers):
             for k, v in hyper.items(): check_hyper(k, v, self._group_label(i, len(self.hypers)))
 
+    def zero_grad(self):
+        """fastai's `zero_grad`, in place, as one foreach op. Gradients may be views of a pack's buffer (see
+        `fused.Pack`), which fastai's own `detach_()` refuses."""
+        grads = [p.grad for pg in self.param_lists for p in pg if p.grad is not None]
+        for g in grads:
+            if g.grad_fn is not None: g.detach_()
+            else: g.requires_grad_(False)
+        if grads: torch._foreach_zero_(grads)
+
     # --- step ---------------------------------------------------------------------------------------
     def step(self, closure=None):
         loss = None

@@ -44,6 +44,8 @@ class Lookahead(_FastaiLookahead):
 
     __iter__ = ForEachOptimizer.__iter__
 
+    def zero_grad(self): self.opt.zero_grad()
+
     def step(self, closure=None):
         loss = None
         if closure is not None:

@@ -2,7 +2,7 @@
 
 `memory_report(params, opt)` walks the params, their gradients, the optimizer's state (its state dict:
 averages, Kahan buffers, Lookahead's slow weights, torch.optim's step counts) and fastforeach's own
-buffers (packs, cached operands, the compiled steps' padding), and counts each storage once, in the
+buffers (packs, cached operands), and counts each storage once, in the
 first of these it is found in: a pack's state buffers are the state, a flat alias of a param is the
 param. DTensors count this rank's shard.
 """
@@ -32,11 +32,11 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
 
 
 def own_buffers(opt) -> list[torch.Tensor]:
-    "fastforeach's own tensors behind `opt`: its fused steps' and Lookahead's plans and packs, and the padding of compiled calls."
-    from .fused.compile import _DUMMIES
+    """fastforeach's own tensors behind `opt`: its fused steps' and Lookahead's plans and packs. (The
+    padding of compiled calls, one-element tensors shared by the whole process, is left out.)"""
     plans = [getattr(o, name) for o in (opt, getattr(opt, 'opt', None)) if o is not None
              for name in ('fused_plans', '_plans') if hasattr(o, name)]
-    return list(_tensors([p.buffers() for p in plans])) + list(_tensors(_DUMMIES))
+    return list(_tensors([p.buffers() for p in plans]))
 
 
 def _state_of(opt) -> Iterable:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ['Rounding', 'ROUNDINGS', 'KAHAN_DTYPES', 'COMP', 'check_rounding', 'is_low_precision', 'stochastic_round',
-           'kahan_split']
+           'random_bits', 'kahan_split']
 
 ROUNDINGS = ('kahan', 'stochastic', 'nearest')
 KAHAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,13 +59,26 @@ def is_low_precision(dtype: torch.dtype) -> bool: return dtype in LOW_PRECISION
 
 def stochastic_round(w: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -> torch.Tensor:
     """`w` (float32) rounded to `dtype` up or down at random, up with probability (w − down) / (up − down),
-    given `noise` uniform in [0, 1): unbiased. Non-finite values pass as they are."""
-    bits, min_exp = _FORMAT[dtype]
-    _, exponent = torch.frexp(w)
-    ulp = torch.exp2((exponent.clamp_min(min_exp) - bits).to(w.dtype))
-    down = torch.floor(w / ulp) * ulp
-    rounded = down + ulp * (noise < (w - down) / ulp).to(w.dtype)
+    given `noise`, 16 random bits per element (an integer tensor): unbiased to 2^-16 of an ulp.
+    Non-finite values pass as they are.
+
+    bfloat16 is float32's upper half: the noise is added to the lower half, which is then cut off. float16
+    is rounded down to a multiple of its ulp and up with the probability above."""
+    if dtype == torch.bfloat16:
+        bits = w.view(torch.int32)
+        rounded = ((bits + noise.to(torch.int32)) & -65536).view(torch.float32)
+    else:
+        mantissa, min_exp = _FORMAT[dtype]
+        _, exponent = torch.frexp(w)
+        ulp = torch.exp2((exponent.clamp_min(min_exp) - mantissa).to(w.dtype))
+        down = torch.floor(w / ulp) * ulp
+        rounded = down + ulp * (noise.to(w.dtype) * 2.0 ** -16 < (w - down) / ulp).to(w.dtype)
     return torch.where(torch.isfinite(w), rounded, w).to(dtype)
+
+
+def random_bits(like: torch.Tensor) -> torch.Tensor:
+    "16 random bits per element of `like`, from torch's generator."
+    return torch.randint(0, 1 << 16, like.shape, dtype=torch.int32, device=like.device)
 
 
 def kahan_split(w: torch.Tensor, dtype: torch.dtype, comp_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +122,4 @@ class Rounding:
             torch._foreach_sub_(w, params)
             torch._foreach_copy_(comps, w)
         else:
-            for p, x in zip(params, w): p.copy_(stochastic_round(x, p.dtype, torch.rand_like(x)))
+            for p, x in zip(params, w): p.copy_(stochastic_round(x, p.dtype, random_bits(x)))

@@ -91,3 +91,16 @@ def test_bad_arguments_exit_with_a_message(args, message):
     proc = subprocess.run([sys.executable, '-m', 'fastforeach.bench', *args], capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('model', ['mlp', 'transformer', 'xresnet18'])
+def test_memory_table_counts_every_setup(model):
+    """Bytes per param, counted: Adam 16 in float32, 12 in pure bf16 with Kahan (float32 buffer), 10 with a
+    bf16 buffer, 8 with stochastic rounding; fastforeach's own buffers at most 2% of the param bytes, with
+    the CPU's pack threshold and with CUDA's (which packs far more)."""
+    rows = {r['setup']: r for r in bench.memory_table(model)}
+    assert rows['Adam float32 fastai native']['total'] == rows['Adam float32 fused']['total'] == 16
+    assert rows['Adam bfloat16 fused, Kahan']['total'] == 12
+    assert rows['Adam bfloat16 fused, Kahan bf16']['total'] == 10
+    assert rows['Adam bfloat16 fused, stochastic']['total'] == 8
+    assert all(r['extra_share'] <= 0.02 for r in rows.values()), {k: r['extra_share'] for k, r in rows.items()}

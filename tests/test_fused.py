@@ -325,9 +325,9 @@ def test_larc_pack_phases_and_local_lrs(decouple_wd, monkeypatch):
     `local_lr`s it stores as the same tensors from step to step, each step's values in them. Equal to fastai."""
     from fastforeach.optimizers import larc
     phases = []
-    def spy(update, tensors, c):
+    def spy(update, tensors, c, *args, **kwargs):
         phases.append(update.__name__)
-        return run_flat(update, tensors, c)
+        return run_flat(update, tensors, c, *args, **kwargs)
     run_flat = larc.run_flat
     monkeypatch.setattr(larc, 'run_flat', spy)
     spec = REGISTRY['Larc']
@@ -402,3 +402,21 @@ def test_device_tensor():
     t = device_tensor([1.5, 2, 3], torch.float64, torch.device('cpu'))
     assert t.dtype == torch.float64 and t.device.type == 'cpu' and t.tolist() == [1.5, 2., 3.]
     assert device_tensor(7., torch.float32, torch.device('meta')).device.type == 'meta'
+
+
+@pytest.mark.parametrize('name', ['RAdam', 'Lamb', 'Larc'])
+def test_packed_params_and_grads_live_in_the_pack(name):
+    """A pack moves its params and gradients into its buffers once (the params' data become views of one
+    buffer), and from then on steps them where they are: no copy of them is kept, in any dtype."""
+    from fastforeach.memory import memory_report
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)])
+    opt = getattr(fastforeach, name)(model.parameters(), REGISTRY[name].lr, fused=True)
+    for _ in range(3):
+        model(torch.randn(4, 16)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()  # in place: the next backward accumulates into the pack's gradient buffer
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
+    assert memory_report(params, opt)['fastforeach'] == 0

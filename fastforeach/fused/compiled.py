@@ -66,13 +66,13 @@ class CompiledStep(FusedStep):
         if rounding is None:
             return (compiles(self._phases(hypers), p, self._n_lists, n_coefficients, self.chunk) and
                     all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
+        # Packs run the same graphs on flat tensors (elementwise updates: in chunks of CHUNK).
         comps = (rounding.kahan_dtype,) if rounding.kahan else ()
-        working = (torch.float32, torch.float32, *(p.dtype,) * len(self._state_keys))  # a pack's flat tensors
-        return (compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, self.chunk,
-                         rounding.mode, (p.dtype,) * self._n_lists + comps) and
-                (compiles(self._phases(hypers), p.float(), self._n_lists, n_coefficients, CHUNK, None, working)
-                 if self.pack_step is None and self.packs else True) and
-                all(flat_compiles(phase, p.float(), n_coefficients, working) for phase in self.pack_phases))
+        chunks = {self.chunk, CHUNK} if self.packs and self.pack_step is None else {self.chunk}
+        return (all(compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, chunk, rounding.mode,
+                             (p.dtype,) * self._n_lists + comps) for chunk in chunks) and
+                all(flat_compiles(phase, p, n_coefficients, None, rounding.mode, rounding.kahan_dtype)
+                    for phase in self.pack_phases))
 
     @property
     def pack_phases(self): return self.pack_step.phases if self.pack_step else ()
@@ -83,6 +83,8 @@ class CompiledStep(FusedStep):
         outs, stored = [None] * len(params), {}
         rounding = context.rounding.mode if context.rounding is not None else None
         comps = context.comps if rounding == 'kahan' else None
+        # Packs adopt their params (see `Pack`) unless they are shards of DTensors.
+        adopt = context.sizes is None
         # Sizes of whole params, so that shards are packed alike, in the same order, on every rank.
         numels, largest = context.sizes or [p.numel() for p in params], pack_max_numel(p0.device)
         # Shards of params: an update that takes norms inside its compiled loop would take the shard's, so
@@ -93,9 +95,9 @@ class CompiledStep(FusedStep):
             c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
             small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
             if small:
-                pack = plans.pack(self, params, states, small, comps, rounding)
+                pack = plans.pack(self, params, states, small, comps, adopt)
                 for i, r in zip(small, self._run_pack(pack, phases, c, l2 != 0, small, grads, states, comps, stored,
-                                                      context.norms)):
+                                                      context.norms, rounding)):
                     outs[i] = r
                 idx = [i for i in idx if numels[i] > largest]
                 if not idx: continue
@@ -105,14 +107,14 @@ class CompiledStep(FusedStep):
         stored.update({key: [out[k] for out in outs] for k, key in enumerate(self.returns)})
         return stored or None
 
-    def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, comps, stored, norms) -> list:
+    def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, comps, stored, norms, rounding) -> list:
         """Step `pack`, the params at `idx`; put the state (and Kahan buffers) it moved into `stored` (state
         key -> one value per param). What the update returns for each param (None for each when it returns
         nothing)."""
-        pack.copy_in([grads[i] for i in idx])
-        if self.pack_step: outs = self.pack_step.run(pack, c, l2, norms)
-        else: outs = run_chunks(phases, chunked(pack.lists), c, 1)[0]
-        pack.copy_out()
+        pack.take_grads([grads[i] for i in idx])
+        if self.pack_step: outs = self.pack_step.run(pack, c, l2, norms, rounding)
+        else: outs = run_chunks(phases, chunked(pack.lists), c, 1, rounding)[0]
+        pack.give_back()
         keys, lists = (*self._state_keys, *((COMP,) if comps else ())), (*states, *((comps,) if comps else ()))
         for key, ss, views in zip(keys, lists, pack.moved):
             if views is None: continue

@@ -7,18 +7,16 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..distributed import LOCAL_NORMS, WholeNorms
-from ..precision import stochastic_round
 from .compile import coefficient_dtype
 from .layout import end_to_end, laid_end_to_end
 
 __all__ = ['PACK_MAX_NUMEL', 'pack_max_numel', 'Pack', 'PackStep']
 
 # Params of at most this many elements, per device type, are stepped as one `Pack` by compiled updates.
-# CPU: a compiled loop per tensor costs 5-7 µs below it, copying in and out 3-6 µs (RAdam, 2 threads; about
-# even at 16K elements). CUDA: a kernel launch per tensor costs more than copying all but the largest in
-# and out, so the larger the packs the faster (H100, xresnet50 RMSProp: 4.2 ms per step packing up to 8K
-# elements, 2.2 ms up to 1M, 1.7 ms up to 8M, which packs every param). A pack holds a copy of its params
-# and gradients, so larger tensors, which gain little, are stepped one by one.
+# CPU: a compiled loop per tensor costs 5-7 µs below it (RAdam, 2 threads). CUDA: a kernel launch per tensor
+# costs more than the arithmetic of all but the largest tensors, so the larger the packs the faster (H100,
+# xresnet50 RMSProp, when packs copied their params in and out: 4.2 ms per step packing up to 8K elements,
+# 1.7 ms up to 8M, which packs every param).
 PACK_MAX_NUMEL = {'cpu': 1 << 13, 'cuda': 1 << 23}
 
 
@@ -27,33 +25,44 @@ def pack_max_numel(device: torch.device) -> int:
     return PACK_MAX_NUMEL.get(device.type, PACK_MAX_NUMEL['cpu'])
 
 
+def _adoptable(params) -> bool:
+    "Whether a pack may move `params` into its buffer: plain, contiguous leaf params (not DTensor shards, whose storage FSDP owns)."
+    return all(isinstance(p, torch.nn.Parameter) and p.is_contiguous() for p in params)
+
+
 class Pack:
-    """Small params stepped as one flat tensor by a compiled update.
+    """Small params stepped as one flat tensor by a compiled update: every list the update steps (params,
+    gradients, each state key, Kahan buffers) as one buffer, with the tensors themselves views of it.
 
-    Their state lives end to end for good, each state tensor a view of one buffer per key; each step copies
-    the params and this step's gradients into buffers of their own (`copy_in`) and the params back
-    (`copy_out`), so the pack holds while params and state do, whatever becomes of the gradients. State
-    not laid out so (new, loaded from a state dict, replaced by hand) is moved into a new buffer when the
-    pack is made: `moved[k]` holds the views to store in its place, or None where state key k stayed.
+    - State and Kahan buffers move into a buffer of their own when the pack is made, unless they lie end to
+      end already; `moved[k]` holds the views to store in their place, or None where list k stayed.
+    - Params (plain, contiguous `nn.Parameter`s: `adopted`) move into a buffer too: each param's data
+      becomes a view of it (`p.data = view`), so the model's params are views of one buffer per pack and
+      the update steps them where they are. Gradients follow at each step (`take_grads`): if they lie end
+      to end they are stepped as they are, else they are copied into a buffer whose views become the
+      params' `.grad`, so that the next backward accumulates into them (fastai zeroes gradients in place).
+      A pack keeps no gradient buffer between steps.
+    - Params that cannot be adopted (DTensor shards, channels-last or strided params) are copied into a
+      buffer with their gradients and copied back (`give_back`) at every step, in buffers the pack keeps.
 
-    16-bit params stepped in float32 (`rounding`, see `precision.py`) are copied in as float32 working
-    values, with their Kahan buffers (`comps`, which live end to end like state, moved last) added, and
-    written back from them in `copy_out`; their state stays in their own dtype."""
-    __slots__ = ('params', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'flat_comp', 'moved', 'rounding',
+    16-bit params stepped in float32 are stepped in their own dtype by updates that work on float32 values
+    inside the compiled loop (see `compile._runner`)."""
+    __slots__ = ('params', 'adopted', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'flat_comp', 'moved',
                  '_cached')
 
-    def __init__(self, params, states, comps=None, rounding: str | None = None):
-        self.params, self.rounding = params, rounding
-        dtype = params[0].dtype
-        work = torch.float32 if rounding else dtype
-        self.flat_p, self.p_views = laid_end_to_end(params, work)
-        self.flat_g, self.g_views = laid_end_to_end(params, work)
+    def __init__(self, params, states, comps=None, adopt: bool = True):
+        self.params, self.adopted = params, adopt and _adoptable(params)
+        if self.adopted:
+            self.flat_p, views = _moved(params)
+            with torch.no_grad():
+                for p, v in zip(params, views or ()): p.data = v
+            self.p_views = self.flat_g = self.g_views = None
+        else:
+            self.flat_p, self.p_views = laid_end_to_end(params)
+            self.flat_g, self.g_views = laid_end_to_end(params)
         self.flat_states, self.moved = [], []
-        for ss, want in [*((ss, dtype) for ss in states), *([(comps, comps[0].dtype)] if comps else [])]:
-            flat, views = end_to_end(ss), None
-            if flat is None or flat.dtype != want or flat.device != self.flat_p.device:
-                flat, views = laid_end_to_end(params, want)
-                torch._foreach_copy_(views, ss)
+        for ss in [*states, *([comps] if comps else [])]:
+            flat, views = _moved(ss)
             self.flat_states.append(flat)
             self.moved.append(views)
         self.flat_comp = self.flat_states.pop() if comps else None
@@ -61,27 +70,34 @@ class Pack:
 
     @property
     def lists(self) -> list[list[torch.Tensor]]:
-        "(params, grads, *states), each a list of one flat tensor, as compiled updates take them."
-        return [[self.flat_p], [self.flat_g], *([s] for s in self.flat_states)]
+        "(params, grads, *states[, Kahan buffers]), each a list of one flat tensor, as compiled updates take them."
+        comps = [[self.flat_comp]] if self.flat_comp is not None else []
+        return [[self.flat_p], [self.flat_g], *([s] for s in self.flat_states), *comps]
 
-    def copy_in(self, grads):
-        torch._foreach_copy_(self.p_views, self.params)
-        if self.flat_comp is not None: self.flat_p.add_(self.flat_comp)
-        torch._foreach_copy_(self.g_views, grads)
+    def take_grads(self, grads):
+        "This step's gradients as `flat_g` (and, unless adopted, the params copied into `flat_p`)."
+        if not self.adopted:
+            torch._foreach_copy_(self.p_views, self.params)
+            torch._foreach_copy_(self.g_views, grads)
+            return
+        self.flat_g, views = _moved(grads)
+        # Views of another buffer (DDP's with gradient_as_bucket_view) stay the owner's: copied, not replaced.
+        if views is not None and all(g._base is None for g in grads):
+            for p, v in zip(self.params, views): p.grad = v
 
-    def copy_out(self):
-        if not self.rounding: return torch._foreach_copy_(self.params, self.p_views)
-        rounded, views = self._once('rounded', lambda: laid_end_to_end(self.params))
-        if self.flat_comp is not None:
-            rounded.copy_(self.flat_p)
-            torch.sub(self.flat_p, rounded, out=self.flat_comp)
-        else: rounded.copy_(stochastic_round(self.flat_p, rounded.dtype, torch.rand_like(self.flat_p)))
-        torch._foreach_copy_(self.params, views)
+    def give_back(self):
+        "After the step: the params copied back where they are not the pack's; no gradient buffer kept."
+        if self.adopted: self.flat_g = None
+        else: torch._foreach_copy_(self.params, self.p_views)
+
+    def scratch(self) -> torch.Tensor:
+        "A buffer like the pack's params for one step, not kept: what a phase writes that is not the params' own."
+        return torch.empty_like(self.flat_p)
 
     def buffers(self) -> list:
         "Every tensor the pack holds: its flat params, gradients, state and buffers, and what it keeps for reuse."
-        return [self.flat_p, self.flat_g, *self.flat_states, *([self.flat_comp] if self.flat_comp is not None else []),
-                *self._cached.values()]
+        held = [self.flat_p, self.flat_g, *self.flat_states, self.flat_comp, *self._cached.values()]
+        return [t for t in held if t is not None]
 
     def _once(self, key, make):
         if key not in self._cached: self._cached[key] = make()
@@ -118,16 +134,24 @@ class Pack:
         return views
 
     def spread(self, values: torch.Tensor) -> torch.Tensor:
-        """One value per param written over each of its elements: a flat tensor the size of the pack, one
-        broadcast copy per run of equal sizes. (Read as `values[segments]` inside a compiled loop, an index
-        per element kept inductor from vectorising it: 3x slower on the MLP.) Its buffer is reused by the
-        next call."""
-        out = self._once('spread', lambda: torch.empty(self.flat_p.numel(), dtype=values.dtype, device=values.device))
+        """One value per param written over each of its elements: a flat tensor the size of the pack, for this
+        step, one broadcast copy per run of equal sizes. (Read as `values[segments]` inside a compiled loop,
+        an index per element kept inductor from vectorising it: 3x slower on the MLP.)"""
+        out = torch.empty(self.flat_p.numel(), dtype=values.dtype, device=values.device)
         at = first = 0
         for k, n in self._runs:
             out[at:at + k * n].view(k, n).copy_(values[first:first + k, None])
             at, first = at + k * n, first + k
         return out
+
+
+def _moved(tensors) -> tuple[torch.Tensor, list | None]:
+    "A flat alias over `tensors` and None when they lie end to end; else a new buffer holding them and its views."
+    flat = end_to_end(tensors)
+    if flat is not None and all(t.dtype == flat.dtype for t in tensors): return flat, None
+    flat, views = laid_end_to_end(tensors)
+    torch._foreach_copy_(views, tensors)
+    return flat, views
 
 
 class PackStep(NamedTuple):
@@ -137,8 +161,11 @@ class PackStep(NamedTuple):
     values to store per param, as the update would, or None. `l2` says whether `c` carries an L2 factor
     (`c[1]`, else 0), so that a pass that only adds it can be skipped.
 
-    Each phase is `(update, n_spread)`: `update(*flat, *spread, c)` gets tensors of the pack's size and
-    dtype, then its last `n_spread` tensors in `coefficient_dtype`: per-param values spread over their
-    elements by `Pack.spread`. `CompiledStep.ready` compiles every phase on dummies before a step."""
+    Each phase is `(update, n_spread, writes)`: `update(*flat, *spread, c)` gets tensors of the pack's size
+    and dtype (params, then gradients or a `scratch` buffer, then state), then its last `n_spread` tensors
+    in `coefficient_dtype`: per-param values spread over their elements by `Pack.spread`; `writes` says
+    whether it writes the params (for 16-bit params stepped in float32: see `compile._runner`). A phase
+    must not write the gradients: they are the params' own. `CompiledStep.ready` compiles every phase on
+    dummies before a step."""
     run: Callable
-    phases: tuple[tuple[Callable, int], ...]
+    phases: tuple[tuple[Callable, int, bool], ...]

@@ -47,16 +47,16 @@ class Plans:
         tensors = list(itertools.chain.from_iterable(lists))
         return self.get((owner, id(params[idx[0]])), tensors, lambda: Operands.of(params, grads, states, idx, alias))
 
-    def pack(self, owner, params, states, idx, comps=None, rounding=None) -> Pack:
+    def pack(self, owner, params, states, idx, comps=None, adopt: bool = True) -> Pack:
         """The `Pack` of the params at `idx` for `owner`, the last step's while the same params and state come
         back. `idx` should be sorted by size, so that params of one size lie together (see `Pack.norms`).
-        `comps` and `rounding`: for 16-bit params stepped in float32 (see `Pack`)."""
+        `comps`: Kahan buffers, for 16-bit params stepped in float32; `adopt`: see `Pack`."""
         sub = [[xs[i] for i in idx] for xs in (params, *states, *([comps] if comps else []))]
         tensors = [t for xs in sub for t in xs]
-        key = (owner, 'pack', id(params[idx[0]]), rounding)
+        key = (owner, 'pack', id(params[idx[0]]), comps is not None)
         n_states = len(states)
         pack = self.get(key, tensors, lambda: (Pack(sub[0], sub[1:1 + n_states], sub[1 + n_states] if comps else None,
-                                                    rounding), ()))[0]
+                                                    adopt), ()))[0]
         # Moved state is stored by the caller; the next step finds it in place and caches a pack over it.
         if any(v is not None for v in pack.moved): self._plans.pop(key, None)
         return pack

@@ -46,10 +46,10 @@ def lamb_apply(p, grad_avg, sqr_avg, norms, c):
 # A pack's params (see `fused.Pack`): the averages and every update, the norms of every param at once,
 # then each element scaled by its param's trust ratio.
 
-def lamb_direction(p, g, grad_avg, sqr_avg, c):
-    "First pass over a pack: L2 into the gradient, the averages, then the update written over `g`."
+def lamb_direction(p, g, grad_avg, sqr_avg, out, c):
+    "First pass over a pack: L2 into the gradient, the averages, then the update written to `out`."
     average_grads_update(g + c[1] * p, grad_avg, sqr_avg, c[2:])
-    g.copy_(_adam_direction(grad_avg, sqr_avg, c))
+    out.copy_(_adam_direction(grad_avg, sqr_avg, c))
 
 
 def lamb_scale(p, update, trust, c):
@@ -57,14 +57,14 @@ def lamb_scale(p, update, trust, c):
     p.mul_(c[0]).sub_(c[8] * trust * update)
 
 
-def _step_pack(pack, c, l2, norms):
-    # L2, when there is any, is added in the first pass, which reads the params anyway.
-    # The pack's copy of the gradients holds the update after the first pass: one buffer less to stream.
-    update = pack.flat_g
-    run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states], c)
+def _step_pack(pack, c, l2, norms, rounding=None):
+    # L2, when there is any, is added in the first pass, which reads the params anyway. The update goes to a
+    # buffer of the step's: the gradients are the params' own (see `fused.Pack`).
+    update, comps = pack.scratch(), [pack.flat_comp] if pack.flat_comp is not None else []
+    run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states, update, *comps], c, rounding, writes=False)
     p_norm, u_norm = pack.norms(pack.flat_p, update, whole=norms)
     trust = trust_ratio(c[0].abs() * p_norm, u_norm)  # rms(p) / rms(u) = ‖p‖ / ‖u‖
-    run_flat(lamb_scale, [pack.flat_p, update, pack.spread(trust)], c)
+    run_flat(lamb_scale, [pack.flat_p, update, pack.spread(trust), *comps], c, rounding, writes=True)
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps):
@@ -73,7 +73,7 @@ def _coefficients(*, step, lr, mom, sqr_mom, eps):
 
 # Two compiled passes: the update's norm must be complete before any param moves.
 fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply,
-                               pack_step=PackStep(_step_pack, ((lamb_direction, 0), (lamb_scale, 1))))
+                               pack_step=PackStep(_step_pack, ((lamb_direction, 0, False), (lamb_scale, 1, True))))
 
 
 class LambForEachOptimizer(ForEachOptimizer):

@@ -65,9 +65,9 @@ def momentum_larc_update(p, g, grad_avg, c):
 # element moved by its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients
 # follow. Decoupled decay is done with the move: ‖decay·p‖ is |decay|·‖p‖, so it needs no pass of its own.
 
-def l2_update(p, g, c):
-    "g ← g + wd·p: L2 as a phase of its own, as the gradients' norms need it."
-    g.add_(c[1] * p)
+def l2_update(p, g, out, c):
+    "out ← g + wd·p: L2 as a phase of its own, as the gradients' norms need it (the gradients are the params' own)."
+    out.copy_(g + c[1] * p)
 
 
 def larc_apply(p, g, local_lr, c):
@@ -81,11 +81,14 @@ def momentum_larc_apply(p, g, grad_avg, local_lr, c):
     p.mul_(c[0]).sub_(local_lr * grad_avg)
 
 
-def _step_pack(pack, c, l2, norms, apply):
-    if l2: run_flat(l2_update, [pack.flat_p, pack.flat_g], c)
-    p_norm, g_norm = pack.norms(pack.flat_p, pack.flat_g, whole=norms)
+def _step_pack(pack, c, l2, norms, rounding, apply):
+    g, comps = pack.flat_g, [pack.flat_comp] if pack.flat_comp is not None else []
+    if l2:
+        g = pack.scratch()
+        run_flat(l2_update, [pack.flat_p, pack.flat_g, g, *comps], c, rounding, writes=False)
+    p_norm, g_norm = pack.norms(pack.flat_p, g, whole=norms)
     local_lr = _layer_lr(c[0].abs() * p_norm, g_norm, c[2:])
-    run_flat(apply, [pack.flat_p, pack.flat_g, *pack.flat_states, pack.spread(local_lr)], c)
+    run_flat(apply, [pack.flat_p, g, *pack.flat_states, pack.spread(local_lr), *comps], c, rounding, writes=True)
     return [(lr,) for lr in pack.per_param('local_lr', local_lr)]
 
 
@@ -97,7 +100,7 @@ def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
     "The compiled `larc_step` (mom = 0) or `momentum_larc_step`, clipped or not."
     rule, update, apply = ((larc_step, larc_update, larc_apply) if mom == 0 else
                            (momentum_larc_step, momentum_larc_update, momentum_larc_apply))
-    pack_step = PackStep(partial(_step_pack, apply=apply), ((l2_update, 0), (apply, 1)))
+    pack_step = PackStep(partial(_step_pack, apply=apply), ((l2_update, 0, False), (apply, 1, True)))
     return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',),
                         pack_step=pack_step, chunk=1)
 
