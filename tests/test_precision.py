@@ -15,11 +15,11 @@ IMPLS = ['foreach', 'fused']
 BF16 = torch.bfloat16
 
 
-def constant_moves(rounding, impl, step, steps=1000, n=1, w0=1.0, **options):
-    """`n` bf16 weights of `w0` moved by −`step` for `steps` steps (SGD with lr 1 and the gradient `step`,
-    rounded to bf16 as every input is): the params, their Kahan buffers (or None), and the intended end."""
-    p = nn.Parameter(torch.full((n,), w0, dtype=BF16))
-    g = torch.full((n,), step, dtype=BF16)
+def constant_moves(rounding, impl, step, steps=1000, n=1, w0=1.0, dtype=BF16, **options):
+    """`n` 16-bit weights of `w0` moved by −`step` for `steps` steps (SGD with lr 1 and the gradient `step`,
+    rounded to `dtype` as every input is): the params, their Kahan buffers (or None), and the intended end."""
+    p = nn.Parameter(torch.full((n,), w0, dtype=dtype))
+    g = torch.full((n,), step, dtype=dtype)
     opt = fastforeach.SGD([p], lr=1., rounding=rounding, fused=impl == 'fused', **options)
     for _ in range(steps):
         p.grad = g.clone()
@@ -37,6 +37,18 @@ def test_plain_rounding_loses_tiny_updates_and_kahan_keeps_them(impl):
     moved, intended = 1 - (p + comp).item(), 1 - target.item()
     assert abs(moved - intended) <= 0.01 * intended
     assert abs(p.item() - target.item()) <= 2 ** -7  # one bf16 ulp in [0.5, 1)
+
+
+@pytest.mark.parametrize('rounding', ['kahan', 'stochastic'])
+@pytest.mark.parametrize('impl', IMPLS)
+def test_float16_params_keep_tiny_updates(rounding, impl):
+    "float16 too: 1000 steps of 1e-4 (under half its ulp at 1.0, 2^-11) land, with Kahan or on average."
+    p, _, _ = constant_moves('nearest', impl, 1e-4, dtype=torch.float16)
+    assert p.item() == 1.0
+    torch.manual_seed(0)
+    p, comp, target = constant_moves(rounding, impl, 1e-4, n=1024, dtype=torch.float16)
+    end = (p + comp) if comp is not None else p
+    assert abs(end.mean().item() - target.item()) <= 0.01 * (1 - target.item())
 
 
 @pytest.mark.parametrize('impl', IMPLS)
