@@ -420,3 +420,21 @@ def test_packed_params_and_grads_live_in_the_pack(name):
     assert len({p.untyped_storage().data_ptr() for p in params}) == 1
     assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
     assert memory_report(params, opt)['fastforeach'] == 0
+
+
+def test_a_pack_over_other_params_replaces_the_one_it_overlaps():
+    """Freezing and unfreezing changes which params step: the pack over all drops the pack over some, and its
+    buffer. (RMSProp: no step counts, which would keep the params that stepped first in a bucket of their own.)"""
+    from fastforeach.memory import memory_report
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    opt = fastforeach.RMSProp(model.parameters(), 1e-3, fused=True)
+    def step(frozen):
+        for i, layer in enumerate(model):
+            for p in layer.parameters(): p.requires_grad_(i >= frozen)
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step(); opt.zero_grad()
+        for p in model.parameters(): p.grad = None if not p.requires_grad else p.grad
+    for frozen in (2, 2, 0, 0, 0): step(frozen)
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+    assert memory_report(params, opt)['fastforeach'] == 0

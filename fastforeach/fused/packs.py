@@ -91,8 +91,9 @@ class Pack:
         else: torch._foreach_copy_(self.params, self.p_views)
 
     def scratch(self) -> torch.Tensor:
-        "A buffer like the pack's params for one step, not kept: what a phase writes that is not the params' own."
-        return torch.empty_like(self.flat_p)
+        """A buffer like the pack's params that a phase may write (what is not the params' own): the pack's
+        copy of the gradients when it copies them, else a buffer for this step, not kept."""
+        return torch.empty_like(self.flat_p) if self.adopted else self.flat_g
 
     def buffers(self) -> list:
         "Every tensor the pack holds: its flat params, gradients, state and buffers, and what it keeps for reuse."
@@ -134,10 +135,13 @@ class Pack:
         return views
 
     def spread(self, values: torch.Tensor) -> torch.Tensor:
-        """One value per param written over each of its elements: a flat tensor the size of the pack, for this
-        step, one broadcast copy per run of equal sizes. (Read as `values[segments]` inside a compiled loop,
-        an index per element kept inductor from vectorising it: 3x slower on the MLP.)"""
-        out = torch.empty(self.flat_p.numel(), dtype=values.dtype, device=values.device)
+        """One value per param written over each of its elements: a flat tensor the size of the pack, one
+        broadcast copy per run of equal sizes. (Read as `values[segments]` inside a compiled loop, an index
+        per element kept inductor from vectorising it: 3x slower on the MLP.) A pack that copies its params
+        keeps the buffer for the next step, as it keeps its copies; one that steps them in place keeps
+        nothing between steps."""
+        def make(): return torch.empty(self.flat_p.numel(), dtype=values.dtype, device=values.device)
+        out = make() if self.adopted else self._once('spread', make)
         at = first = 0
         for k, n in self._runs:
             out[at:at + k * n].view(k, n).copy_(values[first:first + k, None])

@@ -55,8 +55,16 @@ class Plans:
         tensors = [t for xs in sub for t in xs]
         key = (owner, 'pack', id(params[idx[0]]), comps is not None)
         n_states = len(states)
-        pack = self.get(key, tensors, lambda: (Pack(sub[0], sub[1:1 + n_states], sub[1 + n_states] if comps else None,
-                                                    adopt), ()))[0]
+
+        def build():
+            # A pack of other params that shares any of these (a group frozen, then not) would hold the
+            # buffers they move out of: dropped.
+            ids = {id(p) for p in sub[0]}
+            for k in [k for k, (ts, _, ops) in self._plans.items()
+                      if k[:2] == (owner, 'pack') and k != key and any(id(p) in ids for p in ops.params)]:
+                del self._plans[k]
+            return Pack(sub[0], sub[1:1 + n_states], sub[1 + n_states] if comps else None, adopt), ()
+        pack = self.get(key, tensors, build)[0]
         # Moved state is stored by the caller; the next step finds it in place and caches a pack over it.
         if any(v is not None for v in pack.moved): self._plans.pop(key, None)
         return pack
