@@ -14,6 +14,7 @@ from .lookahead import Lookahead, RangerForEachOptimizer
 from .optimizers import *  # noqa: F403
 from .optimizers import __all__ as _optimizer_classes
 from .pure_bf16 import PureBF16
+from .release import GradientRelease, OptimizerAccumulation
 from .registry import REGISTRY, make_factory
 
 __version__ = '0.1.0'
@@ -31,4 +32,4 @@ ranger = make_factory(REGISTRY['ranger'])
 OWN = ('SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'Lookahead', 'ranger')
 
 __all__ = list(dict.fromkeys([*_fastai_optimizer.__all__, *OWN, 'ForEachOptimizer', 'RangerForEachOptimizer',
-                              *_optimizer_classes, 'PureBF16']))
+                              *_optimizer_classes, 'PureBF16', 'GradientRelease', 'OptimizerAccumulation']))

@@ -25,7 +25,7 @@ from .oracle import Twins, max_relative_difference
 from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
 __all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'distributed_bench', 'train_table', 'summary_table',
-           'main']
+           'accumulation_table', 'release_table', 'main']
 
 
 def mlp(depth=100, width=64) -> nn.Module:
@@ -357,6 +357,66 @@ def format_memory_table(rows: list[dict]) -> str:
         f"{r['fastforeach']:>8.2f} {r['total']:>6.2f} {r['extra_share']:>16.1%} {r['ms']:>8.2f}" for r in rows])
 
 
+def example_input(model: str, device='cpu') -> torch.Tensor:
+    "A small batch each benchmark model takes."
+    gen = torch.Generator().manual_seed(0)
+    shape = {'mlp': (8, 64), 'transformer': (2, 16, 256)}.get(model, (2, 3, 64, 64))
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def release_table(model: str, device='cpu', steps=5, warmup=2, optimizer='Adam') -> list[dict]:
+    """Gradient release against a normal step (fused `optimizer`, the same forward and backward passes):
+    the most bytes of gradients alive at once during backward, and the optimizer's time per step (summed
+    over the buckets stepped in backward's hooks, with release)."""
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+
+    import fastforeach
+
+    from .memory import PeakGradBytes
+    from .release import GradientRelease
+    rows = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        net = MODELS[model]().to(device)
+        x = example_input(model, device)
+        learn = Learner(DataLoaders(device=device), net, loss_func=lambda *_: 0,
+                        opt_func=lambda ps, lr: getattr(fastforeach, optimizer)(ps, REGISTRY[optimizer].lr, fused=True))
+        learn.create_opt()
+        cb = GradientRelease() if release else None
+        if cb: learn.add_cb(cb); cb.before_fit()
+        learn.training, tracker, times = True, PeakGradBytes(net.parameters()), []
+        sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+        for i in range(warmup + steps):
+            loss = net(x).float().pow(2).mean()
+            if cb: cb.before_backward()
+            loss.backward()
+            if cb:
+                cb.after_backward()
+                seconds = cb.step_seconds
+            else:
+                sync(); start = time.perf_counter()
+                learn.opt.step()
+                sync(); seconds = time.perf_counter() - start
+                learn.opt.zero_grad()
+            if i >= warmup: times.append(seconds)
+        if cb: cb.after_fit()
+        tracker.remove()
+        grads = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+        rows.append({'model': model, 'optimizer': optimizer, 'release': release, 'peak_grad_bytes': tracker.peak,
+                     'peak_share': tracker.peak / grads, 'step_ms': statistics.median(times) * 1e3})
+    return rows
+
+
+def format_release_table(rows: list[dict]) -> str:
+    head = f"{'model':<12} {'optimizer':<10} {'release':<8} {'peak grad MB':>13} {'of all grads':>13} {'step ms':>8} {'/ normal':>9}"
+    normal = {r['model']: r['step_ms'] for r in rows if not r['release']}
+    return '\n'.join(['gradient release: gradients alive during backward, and optimizer time per step', head,
+                      '-' * len(head)] + [
+        f"{r['model']:<12} {r['optimizer']:<10} {str(r['release']):<8} {r['peak_grad_bytes'] / 2**20:>13.2f} "
+        f"{r['peak_share']:>12.1%} {r['step_ms']:>8.2f} {r['step_ms'] / normal[r['model']]:>8.2f}x" for r in rows])
+
+
 def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
     """`fit_one_cycle` on digits with each implementation and the benchmark's options, discriminative lrs up to
     10x the optimizer's registry lr: seconds per epoch, final accuracy and loss."""
@@ -380,6 +440,37 @@ def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> 
     head = f"{'optimizer':<10} {'impl':<10} {'s/epoch':>8} {'accuracy':>9} {'valid loss':>11}"
     lines = [head, '-' * len(head)] + [
         f"{r['optimizer']:<10} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
+        for r in rows]
+    return {'rows': rows, 'table': '\n'.join(lines)}
+
+
+def accumulation_table(optimizers=('Adam', 'RAdam', 'Lamb', 'ranger'), seeds=(0, 1, 2), epochs=10, n_acc=4, bs=64,
+                       lr=3e-2, device='cpu') -> dict:
+    """Optimizer accumulation against fastai's GradientAccumulation over the same effective batch (`n_acc`
+    micro-batches of `bs`): `fit_one_cycle` on digits, accuracy on 512 validation images, per seed and mean."""
+    from fastai.callback.progress import ProgressCallback
+    from fastai.callback.training import GradientAccumulation
+
+    from .release import OptimizerAccumulation
+    from .training import digits_learner
+    setups = {'GradientAccumulation': lambda: GradientAccumulation(n_acc * bs),
+              'OptimizerAccumulation': lambda: OptimizerAccumulation(n_acc)}
+    rows = []
+    for name in optimizers:
+        spec = REGISTRY[name]
+        for setup, make_cb in setups.items():
+            accs = []
+            for seed in seeds:
+                learn = digits_learner(lambda ps, lr, spec=spec: spec.make('foreach', ps, lr), seed=seed, device=device,
+                                       n_train=1280, n_valid=512, bs=bs, cbs=make_cb())
+                learn.remove_cb(ProgressCallback)
+                with learn.no_logging():
+                    learn.fit_one_cycle(epochs, lr)
+                    accs.append(float(learn.validate()[1]))
+            rows.append({'optimizer': name, 'setup': setup, 'accuracies': accs, 'accuracy': statistics.mean(accs)})
+    head = f"{'optimizer':<10} {'setup':<22} {'accuracy (mean)':>16} {'per seed':>26}"
+    lines = [f"{n_acc} micro-batches of {bs}, fit_one_cycle({epochs}, {lr:g}) on digits", head, '-' * len(head)] + [
+        f"{r['optimizer']:<10} {r['setup']:<22} {r['accuracy']:>16.4f} {' '.join(f'{a:.4f}' for a in r['accuracies']):>26}"
         for r in rows]
     return {'rows': rows, 'table': '\n'.join(lines)}
 
@@ -551,7 +642,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--plot', metavar='PATH', help='write a PNG chart of the speed-ups')
     ap.add_argument('--out', metavar='PREFIX',
                     help='write PREFIX.json, PREFIX.png, PREFIX.txt (what is printed) and PREFIX.md (the summary table)')
-    ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation')
+    ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation, and optimizer accumulation against GradientAccumulation')
     ap.add_argument('--compile-times', action='store_true',
                     help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
     ap.add_argument('--memory', action='store_true',
@@ -590,7 +681,8 @@ def main(argv=None) -> int:
     report = [f"# {command}\n# {describe_machine(result['info'])}", format_table(rows)]
     if args.train:
         result['train'] = train = train_table(device=args.device)
-        report.append(train['table'])
+        result['accumulation'] = accumulated = accumulation_table(device=args.device)
+        report += [train['table'], accumulated['table']]
     if args.compile_times:
         result['compile_times'] = compiled = compile_times(optimizers, threads=args.threads, device=args.device)
         report.append(format_compile_times(compiled))
@@ -600,6 +692,8 @@ def main(argv=None) -> int:
         report.append(format_memory_floor(floor))
         result['bytes'] = held = [r for m in models for r in memory_table(m, args.device, args.steps, args.warmup)]
         report.append(format_memory_table(held))
+        result['release'] = released = [r for m in models for r in release_table(m, args.device, args.steps, args.warmup)]
+        report.append(format_release_table(released))
     if args.distributed:
         result['distributed'] = dist_rows = distributed_bench(
             models, optimizers, world_size=args.distributed, threads=max(1, args.threads // args.distributed),

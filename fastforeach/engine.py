@@ -15,6 +15,7 @@ import torch
 from fastai.optimizer import Optimizer
 from fastcore.foundation import L
 
+from .accumulation import accumulation_of, fold
 from .checkpoint import TorchOptimizerView
 from .distributed import LOCAL_NORMS, as_like, check_layout, is_sharded, layout, local, norms_for, wrap_like
 from .fused import Context, FusedStep, Plans
@@ -167,6 +168,8 @@ class ForEachOptimizer(Optimizer):
         super().__init__(params, cbs=[], **defaults)
         # Whether any param is a DTensor (FSDP2): fixed once the optimizer holds its params.
         self.sharded = any(is_sharded(p) for pg in self.param_lists for p in pg)
+        # (micro-batch index, number of micro-batches) while optimizer accumulation is on (see accumulation.py)
+        self.accumulation = None
 
     def __iter__(self):
         """This optimizer as a `torch.optim.Optimizer` (`checkpoint.TorchOptimizerView`): torch.distributed.checkpoint's
@@ -204,12 +207,49 @@ class ForEachOptimizer(Optimizer):
         with torch.no_grad(): self._step(self._gather())
         return loss
 
+    def step_params(self, params) -> None:
+        "A step of only `params` (those of them with a gradient): one bucket of a gradient release (see `release.py`)."
+        self.check_hypers()
+        with torch.no_grad(): self._step(self._gather({id(p) for p in params}))
+
+    def check_accumulation(self) -> None:
+        "Raise `ValueError` when optimizer accumulation (see `accumulation.py`) is not defined for this optimizer."
+        found, why = accumulation_of(self.rule.fn)
+        if found is None: raise ValueError(f"Optimizer accumulation is not defined for {type(self).__name__}: {why}")
+
+    def _accumulate(self, bucket: Bucket, hyper: dict, kwargs: dict):
+        """Micro-batch `index` of `n` (`self.accumulation`): L2 and the gradients folded into the averages;
+        on the last, the step counted, decoupled weight decay and the rule's move of the params."""
+        index, n = self.accumulation
+        acc, last = accumulation_of(self.rule.fn)[0], index == self.accumulation[1] - 1
+        if self.rounding.in_float32(bucket.params[0]):
+            raise ValueError("Optimizer accumulation of 16-bit params is not supported (rounding='nearest' aside)")
+        if last and self.rule.counts_steps:
+            step = bucket.states[0].get('step', 0) + 1
+            for state in bucket.states: state['step'] = step
+            kwargs = {**kwargs, 'step': step}
+        if self.rule.uses_norms: kwargs = {**kwargs, 'norms': bucket.norms}
+        on_cpu = bucket.params[0].device.type == 'cpu' and not bucket.sharded
+        for chunk in bucket.chunks(CPU_CHUNK_BYTES) if on_cpu else [bucket]:
+            states = self._state_lists(chunk)
+            if not self.decouple_wd: self._weight_decay(chunk, hyper)  # L2: into each micro-batch's gradient
+            fold(acc, chunk.grads, dict(zip(self.rule.state_keys, states)), kwargs, index, n)
+            if last:
+                if self.decouple_wd: self._weight_decay(chunk, hyper)
+                acc.move(chunk.params, *states, **kwargs)
+
+    def finish_step(self) -> None:
+        "What follows the steps of every bucket of a gradient release: nothing here (Lookahead counts and syncs)."
+
     def _step(self, groups):
         for hyper, buckets in groups:
             kwargs = {k: hyper[k] for k in self.rule.hypers}
             kwargs.update({k: hyper[k] for k in self.rule.optional_hypers if k in hyper})
             for bucket in buckets:
                 p0 = bucket.params[0]
+                if self.accumulation is not None:
+                    self._accumulate(bucket, hyper, kwargs)
+                    continue
                 if self._as_fastai(p0):
                     self._run_fastai(bucket, hyper)
                     continue
@@ -230,14 +270,14 @@ class ForEachOptimizer(Optimizer):
                         self._weight_decay(chunk, hyper)
                         self._store(chunk, self._run_rule(chunk, kwargs))
 
-    def _gather(self):
-        "Per group: its hypers and its buckets of params with a gradient."
+    def _gather(self, only: set | None = None):
+        "Per group: its hypers and its buckets of params with a gradient (of those whose ids are in `only`, if given)."
         groups = []
         for pg, hyper in zip(self.param_lists, self.hypers):
             params, grads = [], []
             for p in pg:
                 g = p.grad
-                if g is not None: params.append(p); grads.append(g)
+                if g is not None and (only is None or id(p) in only): params.append(p); grads.append(g)
             if not params: continue
             for p, g in zip(params, grads):
                 if g.is_sparse:

@@ -50,6 +50,19 @@ class Lookahead(_FastaiLookahead):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
+        self._prepare()
+        self.opt.step()
+        self.finish_step()
+        return loss
+
+    def check_accumulation(self) -> None: self.opt.check_accumulation()
+
+    def step_params(self, params) -> None:
+        "The inner optimizer's step of only `params`: one bucket of a gradient release (see `release.py`)."
+        self._prepare()
+        self.opt.step_params(params)
+
+    def _prepare(self):
         check_lookahead(self.k, self.alpha)
         if self.slow_weights is None: self._copy_weights()
         if not self._sync_checked:
@@ -57,7 +70,12 @@ class Lookahead(_FastaiLookahead):
             # stall at step k (or at the first after loading a state dict).
             for slow, fast, _ in self._weight_lists(): self._compiled_sync(slow, fast)
             self._sync_checked = True
-        self.opt.step()
+
+    def finish_step(self) -> None:
+        """After the inner optimizer's step (of every bucket, with gradient release): count it, and sync every
+        `k`; with optimizer accumulation, only a step that moved the params counts."""
+        accumulation = getattr(self.opt, 'accumulation', None)
+        if accumulation is not None and accumulation[0] != accumulation[1] - 1: return
         self.count += 1
         if self.count % self.k == 0:
             with torch.no_grad():
@@ -68,7 +86,6 @@ class Lookahead(_FastaiLookahead):
                         rest = [i for i in range(len(fast)) if i not in set(low)]
                         slow, fast = [slow[i] for i in rest], [fast[i] for i in rest]
                     self._sync(slow, fast)
-        return loss
 
     def _weight_lists(self):
         "Per param group: the slow weights and the params, as this rank's shards where they are DTensors; the params."

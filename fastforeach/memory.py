@@ -15,7 +15,7 @@ from fastcore.foundation import L
 
 from .distributed import local
 
-__all__ = ['memory_report', 'own_buffers']
+__all__ = ['memory_report', 'own_buffers', 'PeakGradBytes']
 
 KINDS = ('params', 'grads', 'state', 'fastforeach')
 
@@ -69,3 +69,18 @@ def memory_report(params: Iterable[torch.Tensor], opt=None) -> dict:
     n = sum(local(p).numel() for p in params)
     report['per_param'] = {k: report[k] / n for k in (*KINDS, 'total')}
     return report
+
+
+class PeakGradBytes:
+    """The most bytes of gradients of `params` alive at once during backward passes, as the hooks that backward
+    calls once a param's gradient is complete see them; `remove()` the hooks when done. Make it before a
+    gradient release (`release.GradientRelease`) so that each hook looks before a bucket's are freed."""
+    def __init__(self, params):
+        self.params, self.peak = list(params), 0
+        self.hooks = [p.register_post_accumulate_grad_hook(self._seen) for p in self.params if p.requires_grad]
+
+    def _seen(self, _):
+        self.peak = max(self.peak, sum(p.grad.nbytes for p in self.params if p.grad is not None))
+
+    def remove(self):
+        for h in self.hooks: h.remove()

@@ -37,7 +37,7 @@ def cnn_splitter(model):
     return [list(model[:6].parameters()), list(model[6:].parameters())]
 
 
-def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_train=512, **kwargs):
+def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_train=512, n_valid=256, bs=64, **kwargs):
     "A seeded Learner on digits with `opt_func`; the same seed gives the same init and data order."
     import fastai.callback.schedule  # noqa: F401  (adds fit_one_cycle, fine_tune and lr_find to Learner)
     from fastai.learner import Learner
@@ -45,7 +45,7 @@ def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_tr
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     set_seed(seed, reproducible=True)
-    dls = digits_dls(n_train=n_train, shuffle=shuffle, device=device)
+    dls = digits_dls(n_train=n_train, n_valid=n_valid, bs=bs, shuffle=shuffle, device=device)
     learn = Learner(dls, digits_cnn(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy,
                     splitter=cnn_splitter, path=path or '.', **kwargs)
     learn.model.to(device)

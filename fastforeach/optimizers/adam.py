@@ -3,6 +3,7 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import add_scalar_, device_tensor, mul_scalar_
+from ..accumulation import Average, accumulates
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep, EitherStep, KernelStep
 
@@ -40,8 +41,18 @@ def debiased_rms(sqr_avg, *, step, sqr_mom, eps):
 def adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
     "p ← p − lr · (grad_avg / debias1) / (√(sqr_avg / debias2) + eps), after `average_grads`"
     average_grads(g, grad_avg, sqr_avg, mom=mom, sqr_mom=sqr_mom)
+    adam_move(p, grad_avg, sqr_avg, step=step, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps)
+
+
+def adam_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
+    "`adam_step`'s move of the params, from its averages."
     denom = debiased_rms(sqr_avg, step=step, sqr_mom=sqr_mom, eps=eps)
     torch._foreach_addcdiv_(p, grad_avg, denom, -lr / debias(mom, 1 - mom, step))
+
+
+# The averages of the Adam family, as optimizer accumulation folds micro-batches into them.
+ADAM_AVERAGES = (Average('grad_avg', 'mom'), Average('sqr_avg', 'sqr_mom', power=2))
+accumulates(adam_step, ADAM_AVERAGES, adam_move)
 
 
 def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):

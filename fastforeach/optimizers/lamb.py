@@ -4,7 +4,8 @@ import torch
 
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep, PackStep, run_flat
-from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
+from ..accumulation import accumulates
+from .adam import ADAM_AVERAGES, average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
 __all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step', 'trust_ratio']
 
@@ -13,9 +14,17 @@ def lamb_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, norms):
     """u = (grad_avg / debias1) / (√(sqr_avg / debias2) + eps);  q = min(rms(p) / rms(u), 10), or 1 when
     either is 0;  p ← p − lr·q·u.  rms(p) / rms(u) is ‖p‖ / ‖u‖: both are means over the same elements."""
     average_grads(g, grad_avg, sqr_avg, mom=mom, sqr_mom=sqr_mom)
+    lamb_move(p, grad_avg, sqr_avg, step=step, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, norms=norms)
+
+
+def lamb_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, norms):
+    "`lamb_step`'s move of the params, from its averages."
     update = torch._foreach_div(grad_avg, debias(mom, 1 - mom, step))
     torch._foreach_div_(update, debiased_rms(sqr_avg, step=step, sqr_mom=sqr_mom, eps=eps))
     torch._foreach_addcmul_(p, update, (-lr * trust_ratio(*norms(p, update))).unbind())
+
+
+accumulates(lamb_step, ADAM_AVERAGES, lamb_move)
 
 
 def trust_ratio(r1, r2):

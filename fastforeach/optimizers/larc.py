@@ -5,6 +5,7 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_
+from ..accumulation import refuses_accumulation
 from ..engine import ForEachOptimizer
 from ..fused import CompiledStep, PackStep, run_flat
 
@@ -38,6 +39,10 @@ def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, norms, 
     mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
     return _layerwise_step(p, g, grad_avg, lr=lr, trust_coeff=trust_coeff, wd=wd, eps=eps, clip=clip, norms=norms)
+
+
+for _rule in (larc_step, momentum_larc_step):
+    refuses_accumulation(_rule, "Larc's local lr divides by the norm of the gradient itself")
 
 
 def _layer_lr(p_norm, g_norm, c):

@@ -3,6 +3,7 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import add_scalar_
+from ..accumulation import refuses_accumulation
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep
 from .adam import average_grads, average_grads_update, averaging_coefficients
@@ -20,6 +21,9 @@ def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, 
     torch._foreach_sqrt_(denom)
     add_scalar_(denom, eps)
     torch._foreach_addcdiv_(p, numer, denom, -lr)
+
+
+refuses_accumulation(qhadam_step, "QHAdam's step mixes the gradient itself, (1 − nu_1)·g, into its numerator")
 
 
 def qhadam_update(p, g, grad_avg, sqr_avg, c):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep
-from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
+from ..accumulation import accumulates
+from .adam import ADAM_AVERAGES, average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
 __all__ = ['RAdamForEachOptimizer', 'radam_step', 'rectification', 'fused_radam_step']
 
@@ -24,6 +25,11 @@ def radam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, beta):
     """Rectified: p ← p − lr·v · (grad_avg / debias1) / denom, denom = √(sqr_avg / debias2) + eps,
     then softplus(denom, beta) when beta > 0 (SAdam). Early steps: p ← p − lr · grad_avg / debias1."""
     average_grads(g, grad_avg, sqr_avg, mom=mom, sqr_mom=sqr_mom)
+    radam_move(p, grad_avg, sqr_avg, step=step, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, beta=beta)
+
+
+def radam_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, beta):
+    "`radam_step`'s move of the params, from its averages."
     debias1 = debias(mom, 1 - mom, step)
     v = rectification(sqr_mom, step)
     if v is None:
@@ -32,6 +38,9 @@ def radam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, beta):
     denom = debiased_rms(sqr_avg, step=step, sqr_mom=sqr_mom, eps=eps)
     if beta: denom = [F.softplus(d, beta) for d in denom]
     torch._foreach_addcdiv_(p, grad_avg, denom, -lr * v / debias1)
+
+
+accumulates(radam_step, ADAM_AVERAGES, radam_move)
 
 
 def softplus(x, beta, threshold=20.):

@@ -3,6 +3,7 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_, add_scalar_
+from ..accumulation import Average, accumulates, refuses_accumulation
 from ..engine import ForEachOptimizer
 from ..fused import CompiledStep
 
@@ -28,6 +29,19 @@ def momentum_rmsprop_step(p, g, grad_avg, sqr_avg, *, lr, mom, sqr_mom, eps):
     mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
     _scaled_by_rms(p, grad_avg, sqr_avg, g, lr=lr, sqr_mom=sqr_mom, eps=eps)
+
+
+def momentum_rmsprop_move(p, grad_avg, sqr_avg, *, lr, eps, **_):
+    "`momentum_rmsprop_step`'s move of the params, from its averages."
+    denom = torch._foreach_sqrt(sqr_avg)
+    add_scalar_(denom, eps)
+    torch._foreach_addcdiv_(p, grad_avg, denom, -lr)
+
+
+accumulates(momentum_rmsprop_step, (Average('grad_avg', 'mom', dampened=False), Average('sqr_avg', 'sqr_mom', power=2)),
+            momentum_rmsprop_move)
+refuses_accumulation(rmsprop_step, "RMSProp without momentum moves the params by the gradient itself, which "
+                                   "optimizer accumulation does not keep (use momentum)")
 
 
 def _scaled_by_rms_update(p, direction, sqr_avg, g, c):

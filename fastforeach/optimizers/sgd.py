@@ -3,6 +3,7 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_
+from ..accumulation import Average, accumulates, refuses_accumulation
 from ..engine import ForEachOptimizer
 from ..fused import CompiledStep, EitherStep, KernelStep
 
@@ -18,7 +19,17 @@ def momentum_sgd_step(p, g, grad_avg, *, lr, mom):
     "grad_avg ← mom·grad_avg + g;  p ← p − lr·grad_avg"
     mul_scalar_(grad_avg, mom)
     torch._foreach_add_(grad_avg, g)
+    momentum_sgd_move(p, grad_avg, lr=lr)
+
+
+def momentum_sgd_move(p, grad_avg, *, lr, **_):
+    "`momentum_sgd_step`'s move of the params, from its momentum."
     torch._foreach_add_(p, grad_avg, alpha=-lr)
+
+
+accumulates(momentum_sgd_step, (Average('grad_avg', 'mom', dampened=False),), momentum_sgd_move)
+refuses_accumulation(sgd_step, "plain SGD keeps no average to fold gradients into (use momentum, or fastai's "
+                               "GradientAccumulation)")
 
 
 def _torch_fused_sgd(p, g, states, hypers, *, wd, decouple_wd):
