@@ -13,6 +13,7 @@ from .engine import ForEachOptimizer
 from .lookahead import Lookahead, RangerForEachOptimizer
 from .optimizers import *  # noqa: F403
 from .optimizers import __all__ as _optimizer_classes
+from .optimizers.schedulefree import ScheduleFree
 from .pure_bf16 import PureBF16
 from .release import GradientRelease, OptimizerAccumulation
 from .registry import REGISTRY, make_factory
@@ -27,9 +28,16 @@ QHAdam = make_factory(REGISTRY['QHAdam'])
 Larc = make_factory(REGISTRY['Larc'])
 Lamb = make_factory(REGISTRY['Lamb'])
 ranger = make_factory(REGISTRY['ranger'])
+Lion = make_factory(REGISTRY['Lion'])
+Adan = make_factory(REGISTRY['Adan'])
+StableAdam = make_factory(REGISTRY['StableAdam'])
+ScheduleFreeAdam = make_factory(REGISTRY['ScheduleFreeAdam'])
+Muon = make_factory(REGISTRY['Muon'])
 
 # fastforeach's replacements of fastai's names; every other name of fastai's `__all__` is fastai's own object.
 OWN = ('SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'Lookahead', 'ranger')
+# Optimizers fastai does not have, with fastai's vocabulary.
+MODERN = ('Lion', 'Adan', 'StableAdam', 'ScheduleFreeAdam', 'Muon')
 
-__all__ = list(dict.fromkeys([*_fastai_optimizer.__all__, *OWN, 'ForEachOptimizer', 'RangerForEachOptimizer',
-                              *_optimizer_classes, 'PureBF16', 'GradientRelease', 'OptimizerAccumulation']))
+__all__ = list(dict.fromkeys([*_fastai_optimizer.__all__, *OWN, *MODERN, 'ForEachOptimizer', 'RangerForEachOptimizer',
+                              *_optimizer_classes, 'PureBF16', 'GradientRelease', 'OptimizerAccumulation', 'ScheduleFree']))

@@ -18,10 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import fastai.optimizer as native
 import torch
 from torch import nn
 
 from .oracle import Twins, max_relative_difference
+from .optimizers.schedulefree import ScheduleFree
+from .references import REFERENCES
 from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
 __all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'distributed_bench', 'train_table', 'summary_table',
@@ -69,6 +72,7 @@ class BenchCase:
     "What the benchmark runs for one optimizer: its options and torch.optim's equal, if it has one."
     options: dict
     torch_equal: Callable | None = None   # (impl) -> builder with the same options
+    callbacks: Callable = list            # () -> the Learner callbacks it trains with
 
 
 # SGD with momentum and L2 is exactly torch's SGD; fastai's Adam with decoupled wd is exactly AdamW.
@@ -82,7 +86,16 @@ BENCH: dict[str, BenchCase] = {
     'Lamb': BenchCase({'wd': 0.01}),
     'ranger': BenchCase({}),
     'Lookahead': BenchCase({'mom': 0.9, 'wd': 0.01}),
+    'Lion': BenchCase({}),
+    'Adan': BenchCase({}),
+    'StableAdam': BenchCase({}),
+    'ScheduleFreeAdam': BenchCase({'wd': 0.01}, callbacks=lambda: [ScheduleFree()]),
+    'Muon': BenchCase({'ns_dtype': torch.bfloat16}),  # as users run it (the registry's tests run float64)
 }
+
+# The optimizers fastai lacks also step beside their published implementation, in its fastest mode on the
+# device (`references.py`), and beside fastai's Adam, for scale.
+REFERENCE, FASTAI_ADAM = 'reference', 'fastai Adam'
 
 
 def implementations(name: str) -> dict[str, Callable]:
@@ -92,6 +105,11 @@ def implementations(name: str) -> dict[str, Callable]:
     if case.torch_equal is not None:
         for impl in ('foreach', 'fused'):
             impls[f'torch_{impl}'] = _torch_builder(case.torch_equal(impl), spec, case.options)
+    if name in REFERENCES:
+        build = REFERENCES[name].build
+        impls[REFERENCE] = lambda params, lr: build([{'params': list(params), 'do_wd': True, 'fastai_group': 0}], lr,
+                                                    True, **case.options)
+        impls[FASTAI_ADAM] = lambda params, lr: native.Adam(params, lr)
     return impls
 
 
@@ -193,21 +211,37 @@ def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='
         n_tensors = sum(1 for _ in model.parameters())
         n_elements = sum(p.numel() for p in model.parameters())
         for impl, seconds in times.items():
-            diff = 0. if impl == 'native' else max_difference(model, impls[impl], impls['native'], spec.lr,
-                                                               check_steps, device)
+            diff = 0. if impl == 'native' else None if impl == FASTAI_ADAM else max_difference(
+                model, impls[impl], impls['native'], spec.lr, check_steps, device)
             rows.append(Row(model_name, opt_name, impl, seconds * 1e3, times['native'] / seconds, diff,
                             n_tensors, n_elements, adamw_ms))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'model':<12} {'optimizer':<10} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13} "
+    head = (f"{'model':<12} {'optimizer':<16} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13} "
             f"{'/ AdamW':>8}")
     lines = [head, '-' * len(head)]
     for r in rows:
-        lines.append(f"{r.model:<12} {r.optimizer:<10} {r.impl:<14} {r.ms:>9.2f} {r.speedup:>8.2f}x "
-                     f"{r.max_rel_diff:>13.1e} {r.ms / r.adamw_ms:>7.2f}x")
+        diff = '-' if r.max_rel_diff is None else f"{r.max_rel_diff:.1e}"
+        lines.append(f"{r.model:<12} {r.optimizer:<16} {r.impl:<14} {r.ms:>9.2f} {r.speedup:>8.2f}x "
+                     f"{diff:>13} {r.ms / r.adamw_ms:>7.2f}x")
     return '\n'.join(lines)
+
+
+def reference_table(rows: list[dict]) -> str:
+    """Markdown: per optimizer fastai lacks and model of `SUMMARY_MODELS`, the foreach and fused steps' times,
+    its reference's (fastest mode) and fastai Adam's, and how many times faster fused is than the reference."""
+    by = {(r['model'], r['optimizer'], r['impl']): r['ms'] for r in rows}
+    lines = ['| optimizer | model | foreach ms | fused ms | reference ms | fused speed-up over reference | '
+             'fastai Adam ms |', '|---|---|---:|---:|---:|---:|---:|']
+    for name in (n for n in dict.fromkeys(r['optimizer'] for r in rows) if n in REFERENCES):
+        for m, label in SUMMARY_MODELS.items():
+            if (m, name, 'fused') not in by: continue
+            fused, reference = by[(m, name, 'fused')], by[(m, name, REFERENCE)]
+            lines.append(f"| {name} | {label} | {by[(m, name, 'foreach')]:.2f} | {fused:.2f} | {reference:.2f} "
+                         f"| **{reference / fused:.2f}x** | {by[(m, name, FASTAI_ADAM)]:.2f} |")
+    return '\n'.join(lines) + '\n'
 
 
 _FIRST_STEPS = """
@@ -254,9 +288,9 @@ def compile_times(names, model='xresnet50', threads=2, device='cpu') -> list[dic
 
 
 def format_compile_times(rows: list[dict]) -> str:
-    head = f"{'optimizer':<10} {'model':<10} {'cold first step':>16} {'warm first step':>16} {'then ms/step':>13}"
+    head = f"{'optimizer':<16} {'model':<10} {'cold first step':>16} {'warm first step':>16} {'then ms/step':>13}"
     return '\n'.join([head, '-' * len(head)] + [
-        f"{r['optimizer']:<10} {r['model']:<10} {r['cold_s']:>15.1f}s {r['warm_s']:>15.1f}s {r['step_ms']:>13.1f}"
+        f"{r['optimizer']:<16} {r['model']:<10} {r['cold_s']:>15.1f}s {r['warm_s']:>15.1f}s {r['step_ms']:>13.1f}"
         for r in rows])
 
 
@@ -417,7 +451,10 @@ def format_release_table(rows: list[dict]) -> str:
         f"{r['peak_share']:>12.1%} {r['step_ms']:>8.2f} {r['step_ms'] / normal[r['model']]:>8.2f}x" for r in rows])
 
 
-def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> dict:
+TRAINED = ('SGD', 'Adam', 'RAdam', 'Lion', 'Adan', 'StableAdam', 'ScheduleFreeAdam', 'Muon')
+
+
+def train_table(epochs=5, device='cpu', optimizers=TRAINED) -> dict:
     """`fit_one_cycle` on digits with each implementation and the benchmark's options, discriminative lrs up to
     10x the optimizer's registry lr: seconds per epoch, final accuracy and loss."""
     from fastai.callback.progress import ProgressCallback
@@ -428,7 +465,7 @@ def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> 
         spec, options = REGISTRY[name], BENCH[name].options
         for impl in IMPLEMENTATIONS:
             learn = digits_learner(lambda ps, lr, spec=spec, impl=impl: spec.make(impl, ps, lr, **options), device=device,
-                                   n_train=1280)
+                                   n_train=1280, cbs=BENCH[name].callbacks())
             learn.remove_cb(ProgressCallback)
             with learn.no_logging():
                 start = time.perf_counter()
@@ -437,9 +474,9 @@ def train_table(epochs=5, device='cpu', optimizers=('SGD', 'Adam', 'RAdam')) -> 
                 loss, acc = learn.validate()
             rows.append({'optimizer': name, 'impl': impl, 's_per_epoch': seconds, 'accuracy': float(acc),
                          'loss': float(loss)})
-    head = f"{'optimizer':<10} {'impl':<10} {'s/epoch':>8} {'accuracy':>9} {'valid loss':>11}"
+    head = f"{'optimizer':<16} {'impl':<10} {'s/epoch':>8} {'accuracy':>9} {'valid loss':>11}"
     lines = [head, '-' * len(head)] + [
-        f"{r['optimizer']:<10} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
+        f"{r['optimizer']:<16} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
         for r in rows]
     return {'rows': rows, 'table': '\n'.join(lines)}
 
@@ -587,7 +624,7 @@ def summary_table(result: dict) -> str:
     machine below it."""
     rows = {(r['model'], r['optimizer'], r['impl']): r for r in result['rows']}
     models = [m for m in SUMMARY_MODELS if any(key[0] == m for key in rows)]
-    optimizers = list(dict.fromkeys(r['optimizer'] for r in result['rows']))
+    optimizers = [o for o in dict.fromkeys(r['optimizer'] for r in result['rows']) if REGISTRY[o].in_fastai]
     head = ['optimizer'] + [f"{SUMMARY_MODELS[m]}: {what}" for m in models
                             for what in ('foreach', 'fused', 'fused / torch AdamW')]
     lines = ['| ' + ' | '.join(head) + ' |', '|---' + '|---:' * (len(head) - 1) + '|']
@@ -599,7 +636,11 @@ def summary_table(result: dict) -> str:
                       f"{fused['ms'] / fused['adamw_ms']:.2f}" if fused else '']
         lines.append('| ' + ' | '.join(cells) + ' |')
     info = result['info']
-    return '\n'.join(lines + ['', f"`{info['command']}` on {describe_machine(info)}."]) + '\n'
+    modern = [r for r in result['rows'] if r['optimizer'] in REFERENCES]
+    more = ['', 'The optimizers fastai lacks, beside their published implementation in its fastest mode on the device '
+            '(optimi foreach, schedulefree foreach) and fastai\'s Adam:', '', reference_table(modern).rstrip('\n')] \
+        if modern else []
+    return '\n'.join(lines + more + ['', f"`{info['command']}` on {describe_machine(info)}."]) + '\n'
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -607,6 +648,7 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if REGISTRY[r.optimizer].in_fastai]  # against fastai's own native optimizers
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(len(models), 1, figsize=(10, 3 * len(models)), squeeze=False)
     for ax, model in zip(axes[:, 0], models):

@@ -71,6 +71,11 @@ class WholeNorms:
     def __call__(self, *lists: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(self.complete(torch.stack([torch.stack(torch._foreach_norm(xs)) for xs in lists])))
 
+    def rms(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        "The root mean square of the elements of each whole param, as a 1-d tensor (one all-reduce, as norms)."
+        norms = torch.stack(torch._foreach_norm(xs))
+        return root_mean_square(self, norms, torch.tensor([x.numel() for x in xs], dtype=norms.dtype, device=norms.device))
+
     def complete(self, local_norms: torch.Tensor) -> torch.Tensor:
         "The whole params' norms from their shards' `local_norms` (any shape, one entry per shard)."
         if self.is_local: return local_norms
@@ -80,6 +85,12 @@ class WholeNorms:
 
 
 LOCAL_NORMS = WholeNorms()
+
+
+def root_mean_square(whole: WholeNorms, local_norms: torch.Tensor, local_numels: torch.Tensor) -> torch.Tensor:
+    "‖x‖ / √n of whole params from their shards' norms and sizes: √n is the norm of n ones, completed alike."
+    norm, root_n = whole.complete(torch.stack((local_norms, local_numels.sqrt())))
+    return norm / root_n
 
 
 def norms_for(p) -> WholeNorms:

@@ -55,6 +55,12 @@ HYPER_RANGES: dict[str, tuple[Callable, str]] = {
     'nu_1': (_closed_fraction, 'in [0, 1]'),
     'nu_2': (_closed_fraction, 'in [0, 1]'),
     'trust_coeff': (_at_least_zero, '>= 0'),
+    'beta1': (_fraction, 'in [0, 1)'),
+    'beta2': (_fraction, 'in [0, 1)'),
+    'beta3': (_fraction, 'in [0, 1)'),
+    'warmup_steps': (_at_least_zero, '>= 0'),
+    'r': (_at_least_zero, '>= 0'),
+    'weight_lr_power': (_at_least_zero, '>= 0'),
 }
 
 
@@ -257,18 +263,25 @@ class ForEachOptimizer(Optimizer):
                     step = bucket.states[0].get('step', 0) + 1
                     for state in bucket.states: state['step'] = step
                     kwargs['step'] = step
+                if self.rule.scalars is not None: kwargs.update(self._advance_scalars(bucket, kwargs))
                 in_float32 = self.rounding.in_float32(p0)
                 if self.fused is not None and self.fused.ready(p0, kwargs, self.rounding if in_float32 else None):
                     self._run_fused(bucket, hyper, kwargs, in_float32)
                     continue
                 # Sharded buckets stay whole: a rule that needs norms then all-reduces once per bucket.
-                size = None if bucket.sharded else FLOAT32_CHUNK_BYTES if in_float32 and p0.device.type != 'cpu' \
+                size = None if bucket.sharded or self.rule.unchunked else FLOAT32_CHUNK_BYTES if in_float32 and p0.device.type != 'cpu' \
                     else CPU_CHUNK_BYTES if p0.device.type == 'cpu' else None
                 for chunk in bucket.chunks(size) if size else [bucket]:
                     if in_float32: self._run_in_float32(chunk, hyper, kwargs)
                     else:
-                        self._weight_decay(chunk, hyper)
-                        self._store(chunk, self._run_rule(chunk, kwargs))
+                        self._store(chunk, self._run_rule(chunk, {**kwargs, **self._weight_decay(chunk, hyper)}))
+
+    def _advance_scalars(self, bucket: Bucket, kwargs: dict) -> dict:
+        "The rule's running scalars for this step (see `rules.Scalars`), stored in the bucket's states."
+        scalars = self.rule.scalars
+        new = scalars.advance(**{k: bucket.states[0].get(k, v) for k, v in scalars.initial.items()}, **kwargs)
+        for state in bucket.states: state.update(new)
+        return new
 
     def _gather(self, only: set | None = None):
         "Per group: its hypers and its buckets of params with a gradient (of those whose ids are in `only`, if given)."
@@ -277,7 +290,7 @@ class ForEachOptimizer(Optimizer):
             params, grads = [], []
             for p in pg:
                 g = p.grad
-                if g is not None and (only is None or id(p) in only): params.append(p); grads.append(g)
+                if g is not None and (only is None or id(p) in only) and self._takes(p): params.append(p); grads.append(g)
             if not params: continue
             for p, g in zip(params, grads):
                 if g.is_sparse:
@@ -285,17 +298,31 @@ class ForEachOptimizer(Optimizer):
             groups.append((hyper, self._buckets(params, grads, [self.state[p] for p in params])))
         return groups
 
+    @property
+    def fused_steps(self) -> list:
+        "The fused steps this optimizer runs (none unless built with `fused=True`)."
+        return [self.fused] if self.fused is not None else []
+
+    def _takes(self, p) -> bool:
+        "Whether this step takes `p` (an optimizer with several rules steps its params rule by rule: Muon)."
+        return True
+
+    def _rule_of(self, p, state: dict) -> StepRule:
+        "The rule that steps `p`, whose keys its `state` holds."
+        return self.rule
+
     def _buckets(self, params, grads, states) -> list[Bucket]:
-        "One group's params split by device, dtype and, for rules that count steps, step count; in order."
+        """One group's params split by device, dtype and, for rules that count steps, step count (and running
+        scalars); in order."""
         group = Bucket(params, grads, states)
         by_device = torch._C._group_tensors_by_device_and_dtype([params], True)  # in C++: 0.1 µs a param
         runs = [group] if len(by_device) == 1 else [
             group.pick(idx) for _, idx in sorted((idx[0], idx) for _, idx in by_device.values())]
         if self.sharded: runs = [b for run in runs for b in self._by_layout(run)]
         if not self.rule.counts_steps: return runs
-        buckets = []
+        buckets, keys = [], ('step', *(self.rule.scalars.initial if self.rule.scalars else ()))
         for run in runs:
-            steps = [state.get('step', 0) for state in run.states]
+            steps = [tuple(state.get(k, 0) for k in keys) for state in run.states]
             if steps.count(steps[0]) == len(steps): buckets.append(run); continue
             by_step = {}
             for i, step in enumerate(steps): by_step.setdefault(step, []).append(i)
@@ -310,14 +337,19 @@ class ForEachOptimizer(Optimizer):
         subs = [run] if len(by_layout) == 1 else [run.pick(idx) for idx in by_layout.values()]
         return [sub.shards() if is_sharded(sub.params[0]) else sub for sub in subs]
 
-    def _weight_decay(self, chunk: Bucket, hyper: dict):
+    def _weight_decay(self, chunk: Bucket, hyper: dict) -> dict:
+        """Weight decay of the chunk's params whose `do_wd` is not False. A rule that does its decoupled
+        decay itself (see `rules.py`) is given it instead: the `decay` keyword this returns."""
         lr, wd = hyper['lr'], hyper.get('wd', 0.)
-        if wd == 0: return
+        if self.rule.decays and self.decouple_wd:
+            return {'decay': [wd if state.get('do_wd', True) else 0. for state in chunk.states]}
+        if wd == 0: return {}
         idx = [i for i, state in enumerate(chunk.states) if state.get('do_wd', True)]
-        if not idx: return
+        if not idx: return {}
         params = [chunk.params[i] for i in idx]
         if self.decouple_wd: mul_scalar_(params, 1 - lr * wd)
         else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
+        return {}
 
     def _state_lists(self, chunk: Bucket):
         """The chunk's state tensors, one list per state key (local shards for a sharded chunk); missing ones
@@ -327,7 +359,8 @@ class ForEachOptimizer(Optimizer):
             # Only in a step, after every check has passed: a refused step leaves no trace.
             for p, state in zip(chunk.origins, chunk.states):
                 for key in self.rule.state_keys:
-                    if key not in state: state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if key not in state:
+                        state[key] = torch.zeros_like(p, dtype=self._state_dtype(key, p), memory_format=torch.preserve_format)
             return self._state_lists(chunk)
         return [[local(t) for t in xs] for xs in lists] if chunk.sharded else lists
 
@@ -346,11 +379,14 @@ class ForEachOptimizer(Optimizer):
         work = Bucket(self.rounding.working(chunk.params, comps), [g.float() for g in chunk.grads], chunk.states,
                       norms=chunk.norms)
         states32 = [[t.float() for t in xs] for xs in states]
-        self._weight_decay(work, hyper)
-        out = self._run_rule(work, kwargs, states32)
+        out = self._run_rule(work, {**kwargs, **self._weight_decay(work, hyper)}, states32)
         for xs, ys in zip(states, states32): torch._foreach_copy_(xs, ys)
         self.rounding.write_back(chunk.params, work.params, comps)
         self._store(chunk, out)
+
+    def _state_dtype(self, key: str, p) -> torch.dtype:
+        "The dtype of state `key` of `p`: `p`'s, or float32 for a weight-like state of a 16-bit `p` (see `StepRule`)."
+        return torch.float32 if key in self.rule.float32_state and self.rounding.in_float32(p) else p.dtype
 
     def _keeps_comp(self, p) -> bool:
         "Whether params like `p` have a Kahan buffer here: 16 bits, Kahan summation."
@@ -405,10 +441,11 @@ class ForEachOptimizer(Optimizer):
                 state = next(states)
                 where = f"param group {gi}, param {pi} (shape {tuple(p.shape)})"
                 if not isinstance(state, dict): raise ValueError(f"Invalid state dict: {where}: state is not a dict")
-                for key in self.rule.state_keys:
+                rule = self._rule_of(p, state)
+                for key in rule.state_keys:
                     # A param that never stepped has no state in fastai either.
                     if key not in state:
-                        if 'step' in state or any(k in state for k in self.rule.state_keys):
+                        if 'step' in state or any(k in state for k in rule.state_keys):
                             raise ValueError(f"Invalid state dict: {where}: missing state {key!r}")
                         continue
                     got = unlike_param(state[key], p)
@@ -416,7 +453,7 @@ class ForEachOptimizer(Optimizer):
                 if COMP in state:
                     got = unlike_param(state[COMP], p)
                     if got: raise ValueError(f"Invalid state dict: {where}: state {COMP!r} {got}")
-                if self.rule.counts_steps and any(k in state for k in self.rule.state_keys):
+                if rule.counts_steps and any(k in state for k in rule.state_keys):
                     step = state.get('step')
                     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
                         raise ValueError(f"Invalid state dict: {where}: state 'step' is {step!r}, expected an int >= 1")
@@ -428,8 +465,8 @@ class ForEachOptimizer(Optimizer):
         state = defaultdict(dict)
         for p, s in zip(params, sd['state']):
             s = dict(s)
-            for key in self.rule.state_keys:
-                if key in s: s[key] = as_like(s[key], p)
+            for key in self._rule_of(p, s).state_keys:
+                if key in s: s[key] = as_like(s[key], p, self._state_dtype(key, p))
             if COMP in s:  # kept where this optimizer sums 16-bit params with Kahan, in its buffers' dtype
                 comp = s.pop(COMP)
                 if self._keeps_comp(p): s[COMP] = as_like(comp, p, self.rounding.kahan_dtype)

@@ -14,8 +14,19 @@ import torch
 
 from .lookahead import Lookahead, RangerForEachOptimizer
 from .precision import check_rounding
-from .optimizers import (AdamForEachOptimizer, LambForEachOptimizer, LarcForEachOptimizer, QHAdamForEachOptimizer,
-                         RAdamForEachOptimizer, RMSPropForEachOptimizer, SGDForEachOptimizer)
+from .optimizers import (AdamForEachOptimizer, AdanForEachOptimizer, LambForEachOptimizer, LarcForEachOptimizer,
+                         LionForEachOptimizer, QHAdamForEachOptimizer, RAdamForEachOptimizer, RMSPropForEachOptimizer,
+                         SGDForEachOptimizer, StableAdamForEachOptimizer)
+from .optimizers.adan import native_adan
+from .optimizers.lion import native_lion
+from .optimizers.muon import MuonForEachOptimizer, native_muon
+
+
+def every_matrix(p) -> bool:
+    "A Muon route that keeps the head too (the registry's `route` config)."
+    return p.ndim >= 2
+from .optimizers.schedulefree import ScheduleFreeAdamForEachOptimizer, native_schedule_free_adam
+from .optimizers.stableadam import native_stable_adam
 
 __all__ = ['OptimizerSpec', 'REGISTRY', 'make_factory']
 
@@ -23,17 +34,25 @@ __all__ = ['OptimizerSpec', 'REGISTRY', 'make_factory']
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
-    native: Callable        # fastai's factory: (params, lr, **options) -> fastai Optimizer
+    native: Callable        # fastai's factory: (params, lr, **options) -> fastai Optimizer (see `in_fastai`)
     foreach: Callable       # the same signature, plus keyword-only `fused` -> fastforeach optimizer
     configs: dict = field(default_factory=dict)  # config name -> options (besides params and lr)
     reference: Callable = None  # what tests and benchmarks compare with, when not exactly `native`
     lr: float = 1e-2        # a learning rate that suits it in tests and benchmarks
     factory: bool = True    # whether `fastforeach.<name>` is made from this row
+    # Whether `native` is fastai's own. The optimizers fastai lacks have a fastai-style one of fastforeach's
+    # (per-param steppers), held to the published implementations by tests/test_references.py.
+    in_fastai: bool = True
+    shards: bool = True     # whether it steps FSDP2's DTensor shards (Muon needs whole matrices: it refuses them)
+    # Options `make` adds for tests and the benchmark (which give their own over them): Muon's Newton-Schulz
+    # in float64, where one matrix at a time (fastai-style) and batched agree to 1e-10, as in bf16 they do not.
+    make_options: dict = field(default_factory=dict)
 
     def make(self, impl: str, params, lr=None, **options):
         "Build the optimizer with `impl` in IMPLEMENTATIONS."
         if impl not in IMPLEMENTATIONS: raise ValueError(f"Invalid impl: {impl!r} (must be one of {IMPLEMENTATIONS})")
         lr = self.lr if lr is None else lr
+        options = {**self.make_options, **options}
         if impl == 'native': return (self.reference or self.native)(params, lr, **options)
         return self.foreach(params, lr, **options, fused=impl == 'fused')
 
@@ -84,6 +103,25 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         'sadam': {'beta': 5., 'k': 2, 'alpha': 1.0}, 'mom_wd_eps': {'mom': 0.9, 'wd': 0., 'eps': 1e-5}}, lr=1e-3),
     OptimizerSpec('Lookahead', _native_lookahead, _foreach_lookahead, {
         'default': {}, 'k_alpha': {'k': 2, 'alpha': 0.3, 'mom': 0.9, 'wd': 0.01}}, factory=False),
+    OptimizerSpec('Lion', native_lion, LionForEachOptimizer, {
+        'default': {}, 'no_wd': {'wd': 0.}, 'l2': {'wd': 0.01, 'decouple_wd': False}, 'betas': {'beta1': 0.8, 'beta2': 0.95}},
+        lr=1e-4, in_fastai=False),
+    OptimizerSpec('Adan', native_adan, AdanForEachOptimizer, {
+        'default': {}, 'no_wd': {'wd': 0.}, 'l2': {'decouple_wd': False},
+        'betas_eps': {'beta1': 0.9, 'beta2': 0.8, 'beta3': 0.95, 'eps': 1e-3}}, lr=1e-3, in_fastai=False),
+    OptimizerSpec('StableAdam', native_stable_adam, StableAdamForEachOptimizer, {
+        'default': {}, 'no_wd': {'wd': 0.}, 'l2': {'decouple_wd': False}, 'clipping': {'mom': 0.8, 'sqr_mom': 0.999, 'eps': 1e-8, 'wd': 0.1}},
+        lr=1e-3, in_fastai=False),
+    OptimizerSpec('ScheduleFreeAdam', native_schedule_free_adam, ScheduleFreeAdamForEachOptimizer, {
+        'default': {}, 'wd': _WD, 'l2': {**_WD, 'decouple_wd': False},
+        'warmup': {'warmup_steps': 10, 'r': 1., 'weight_lr_power': 1., 'beta1': 0.8, 'sqr_mom': 0.99, 'eps': 1e-6}},
+        lr=2.5e-3, in_fastai=False),
+    OptimizerSpec('Muon', native_muon, MuonForEachOptimizer, {
+        'default': {}, 'l2': {'decouple_wd': False, 'wd': 0.01},
+        'plain': {'nesterov': False, 'mom': 0.9, 'adjust_lr': 'original', 'ns_steps': 3},
+        'adamw': {'sqr_mom': 0.99, 'eps': 1e-5, 'adjust_lr': 'none', 'ns_dtype': torch.float64},
+        'route': {'route': every_matrix}}, lr=2e-3, in_fastai=False, shards=False,
+        make_options={'ns_dtype': torch.float64}),
 ]}
 
 
@@ -122,9 +160,12 @@ def make_factory(spec: OptimizerSpec) -> Callable:
     factory.__name__ = factory.__qualname__ = spec.name
     # Where the factories live: pickle finds them by name there (fastai's `Learner.export` pickles `opt_func`).
     factory.__module__ = 'fastforeach'
-    factory.__doc__ = (f"fastai's `{spec.name}` with the same parameters and defaults. `foreach=True` (the default) "
+    what = (f"fastai's `{spec.name}` with the same parameters and defaults" if spec.in_fastai else
+            f"{spec.name}, with fastai's vocabulary and the defaults of its paper")
+    native = "fastai's native optimizer" if spec.in_fastai else "a fastai `Optimizer` of per-param steppers"
+    factory.__doc__ = (f"{what}. `foreach=True` (the default) "
                        f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
-                       "`foreach=False` gives fastai's native optimizer. 16-bit params are written back with "
+                       f"`foreach=False` gives {native}. 16-bit params are written back with "
                        "`rounding`: 'kahan' (a compensation buffer in `kahan_dtype`), 'stochastic', or 'nearest' "
                        "(fastai's own steps).")
     factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])

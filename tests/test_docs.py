@@ -21,7 +21,7 @@ def test_site_builds_strictly(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
     assert proc.returncode == 0, proc.stderr[-5000:]
     api = (tmp_path / 'site' / 'api' / 'index.html').read_text()
-    for name in fastforeach.OWN + ('ForEachOptimizer',): assert f'id="fastforeach.{name}"' in api, name
+    for name in fastforeach.OWN + fastforeach.MODERN + ('ForEachOptimizer', 'ScheduleFree'): assert f'id="fastforeach.{name}"' in api, name
 
 
 def documented_defaults(page: Path) -> dict[str, dict[str, str]]:
@@ -50,7 +50,7 @@ def test_optimizer_pages_state_the_factories_defaults(page):
 
 def test_every_factory_has_a_page():
     documented = {name for page in PAGES for name in documented_defaults(page)}
-    assert documented == set(fastforeach.OWN)
+    assert documented == set(fastforeach.OWN + fastforeach.MODERN)
 
 
 DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').rglob('*.md'))]

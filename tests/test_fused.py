@@ -134,7 +134,8 @@ def test_factories_take_fused():
         assert p.kind is p.KEYWORD_ONLY and p.default is False
         layers = oracle_layers()
         opt = factory(layers, 1e-3, fused=True)
-        assert isinstance(getattr(opt, 'opt', opt).fused, fused.FusedStep), name
+        steps = getattr(opt, 'opt', opt).fused_steps
+        assert steps and all(isinstance(f, fused.FusedStep) for f in steps), name
         assert getattr(factory(layers, 1e-3), 'fused', None) in (None, False), name
     with pytest.raises(ValueError, match="fused=True with foreach=False"): fastforeach.Adam(oracle_layers(), 1e-3, foreach=False, fused=True)
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"): fastforeach.Adam(oracle_layers(), 1e-3, fused='yes')

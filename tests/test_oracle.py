@@ -69,8 +69,9 @@ def test_fused_steps_are_fused():
         for options in spec.configs.values():
             opt = spec.make('fused', oracle_layers()[0], **options)
             inner = getattr(opt, 'opt', opt)
-            assert isinstance(inner.fused, FusedStep), name
-            assert spec.make('foreach', oracle_layers()[0], **options).__dict__.get('fused') in (None, False), name
+            assert inner.fused_steps and all(isinstance(f, FusedStep) for f in inner.fused_steps), name
+            foreach = spec.make('foreach', oracle_layers()[0], **options)
+            assert not getattr(foreach, 'opt', foreach).fused_steps, name
 
 
 @pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'ranger'])

@@ -34,6 +34,9 @@ class CompiledStep(FusedStep):
     returns nothing and has no second pass, which must then be elementwise (no reduction over a tensor);
     else by `pack_step`, when given.
 
+    `own_decay`: the update gets the whole `c` and does the weight decay itself (Adan decays after its
+    step): `c[0]` is then the decoupled wd itself (or 0), `c[1]` the L2 factor.
+
     `chunk`: tensors per compiled call for the others. An update that reduces each tensor before it
     writes (Larc) takes 1: given several, inductor runs every tensor's reduction before any update, so
     none finds its tensor still in cache (Larc on xresnet50, CPU: 10% faster one at a time).
@@ -43,15 +46,17 @@ class CompiledStep(FusedStep):
     working values (see `Pack`)."""
     def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
                  choose: Callable | None = None, then: Callable | None = None, pack_step: PackStep | None = None,
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, own_decay: bool = False):
         super().__init__(rule)
+        self.own_decay = own_decay
         self.update, self.coefficients, self.returns, self.choose, self.then = update, coefficients, returns, choose, then
         self.pack_step, self.chunk = pack_step, chunk
         self.packs = pack_step is not None or (not returns and then is None)
 
     def _phases(self, hypers) -> tuple:
         update = self.update if self.choose is None else self.choose(hypers)
-        return ((update, PLAIN), (self.then, PLAIN)) if self.then else ((update, DECAY),)
+        if self.then: return ((update, PLAIN), (self.then, PLAIN))
+        return ((update, PLAIN if self.own_decay else DECAY),)
 
     @cached_property
     def _state_keys(self) -> tuple[str, ...]:
@@ -92,6 +97,7 @@ class CompiledStep(FusedStep):
         if self.pack_step is not None and not context.norms.is_local: largest = math.inf
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
+            if self.own_decay: decay = wd if takes_wd and decouple_wd else 0.
             c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
             small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
             if small:

@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..distributed import LOCAL_NORMS, WholeNorms
+from ..distributed import LOCAL_NORMS, WholeNorms, root_mean_square
 from .compile import coefficient_dtype
 from .layout import end_to_end, laid_end_to_end
 
@@ -114,14 +114,22 @@ class Pack:
         """For each of `flats` (the pack's params, gradients…), the L2 norm of each param's stretch as a 1-d
         tensor: one reduction per run of params of the same size, not one per param; completed by `whole`
         to the norms of whole params where the pack holds shards of them (one all-reduce for all `flats`)."""
-        def of(flat):
-            rows, at = [], 0
-            for k, n in self._runs:
-                rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
-                at += k * n
-            return torch.cat(rows) if len(rows) > 1 else rows[0]
-        local = torch.stack([of(flat) for flat in flats]).to(coefficient_dtype(flats[0].dtype))
+        local = torch.stack([self._norms_of(flat) for flat in flats]).to(coefficient_dtype(flats[0].dtype))
         return tuple(whole.complete(local))
+
+    def rms(self, flat: torch.Tensor, whole: WholeNorms = LOCAL_NORMS) -> torch.Tensor:
+        "The root mean square of each param's stretch of `flat`, of whole params as `norms`, as a 1-d tensor."
+        norms = self._norms_of(flat).to(coefficient_dtype(flat.dtype))
+        numels = self._once(('numels', norms.dtype), lambda: torch.tensor(
+            [n for k, n in self._runs for _ in range(k)], dtype=norms.dtype, device=norms.device))
+        return root_mean_square(whole, norms, numels)
+
+    def _norms_of(self, flat: torch.Tensor) -> torch.Tensor:
+        rows, at = [], 0
+        for k, n in self._runs:
+            rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
+            at += k * n
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def per_param(self, key: str, values: torch.Tensor) -> list[torch.Tensor]:
         """`values` (1-d, one per param) as one 0-d tensor per param, to store in the state: views of a buffer

@@ -1,0 +1,55 @@
+"""Muon's routes and its batched Newton-Schulz iterations."""
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import fastforeach
+from fastforeach.bench import MODELS
+
+
+class CountMatmuls(TorchFunctionMode):
+    "Counts the matrix products a step launches (matmul, @, bmm, baddbmm, addmm, mm)."
+    NAMES = {'matmul', '__matmul__', 'bmm', 'baddbmm', 'addmm', 'mm'}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, '__name__', '') in self.NAMES: self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_default_route_sends_matrices_to_muon_and_the_rest_to_adamw():
+    body, head = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)), nn.Linear(8, 4)
+    groups = [list(body.parameters()), list(head.parameters())]
+    opt = fastforeach.Muon(groups, 1e-3)
+    for p in (p for g in groups for p in g): p.grad = torch.randn_like(p)
+    opt.step()
+    conv, bn_w, bn_b, head_w, head_b = (p for g in groups for p in g)
+    assert set(opt.state[conv]) == {'grad_avg', 'muon'} and opt.state[conv]['muon']   # Muon: its momentum only
+    for p in (bn_w, bn_b, head_w, head_b):                                                # AdamW
+        assert set(opt.state[p]) == {'grad_avg', 'sqr_avg', 'step', 'muon'} and not opt.state[p]['muon']
+
+
+def test_a_state_flag_overrides_the_route():
+    "As do_wd: opt.state[p]['muon'] = False sends a matrix to AdamW (an embedding, say)."
+    emb, lin = nn.Parameter(torch.randn(10, 4)), nn.Parameter(torch.randn(4, 4))
+    opt = fastforeach.Muon([[emb, lin], [nn.Parameter(torch.randn(2, 4))]], 1e-3)
+    opt.state[emb]['muon'] = False
+    for p in (emb, lin): p.grad = torch.randn_like(p)
+    opt.step()
+    assert 'sqr_avg' in opt.state[emb] and 'sqr_avg' not in opt.state[lin]
+
+
+def test_equal_shapes_share_their_matmuls_on_xresnet50():
+    """One step on xresnet50: 3 matrix products per Newton-Schulz iteration per distinct matrix shape, not
+    per param (5 iterations)."""
+    params = list(MODELS['xresnet50']().parameters())
+    opt = fastforeach.Muon(params, 1e-3)
+    for p in params: p.grad = torch.randn_like(p) * 1e-3
+    routed = [p for p in params if opt.takes_muon(p)]
+    shapes = {(p.shape[0], p[0].numel()) for p in routed}
+    with CountMatmuls() as count: opt.step()
+    assert count.calls == 3 * 5 * len(shapes)
+    assert len(routed) == 55 and len(shapes) == 22  # 55 conv kernels in 22 batches: 330 matmuls; the head: AdamW
