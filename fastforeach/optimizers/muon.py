@@ -45,7 +45,7 @@ def adjusted_lr(lr: float, shape, adjust_lr: str) -> float:
 def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
     "The quintic iteration on a stack of matrices (batch, rows ≤ cols), each normalised to a norm of at most 1."
     a, b, c = NS_COEFFICIENTS
-    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min(NS_EPS)
+    x = x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min(NS_EPS))
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -59,9 +59,12 @@ def orthogonalize(ms: list[torch.Tensor], steps: int, dtype: torch.dtype | None)
     by_shape: dict = {}
     for i, m in enumerate(ms): by_shape.setdefault(tuple(m.shape), []).append(i)
     for (rows, cols), idx in by_shape.items():
-        x = torch.stack([ms[i] for i in idx]).to(dtype or ms[idx[0]].dtype)
         tall = rows > cols
-        x = _newton_schulz(x.mT if tall else x, steps)
+        # One pass per matrix: cast, and transposed when tall, into its slot of the batch.
+        x = torch.empty((len(idx), *((cols, rows) if tall else (rows, cols))), dtype=dtype or ms[idx[0]].dtype,
+                        device=ms[idx[0]].device)
+        for k, i in enumerate(idx): x[k].copy_(ms[i].T if tall else ms[i])
+        x = _newton_schulz(x, steps)
         for k, i in enumerate(idx): out[i] = (x[k].mT if tall else x[k])
     return out
 
@@ -74,7 +77,7 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, adjust_l
     matrices = [as_matrix(u) for u in update]
     ortho = orthogonalize(matrices, ns_steps, ns_dtype)
     for pi, o, m in zip(p, ortho, matrices):
-        pi.view(m.shape).add_(o.to(pi.dtype), alpha=-adjusted_lr(lr, m.shape, adjust_lr))
+        pi.view(m.shape).add_(o, alpha=-adjusted_lr(lr, m.shape, adjust_lr))
 
 
 muon_step.unchunked = True  # its batches of equal shapes span the whole bucket
@@ -101,7 +104,7 @@ def muon_stepper(p, lr, mom, sqr_mom, eps, nesterov, ns_steps, ns_dtype, adjust_
     grad_avg.mul_(mom).add_(g, alpha=1 - mom)
     u = (1 - mom) * g + mom * grad_avg if nesterov else grad_avg
     m = as_matrix(u)
-    x = m.to(ns_dtype or m.dtype)
+    x = m.to(ns_dtype or m.dtype, copy=True)  # the iteration scales its input in place
     tall = x.shape[0] > x.shape[1]
     o = _newton_schulz((x.T if tall else x)[None], ns_steps)[0]
     p.data.view(m.shape).add_((o.T if tall else o).to(p.dtype), alpha=-adjusted_lr(lr, m.shape, adjust_lr))
