@@ -105,7 +105,7 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         'default': {}, 'k_alpha': {'k': 2, 'alpha': 0.3, 'mom': 0.9, 'wd': 0.01}}, factory=False),
     OptimizerSpec('Lion', native_lion, LionForEachOptimizer, {
         'default': {}, 'no_wd': {'wd': 0.}, 'l2': {'wd': 0.01, 'decouple_wd': False}, 'betas': {'beta1': 0.8, 'beta2': 0.95}},
-        lr=1e-4, in_fastai=False),
+        lr=3e-4, in_fastai=False),
     OptimizerSpec('Adan', native_adan, AdanForEachOptimizer, {
         'default': {}, 'no_wd': {'wd': 0.}, 'l2': {'decouple_wd': False},
         'betas_eps': {'beta1': 0.9, 'beta2': 0.8, 'beta3': 0.95, 'eps': 1e-3}}, lr=1e-3, in_fastai=False),

@@ -43,13 +43,25 @@ def test_a_state_flag_overrides_the_route():
 
 
 def test_equal_shapes_share_their_matmuls_on_xresnet50():
-    """One step on xresnet50: 3 matrix products per Newton-Schulz iteration per distinct matrix shape, not
-    per param (5 iterations)."""
+    """One step on xresnet50: 3 matrix products per Newton-Schulz iteration (5) per distinct shape of the
+    matrices under `ONE_AT_A_TIME` elements, and per matrix above it."""
+    from fastforeach.optimizers.muon import ONE_AT_A_TIME
     params = list(MODELS['xresnet50']().parameters())
     opt = fastforeach.Muon(params, 1e-3)
     for p in params: p.grad = torch.randn_like(p) * 1e-3
     routed = [p for p in params if opt.takes_muon(p)]
-    shapes = {(p.shape[0], p[0].numel()) for p in routed}
+    small = {(p.shape[0], p[0].numel()) for p in routed if p.numel() < ONE_AT_A_TIME}
+    large = [p for p in routed if p.numel() >= ONE_AT_A_TIME]
     with CountMatmuls() as count: opt.step()
-    assert count.calls == 3 * 5 * len(shapes)
-    assert len(routed) == 55 and len(shapes) == 22  # 55 conv kernels in 22 batches: 330 matmuls; the head: AdamW
+    assert count.calls == 3 * 5 * (len(small) + len(large))
+    # 55 conv kernels: 46 in 18 batches, 9 large ones alone: 405 matrix products (825 one at a time)
+    assert (len(routed), len(small), len(large), count.calls) == (55, 18, 9, 405)
+
+
+def test_matrices_one_at_a_time_equal_the_reference(monkeypatch):
+    "The path for large matrices (every matrix, with the threshold at 1 element) against torch's Muon, float64."
+    from test_references import run_beside_reference  # tests/ is on the path, as pytest imports test modules
+
+    import fastforeach.optimizers.muon as muon
+    monkeypatch.setattr(muon, 'ONE_AT_A_TIME', 1)
+    run_beside_reference('Muon', 'foreach', {}, steps=10)

@@ -25,6 +25,7 @@ __all__ = ['MuonForEachOptimizer', 'muon_step', 'orthogonalize', 'default_route'
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Jordan et al. (torch.optim.Muon's defaults)
 NS_EPS = 1e-7
+ONE_AT_A_TIME = 1 << 20  # elements of a matrix from which equal shapes are not batched
 ADJUSTMENTS = ('match_rms_adamw', 'original', 'none')
 
 
@@ -43,12 +44,14 @@ def adjusted_lr(lr: float, shape, adjust_lr: str) -> float:
 
 
 def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
-    "The quintic iteration on a stack of matrices (batch, rows ≤ cols), each normalised to a norm of at most 1."
+    """The quintic iteration on a matrix, or a stack of them, (rows ≤ cols), each normalised to a norm of at
+    most 1 first (in place)."""
     a, b, c = NS_COEFFICIENTS
+    add_product = torch.addmm if x.ndim == 2 else torch.baddbmm
     x = x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min(NS_EPS))
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = add_product(x, add_product(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x
 
 
@@ -60,6 +63,14 @@ def orthogonalize(ms: list[torch.Tensor], steps: int, dtype: torch.dtype | None)
     for i, m in enumerate(ms): by_shape.setdefault(tuple(m.shape), []).append(i)
     for (rows, cols), idx in by_shape.items():
         tall = rows > cols
+        if rows * cols >= ONE_AT_A_TIME:
+            # Large matrices: a batch saves no launch worth having, and CPU's batched products were
+            # slower than one at a time (xresnet50's 512 × 4608: 0.135 s a batch of 4 against 0.129 s).
+            for i in idx:
+                x = (ms[i].T if tall else ms[i]).to(dtype or ms[i].dtype, copy=True)
+                x = _newton_schulz(x, steps)
+                out[i] = x.T if tall else x
+            continue
         # One pass per matrix: cast, and transposed when tall, into its slot of the batch.
         x = torch.empty((len(idx), *((cols, rows) if tall else (rows, cols))), dtype=dtype or ms[idx[0]].dtype,
                         device=ms[idx[0]].device)
@@ -106,7 +117,7 @@ def muon_stepper(p, lr, mom, sqr_mom, eps, nesterov, ns_steps, ns_dtype, adjust_
     m = as_matrix(u)
     x = m.to(ns_dtype or m.dtype, copy=True)  # the iteration scales its input in place
     tall = x.shape[0] > x.shape[1]
-    o = _newton_schulz((x.T if tall else x)[None], ns_steps)[0]
+    o = _newton_schulz(x.T if tall else x, ns_steps)
     p.data.view(m.shape).add_((o.T if tall else o).to(p.dtype), alpha=-adjusted_lr(lr, m.shape, adjust_lr))
     return {'grad_avg': grad_avg}
 
