@@ -638,7 +638,8 @@ def summary_table(result: dict) -> str:
     info = result['info']
     modern = [r for r in result['rows'] if r['optimizer'] in REFERENCES]
     more = ['', 'The optimizers fastai lacks, beside their published implementation in its fastest mode on the device '
-            '(optimi foreach, schedulefree foreach) and fastai\'s Adam:', '', reference_table(modern).rstrip('\n')] \
+            '(optimi foreach, schedulefree foreach, torch\'s Muon with AdamW) and fastai\'s Adam:', '',
+            reference_table(modern).rstrip('\n')] \
         if modern else []
     return '\n'.join(lines + more + ['', f"`{info['command']}` on {describe_machine(info)}."]) + '\n'
 
