@@ -115,6 +115,24 @@ def as_like(t: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None) 
     return t.to(device=p.device, dtype=dtype)
 
 
+class WholeTensors:
+    """For a rule that needs whole params (Muon's matrices): `gather(shards)`, each param's whole tensor
+    from this rank's shards of it (an all-gather each); `shards(wholes)`, this rank's shards of whole
+    tensors every rank holds alike (cut locally, nothing sent). Over plain tensors both give them back."""
+    def __init__(self, origins: list[torch.Tensor]):
+        self.origins = origins
+
+    def gather(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [DTensor.from_local(t, o.device_mesh, o.placements, shape=o.shape, stride=o.stride(),
+                                   run_check=False).full_tensor() if is_sharded(o) else t
+                for t, o in zip(shards, self.origins)]
+
+    def shards(self, wholes: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torch.distributed.tensor import distribute_tensor
+        return [distribute_tensor(w, o.device_mesh, o.placements, src_data_rank=None).to_local() if is_sharded(o)
+                else w for w, o in zip(wholes, self.origins)]
+
+
 def wrap_like(shard: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A DTensor laid out as sharded `p` whose local shard is `shard` (no copy, no communication).
 

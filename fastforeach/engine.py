@@ -17,7 +17,8 @@ from fastcore.foundation import L
 
 from .accumulation import accumulation_of, fold
 from .checkpoint import TorchOptimizerView
-from .distributed import LOCAL_NORMS, as_like, check_layout, is_sharded, layout, local, norms_for, wrap_like
+from .distributed import (LOCAL_NORMS, WholeTensors, as_like, check_layout, is_sharded, layout, local, norms_for,
+                          wrap_like)
 from .fused import Context, FusedStep, Plans
 from .rules import StepRule
 from .ops import mul_scalar_
@@ -366,6 +367,7 @@ class ForEachOptimizer(Optimizer):
 
     def _run_rule(self, chunk: Bucket, kwargs: dict, states: list | None = None):
         if self.rule.uses_norms: kwargs = {**kwargs, 'norms': chunk.norms}
+        if self.rule.uses_whole: kwargs = {**kwargs, 'whole': WholeTensors(chunk.origins)}
         states = self._state_lists(chunk) if states is None else states
         return self.rule.fn(chunk.params, chunk.grads, *states, **kwargs)
 

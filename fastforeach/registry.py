@@ -43,7 +43,6 @@ class OptimizerSpec:
     # Whether `native` is fastai's own. The optimizers fastai lacks have a fastai-style one of fastforeach's
     # (per-param steppers), held to the published implementations by tests/test_references.py.
     in_fastai: bool = True
-    shards: bool = True     # whether it steps FSDP2's DTensor shards (Muon needs whole matrices: it refuses them)
     # Options `make` adds for tests and the benchmark (which give their own over them): Muon's Newton-Schulz
     # in float64, where one matrix at a time (fastai-style) and batched agree to 1e-10, as in bf16 they do not.
     make_options: dict = field(default_factory=dict)
@@ -120,7 +119,7 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         'default': {}, 'l2': {'decouple_wd': False, 'wd': 0.01},
         'plain': {'nesterov': False, 'mom': 0.9, 'adjust_lr': 'original', 'ns_steps': 3},
         'adamw': {'sqr_mom': 0.99, 'eps': 1e-5, 'adjust_lr': 'none', 'ns_dtype': torch.float64},
-        'route': {'route': every_matrix}}, lr=2e-3, in_fastai=False, shards=False,
+        'route': {'route': every_matrix}}, lr=2e-3, in_fastai=False,
         make_options={'ns_dtype': torch.float64}),
 ]}
 

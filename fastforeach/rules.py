@@ -47,6 +47,7 @@ class StepRule:
     optional_hypers: tuple[str, ...]  # keyword-only names with a default: passed when a group has them
     counts_steps: bool = field(default=False)
     uses_norms: bool = field(default=False)
+    uses_whole: bool = field(default=False)  # gets `whole`, a `distributed.WholeTensors` of its params
     decays: bool = field(default=False)  # does its own decoupled weight decay, given `decay`
     scalars: Scalars | None = field(default=None)
     # State that is a weight, not an average (ScheduleFreeAdam's z): kept in float32 for 16-bit params
@@ -63,12 +64,13 @@ class StepRule:
             raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
         keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
         scalars = getattr(getattr(fn, 'func', fn), 'scalars', None)
-        given = ('step', 'norms', 'decay', *(scalars.initial if scalars else ()))  # by the engine, not read from the param group
+        given = ('step', 'norms', 'decay', 'whole', *(scalars.initial if scalars else ()))  # by the engine, not read from the param group
         return cls(fn, state_keys=tuple(positional[2:]),
                    hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name not in given),
                    optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty and p.name not in given),
                    counts_steps=any(p.name == 'step' for p in keyword),
                    uses_norms=any(p.name == 'norms' for p in keyword),
+                   uses_whole=any(p.name == 'whole' for p in keyword),
                    decays=any(p.name == 'decay' for p in keyword), scalars=scalars,
                    float32_state=getattr(getattr(fn, 'func', fn), 'float32_state', ()),
                    unchunked=getattr(getattr(fn, 'func', fn), 'unchunked', False))

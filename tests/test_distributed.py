@@ -100,10 +100,6 @@ def _equal_to_one_process(rank, world):
             for mode, wrap in (('ddp', ddp), ('fsdp2', fsdp2)):
                 model = net()
                 wrapped = wrap(model)  # before the optimizer: FSDP2 replaces the params with DTensors
-                if mode == 'fsdp2' and not REGISTRY[name].shards:
-                    try: build(name, impl, model)
-                    except ValueError as e: out[(mode, name, impl)] = ('refused', str(e))
-                    continue
                 opt = build(name, impl, model)
                 train(wrapped, opt, batches(STEPS), lr, rank, world)
                 problems = []
@@ -133,12 +129,7 @@ def one_process_results():
 @pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('name', list(REGISTRY))
 def test_equals_one_process(one_process_results, name, impl, mode):
-    "Or, for an optimizer that needs whole params (Muon), a clear refusal of FSDP2's shards."
     for rank, results in enumerate(one_process_results):
-        if mode == 'fsdp2' and not REGISTRY[name].shards:
-            assert results.get((mode, name, impl), ('built',))[0] == 'refused', f"rank {rank}: FSDP2 shards taken"
-            assert 'DTensor shards (FSDP2)' in results[(mode, name, impl)][1]
-            continue
         diff, problems = results[(mode, name, impl)]
         assert diff < TOL, f"rank {rank}: {diff:.2e} from one process"
         assert not problems, f"rank {rank}: {problems}"

@@ -80,15 +80,20 @@ def orthogonalize(ms: list[torch.Tensor], steps: int, dtype: torch.dtype | None)
     return out
 
 
-def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, adjust_lr):
+def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, adjust_lr, whole=None):
     """grad_avg ← mom·grad_avg + (1 − mom)·g;  u = (1 − mom)·g + mom·grad_avg with `nesterov`, else grad_avg;
-    p ← p − adjusted_lr·NS(u), with u as a matrix (see `orthogonalize`, `adjusted_lr`)."""
+    p ← p − adjusted_lr·NS(u), with u as a matrix (see `orthogonalize`, `adjusted_lr`). Under FSDP2 (`whole`)
+    each rank gathers the whole u, orthogonalises it, and steps its shard of the result."""
     torch._foreach_lerp_(grad_avg, g, 1 - mom)
     update = torch._foreach_lerp(g, grad_avg, mom) if nesterov else grad_avg
-    matrices = [as_matrix(u) for u in update]
+    wholes = whole.gather(update) if whole is not None else update
+    matrices = [as_matrix(u) for u in wholes]
     ortho = orthogonalize(matrices, ns_steps, ns_dtype)
+    if whole is not None: ortho = whole.shards([o.reshape(u.shape) for o, u in zip(ortho, wholes)])
     for pi, o, m in zip(p, ortho, matrices):
-        pi.view(m.shape).add_(o, alpha=-adjusted_lr(lr, m.shape, adjust_lr))
+        alpha = -adjusted_lr(lr, m.shape, adjust_lr)
+        if pi.is_contiguous(): pi.view(o.shape).add_(o, alpha=alpha)  # as a matrix: no copy of a transposed o
+        else: pi.add_(o.reshape(pi.shape), alpha=alpha)
 
 
 muon_step.unchunked = True  # its batches of equal shapes span the whole bucket
@@ -166,9 +171,6 @@ class MuonForEachOptimizer(ForEachOptimizer):
         super().__init__(params, muon_step, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
                          fastai=native_muon, fastai_options={'route': route}, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps,
                          wd=wd, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr)
-        if self.sharded:
-            raise ValueError("Invalid params for Muon: DTensor shards (FSDP2). Muon orthogonalises whole matrices; "
-                             "shard the model with DDP, or train it with another optimizer under FSDP2")
         self.route = route or default_route([list(pg) for pg in self.param_lists])
         self.routes = {True: (self.rule, None), False: (StepRule.of(adam_step), fused_adam_step if fused else None)}
         self._active = None
