@@ -211,13 +211,17 @@ class ForEachOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         self.check_hypers()
-        with torch.no_grad(): self._step(self._gather())
+        with torch.no_grad(): self._step_all()
         return loss
 
     def step_params(self, params) -> None:
         "A step of only `params` (those of them with a gradient): one bucket of a gradient release (see `release.py`)."
         self.check_hypers()
-        with torch.no_grad(): self._step(self._gather({id(p) for p in params}))
+        with torch.no_grad(): self._step_all({id(p) for p in params})
+
+    def _step_all(self, only: set | None = None) -> None:
+        "Gather the params with a gradient (those whose ids are in `only`, if given) and step them."
+        self._step(self._gather(only))
 
     def check_accumulation(self) -> None:
         "Raise `ValueError` when optimizer accumulation (see `accumulation.py`) is not defined for this optimizer."
@@ -231,13 +235,10 @@ class ForEachOptimizer(Optimizer):
         acc, last = accumulation_of(self.rule.fn)[0], index == self.accumulation[1] - 1
         if self.rounding.in_float32(bucket.params[0]):
             raise ValueError("Optimizer accumulation of 16-bit params is not supported (rounding='nearest' aside)")
-        if last and self.rule.counts_steps:
-            step = bucket.states[0].get('step', 0) + 1
-            for state in bucket.states: state['step'] = step
-            kwargs = {**kwargs, 'step': step}
+        if last: kwargs = {**kwargs, **self._count_step(bucket)}
         if self.rule.uses_norms: kwargs = {**kwargs, 'norms': bucket.norms}
-        on_cpu = bucket.params[0].device.type == 'cpu' and not bucket.sharded
-        for chunk in bucket.chunks(CPU_CHUNK_BYTES) if on_cpu else [bucket]:
+        size = self._chunk_bytes(bucket, in_float32=False)
+        for chunk in bucket.chunks(size) if size else [bucket]:
             states = self._state_lists(chunk)
             if not self.decouple_wd: self._weight_decay(chunk, hyper)  # L2: into each micro-batch's gradient
             fold(acc, chunk.grads, dict(zip(self.rule.state_keys, states)), kwargs, index, n)
@@ -260,22 +261,31 @@ class ForEachOptimizer(Optimizer):
                 if self._as_fastai(p0):
                     self._run_fastai(bucket, hyper)
                     continue
-                if self.rule.counts_steps:
-                    step = bucket.states[0].get('step', 0) + 1
-                    for state in bucket.states: state['step'] = step
-                    kwargs['step'] = step
+                kwargs.update(self._count_step(bucket))
                 if self.rule.scalars is not None: kwargs.update(self._advance_scalars(bucket, kwargs))
                 in_float32 = self.rounding.in_float32(p0)
                 if self.fused is not None and self.fused.ready(p0, kwargs, self.rounding if in_float32 else None):
                     self._run_fused(bucket, hyper, kwargs, in_float32)
                     continue
-                # Sharded buckets stay whole: a rule that needs norms then all-reduces once per bucket.
-                size = None if bucket.sharded or self.rule.unchunked else FLOAT32_CHUNK_BYTES if in_float32 and p0.device.type != 'cpu' \
-                    else CPU_CHUNK_BYTES if p0.device.type == 'cpu' else None
+                size = self._chunk_bytes(bucket, in_float32)
                 for chunk in bucket.chunks(size) if size else [bucket]:
                     if in_float32: self._run_in_float32(chunk, hyper, kwargs)
                     else:
                         self._store(chunk, self._run_rule(chunk, {**kwargs, **self._weight_decay(chunk, hyper)}))
+
+    def _chunk_bytes(self, bucket: Bucket, in_float32: bool) -> int | None:
+        "Bytes of params per run of the rule over `bucket` (see `CPU_CHUNK_BYTES`), or None: all of it at once."
+        # Sharded buckets stay whole: a rule that needs norms then all-reduces once per bucket.
+        if bucket.sharded or self.rule.unchunked: return None
+        if bucket.params[0].device.type == 'cpu': return CPU_CHUNK_BYTES
+        return FLOAT32_CHUNK_BYTES if in_float32 else None
+
+    def _count_step(self, bucket: Bucket) -> dict:
+        "For a rule that counts steps: the bucket's params' step count, advanced in their states, as `step`."
+        if not self.rule.counts_steps: return {}
+        step = bucket.states[0].get('step', 0) + 1
+        for state in bucket.states: state['step'] = step
+        return {'step': step}
 
     def _advance_scalars(self, bucket: Bucket, kwargs: dict) -> dict:
         "The rule's running scalars for this step (see `rules.Scalars`), stored in the bucket's states."

@@ -13,7 +13,7 @@ from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_ali
                     run_chunks)
 from .optimizers.radam import RAdamForEachOptimizer
 
-__all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update']
+__all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update', 'inner_optimizer']
 
 
 def lookahead_update(slow, fast, c):
@@ -23,6 +23,11 @@ def lookahead_update(slow, fast, c):
 
 
 _SYNC = ((lookahead_update, PLAIN),)
+
+
+def inner_optimizer(opt):
+    "The optimizer that holds the per-param state and steps: the one a Lookahead wraps, or `opt` itself."
+    return opt.opt if hasattr(opt, 'slow_weights') else opt
 
 
 def check_lookahead(k, alpha) -> None:

@@ -15,6 +15,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastcore.basics import patch
 
+from .lookahead import inner_optimizer
 from .precision import COMP
 
 __all__ = ['PureBF16', 'to_pure_bf16', 'model_to_bf16']
@@ -22,17 +23,12 @@ __all__ = ['PureBF16', 'to_pure_bf16', 'model_to_bf16']
 BF16 = torch.bfloat16
 
 
-def _inner(opt):
-    "The optimizer that holds the per-param state (Lookahead's inner one)."
-    return getattr(opt, 'opt', opt) if hasattr(opt, 'slow_weights') else opt
-
-
 def model_to_bf16(model: torch.nn.Module, opt=None) -> None:
     """`model`'s float params and buffers in bf16, in place (the same Parameter objects, so an optimizer
     built over them goes on). For each float32 param, what rounding to bf16 takes off is kept in `opt`'s
     Kahan buffer when `opt` is a fastforeach optimizer summing with Kahan, so nothing of the weight is lost
     at the switch; `opt`'s state shaped like a param is cast to bf16 with it."""
-    inner = _inner(opt) if opt is not None else None
+    inner = inner_optimizer(opt) if opt is not None else None
     keeps = getattr(inner, '_keeps_comp', None)
     with torch.no_grad():
         for p in model.parameters():
@@ -63,7 +59,7 @@ class PureBF16(Callback):
     order = 10  # with fastai's MixedPrecision, which this replaces
 
     def before_fit(self):
-        opt = _inner(self.learn.opt)
+        opt = inner_optimizer(self.learn.opt)
         if not hasattr(opt, 'rounding'):
             dropped = [s.pop(COMP) for s in opt.state.values() if COMP in s]
             if dropped:

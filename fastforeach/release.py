@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import time
 
-import torch
 from fastai.callback.core import Callback, CancelStepException
 
+from .lookahead import inner_optimizer
+
 __all__ = ['GradientRelease', 'OptimizerAccumulation']
-
-
-def _inner(opt):
-    return opt.opt if hasattr(opt, 'slow_weights') else opt
 
 
 def check_releasable(learn) -> None:
@@ -30,8 +27,8 @@ def check_releasable(learn) -> None:
 
     from .engine import ForEachOptimizer
     opt = learn.opt
-    if not isinstance(_inner(opt), ForEachOptimizer):
-        raise ValueError(f"GradientRelease needs a fastforeach optimizer, not {type(_inner(opt)).__name__}: it steps "
+    if not isinstance(inner_optimizer(opt), ForEachOptimizer):
+        raise ValueError(f"GradientRelease needs a fastforeach optimizer, not {type(inner_optimizer(opt)).__name__}: it steps "
                          "buckets of params during backward (opt_func=fastforeach.Adam, ...)")
     for cb in learn.cbs:
         if isinstance(cb, GradientAccumulation):
@@ -131,12 +128,13 @@ class OptimizerAccumulation(Callback):
         self.n_acc = n_acc
 
     def before_fit(self):
+        from fastai.callback.training import GradientAccumulation
+
         from .engine import ForEachOptimizer
-        inner = _inner(self.opt)
+        inner = inner_optimizer(self.opt)
         if not isinstance(inner, ForEachOptimizer):
             raise ValueError(f"OptimizerAccumulation needs a fastforeach optimizer, not {type(inner).__name__}")
         for cb in self.learn.cbs:
-            from fastai.callback.training import GradientAccumulation
             if isinstance(cb, GradientAccumulation):
                 raise ValueError("OptimizerAccumulation and GradientAccumulation accumulate the same micro-batches "
                                  "twice: use one")
@@ -144,7 +142,7 @@ class OptimizerAccumulation(Callback):
         self.count = 0
 
     def before_backward(self):
-        _inner(self.opt).accumulation = (self.count % self.n_acc, self.n_acc)
+        inner_optimizer(self.opt).accumulation = (self.count % self.n_acc, self.n_acc)
 
     def after_step(self): self.count += 1  # after the step, or its cancel by GradientRelease
-    def after_fit(self): _inner(self.opt).accumulation = None
+    def after_fit(self): inner_optimizer(self.opt).accumulation = None

@@ -88,3 +88,22 @@ def test_pure_bf16_keeps_z_in_float32_and_switches_modes_on_working_values(fused
     torch.testing.assert_close(x, y + (1 - 1 / 0.9) * (state['z'] - y), rtol=0, atol=1e-6)
     opt.train()
     torch.testing.assert_close(p.detach().float() + state['kahan_comp'], y, rtol=0, atol=1e-6)
+
+
+def test_fused_bf16_compiles_its_float32_z_before_the_step(monkeypatch):
+    """The compile on dummies before a step covers z's float32 (packed and per tensor): the steps find their
+    graphs. (Fresh compiled functions: graphs other tests compiled would hide a miss.)"""
+    from torch._dynamo.utils import counters
+
+    import fastforeach.fused.compile as compiling
+    monkeypatch.setattr(compiling, '_COMPILED', {})
+    monkeypatch.setattr(compiling, '_CHECKED', {})
+    small, big = (torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16)) for n in (100, 100_000))
+    opt = fastforeach.ScheduleFreeAdam([small, big], lr=1e-2, fused=True)
+    hypers = {**{k: opt.hypers[0][k] for k in opt.rule.hypers}, 'step': 1, 'weight_sum': 1e-4, 'lr_max': 1e-2}
+    assert opt.fused.ready(small, hypers, opt.rounding)
+    before = counters['stats']['unique_graphs']
+    for _ in range(2):
+        for p in (small, big): p.grad = torch.randn_like(p)
+        opt.step()
+    assert counters['stats']['unique_graphs'] == before

@@ -59,8 +59,10 @@ class CompiledStep(FusedStep):
         return ((update, PLAIN if self.own_decay else DECAY),)
 
     @cached_property
-    def _state_keys(self) -> tuple[str, ...]:
-        return StepRule.of(self.rule).state_keys
+    def _rule(self) -> StepRule: return StepRule.of(self.rule)
+
+    @property
+    def _state_keys(self) -> tuple[str, ...]: return self._rule.state_keys
 
     @property
     def _n_lists(self) -> int: return 2 + len(self._state_keys)
@@ -73,9 +75,11 @@ class CompiledStep(FusedStep):
                     all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
         # Packs run the same graphs on flat tensors (elementwise updates: in chunks of CHUNK).
         comps = (rounding.kahan_dtype,) if rounding.kahan else ()
+        # Weight-like state of 16-bit params is float32 (ScheduleFreeAdam's z: see `StepRule.float32_state`).
+        states = tuple(torch.float32 if k in self._rule.float32_state else p.dtype for k in self._state_keys)
         chunks = {self.chunk, CHUNK} if self.packs and self.pack_step is None else {self.chunk}
         return (all(compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, chunk, rounding.mode,
-                             (p.dtype,) * self._n_lists + comps) for chunk in chunks) and
+                             (p.dtype, p.dtype, *states, *comps)) for chunk in chunks) and
                 all(flat_compiles(phase, p, n_coefficients, None, rounding.mode, rounding.kahan_dtype)
                     for phase in self.pack_phases))
 

@@ -7,7 +7,7 @@ from ..accumulation import Average, accumulates
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep, EitherStep, KernelStep
 
-__all__ = ['AdamForEachOptimizer', 'adam_step', 'adam_update', 'average_grads', 'debiased_rms', 'fused_adam_step',
+__all__ = ['AdamForEachOptimizer', 'adam_step', 'adam_update', 'adam_direction', 'average_grads', 'debiased_rms', 'fused_adam_step',
            'average_grads_update', 'averaging_coefficients']
 
 
@@ -68,6 +68,12 @@ def adam_update(p, g, grad_avg, sqr_avg, c):
     do); c = averaging coefficients (see `averaging_coefficients`), then lr, eps."""
     average_grads_update(g, grad_avg, sqr_avg, c)
     p.sub_(c[6] * (grad_avg * c[4]) / ((sqr_avg * c[5]).sqrt() + c[7]))
+
+
+def adam_direction(grad_avg, sqr_avg, c):
+    """Adam's debiased direction in a two-pass compiled update (LAMB, StableAdam), whose whole c is (decay,
+    l2, averaging coefficients, lr, eps, ...): (grad_avg / debias1) / (√(sqr_avg / debias2) + eps)."""
+    return (grad_avg * c[6]) / ((sqr_avg * c[7]).sqrt() + c[9])
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps): return [*averaging_coefficients(mom, sqr_mom, step), lr, eps]

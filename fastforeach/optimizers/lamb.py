@@ -5,7 +5,8 @@ import torch
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep, PackStep, run_flat
 from ..accumulation import accumulates
-from .adam import ADAM_AVERAGES, average_grads, average_grads_update, averaging_coefficients, debiased_rms
+from .adam import (ADAM_AVERAGES, adam_direction, average_grads, average_grads_update, averaging_coefficients,
+                   debiased_rms)
 
 __all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step', 'trust_ratio']
 
@@ -32,10 +33,6 @@ def trust_ratio(r1, r2):
     return torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1 / r2).clamp_max(10))
 
 
-def _adam_direction(grad_avg, sqr_avg, c):
-    return (grad_avg * c[6]) / ((sqr_avg * c[7]).sqrt() + c[9])
-
-
 def lamb_norms(p, g, grad_avg, sqr_avg, c):
     """First pass of one tensor of `lamb_step`: L2 into the gradient, the averages, then rms of the decayed
     param (|decay|·rms(p), p itself is decayed in the second pass) and of the update.
@@ -44,12 +41,12 @@ def lamb_norms(p, g, grad_avg, sqr_avg, c):
     average_grads_update(g, grad_avg, sqr_avg, c[2:])
     # One 1-d tensor, not two 0-d ones: dynamo would read 0-d inputs of the next pass as Python floats and
     # recompile whenever one turns NaN.
-    return (torch.stack((c[0].abs() * p.pow(2).mean().sqrt(), _adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt())),)
+    return (torch.stack((c[0].abs() * p.pow(2).mean().sqrt(), adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt())),)
 
 
 def lamb_apply(p, grad_avg, sqr_avg, norms, c):
     "Second pass: p ← decay·p − lr·q·update, with the trust ratio q from the first pass's norms."
-    p.mul_(c[0]).sub_(c[8] * trust_ratio(norms[0], norms[1]) * _adam_direction(grad_avg, sqr_avg, c))
+    p.mul_(c[0]).sub_(c[8] * trust_ratio(norms[0], norms[1]) * adam_direction(grad_avg, sqr_avg, c))
 
 
 # A pack's params (see `fused.Pack`): the averages and every update, the norms of every param at once,
@@ -58,7 +55,7 @@ def lamb_apply(p, grad_avg, sqr_avg, norms, c):
 def lamb_direction(p, g, grad_avg, sqr_avg, out, c):
     "First pass over a pack: L2 into the gradient, the averages, then the update written to `out`."
     average_grads_update(g + c[1] * p, grad_avg, sqr_avg, c[2:])
-    out.copy_(_adam_direction(grad_avg, sqr_avg, c))
+    out.copy_(adam_direction(grad_avg, sqr_avg, c))
 
 
 def lamb_scale(p, update, trust, c):

@@ -55,6 +55,13 @@ def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+def orthogonalize_one(m: torch.Tensor, steps: int, dtype: torch.dtype | None) -> torch.Tensor:
+    "Newton-Schulz orthogonalisation of one matrix, in `dtype` (None: its own), on a copy (transposed when tall)."
+    tall = m.shape[0] > m.shape[1]
+    x = _newton_schulz((m.T if tall else m).to(dtype or m.dtype, copy=True), steps)  # it scales its input in place
+    return x.T if tall else x
+
+
 def orthogonalize(ms: list[torch.Tensor], steps: int, dtype: torch.dtype | None) -> list[torch.Tensor]:
     """Newton-Schulz orthogonalisation of each matrix, in `dtype` (None: their own): matrices of the same
     shape stacked and iterated together, two batched matmuls and a batched add-matmul per iteration."""
@@ -66,10 +73,7 @@ def orthogonalize(ms: list[torch.Tensor], steps: int, dtype: torch.dtype | None)
         if rows * cols >= ONE_AT_A_TIME:
             # Large matrices: a batch saves no launch worth having, and CPU's batched products were
             # slower than one at a time (xresnet50's 512 × 4608: 0.135 s a batch of 4 against 0.129 s).
-            for i in idx:
-                x = (ms[i].T if tall else ms[i]).to(dtype or ms[i].dtype, copy=True)
-                x = _newton_schulz(x, steps)
-                out[i] = x.T if tall else x
+            for i in idx: out[i] = orthogonalize_one(ms[i], steps, dtype)
             continue
         # One pass per matrix: cast, and transposed when tall, into its slot of the batch.
         x = torch.empty((len(idx), *((cols, rows) if tall else (rows, cols))), dtype=dtype or ms[idx[0]].dtype,
@@ -120,10 +124,7 @@ def muon_stepper(p, lr, mom, sqr_mom, eps, nesterov, ns_steps, ns_dtype, adjust_
     grad_avg.mul_(mom).add_(g, alpha=1 - mom)
     u = (1 - mom) * g + mom * grad_avg if nesterov else grad_avg
     m = as_matrix(u)
-    x = m.to(ns_dtype or m.dtype, copy=True)  # the iteration scales its input in place
-    tall = x.shape[0] > x.shape[1]
-    o = _newton_schulz(x.T if tall else x, ns_steps)
-    p.data.view(m.shape).add_((o.T if tall else o).to(p.dtype), alpha=-adjusted_lr(lr, m.shape, adjust_lr))
+    p.data.view(m.shape).add_(orthogonalize_one(m, ns_steps, ns_dtype), alpha=-adjusted_lr(lr, m.shape, adjust_lr))
     return {'grad_avg': grad_avg}
 
 
@@ -196,20 +197,9 @@ class MuonForEachOptimizer(ForEachOptimizer):
         "fastai-style steppers (16-bit params rounded to nearest), told the bucket's route."
         super()._run_fastai(bucket, {**hyper, 'muon': self._active})
 
-    def _step_routes(self, only=None):
+    def _step_all(self, only=None):
+        "The params of each route gathered and stepped in turn, by the route's rule."
         for muon, (rule, fused) in self.routes.items():
             self._active, self.rule, self.fused = muon, rule, fused
-            try: self._step(self._gather(only))
+            try: super()._step_all(only)
             finally: self._active, (self.rule, self.fused) = None, self.routes[True]
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        self.check_hypers()
-        with torch.no_grad(): self._step_routes()
-        return loss
-
-    def step_params(self, params) -> None:
-        self.check_hypers()
-        with torch.no_grad(): self._step_routes({id(p) for p in params})

@@ -191,7 +191,8 @@ class ScheduleFree(Callback):
         self.bn_batches = bn_batches
 
     def before_fit(self):
-        inner = getattr(self.opt, 'opt', self.opt)
+        from ..lookahead import inner_optimizer
+        inner = inner_optimizer(self.opt)
         if not isinstance(inner, ScheduleFreeModes):
             raise ValueError(f"ScheduleFree needs a schedule-free optimizer (opt_func=ScheduleFreeAdam), "
                              f"not {type(inner).__name__}")

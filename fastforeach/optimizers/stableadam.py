@@ -9,7 +9,7 @@ from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, l2_reg, 
 from ..accumulation import refuses_accumulation
 from ..engine import ForEachOptimizer, debias
 from ..fused import CompiledStep, PackStep, run_flat
-from .adam import average_grads, average_grads_update, averaging_coefficients, debiased_rms
+from .adam import adam_direction, average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
 __all__ = ['StableAdamForEachOptimizer', 'stable_adam_step', 'fused_stable_adam_step', 'stable_adam_stepper',
            'native_stable_adam']
@@ -39,39 +39,33 @@ refuses_accumulation(stable_adam_step, "StableAdam clips each step by the RMS of
 # Compiled: c = (decay, l2, averaging coefficients, lr, eps, eps²), both passes get all of it. The decay
 # factor c[0] is 1 − lr·wd (or 1): the step's own decay is 1 − (1 − c[0])·s.
 
-def _direction(grad_avg, sqr_avg, c):
-    return (grad_avg * c[6]) / ((sqr_avg * c[7]).sqrt() + c[9])
-
-
-def _clip_ratio(g, sqr_avg, c):
+def _clip_ratio(p, g, grad_avg, sqr_avg, c):
+    "L2 into the gradient, Adam's averages, then g / √max(v̂, eps²): what the clipping RMS is taken over."
+    g = g + c[1] * p
+    average_grads_update(g, grad_avg, sqr_avg, c[2:])
     return g / (sqr_avg * c[7]).clamp_min(c[10]).sqrt()
 
 
 def stable_adam_rms(p, g, grad_avg, sqr_avg, c):
-    "First pass of one tensor: L2 into the gradient, the averages, and the RMS that clips the step (1-d)."
-    g = g + c[1] * p
-    average_grads_update(g, grad_avg, sqr_avg, c[2:])
-    return (torch.stack((_clip_ratio(g, sqr_avg, c).pow(2).mean().sqrt(),)),)
+    "First pass of one tensor: the averages, and the RMS that clips the step (1-d)."
+    return (torch.stack((_clip_ratio(p, g, grad_avg, sqr_avg, c).pow(2).mean().sqrt(),)),)
 
 
 def stable_adam_apply(p, grad_avg, sqr_avg, rms, c):
     "Second pass: the decay and the step, both scaled by s = 1 / max(1, rms)."
     # rms[0], a 0-d value: with sizes traced as symbols, the 1-d `rms` would be broadcast as if it could be
     # as long as p, and read out of its bounds.
-    scale = 1 / rms[0].clamp_min(1)
-    p.mul_(1 - (1 - c[0]) * scale).sub_(c[8] * scale * _direction(grad_avg, sqr_avg, c))
+    stable_adam_scale(p, grad_avg, sqr_avg, 1 / rms[0].clamp_min(1), c)
 
 
 def stable_adam_ratio(p, g, grad_avg, sqr_avg, out, c):
-    "First pass over a pack: L2 into the gradient, the averages, and g / √max(v̂, eps²) written to `out`."
-    g = g + c[1] * p
-    average_grads_update(g, grad_avg, sqr_avg, c[2:])
-    out.copy_(_clip_ratio(g, sqr_avg, c))
+    "First pass over a pack: the averages, and g / √max(v̂, eps²) written to `out`."
+    out.copy_(_clip_ratio(p, g, grad_avg, sqr_avg, c))
 
 
 def stable_adam_scale(p, grad_avg, sqr_avg, scale, c):
-    "Second pass over a pack: `stable_adam_apply`, with each param's s given per element."
-    p.mul_(1 - (1 - c[0]) * scale).sub_(c[8] * scale * _direction(grad_avg, sqr_avg, c))
+    "Second pass (over a pack, with each param's s given per element): the decay and the step, scaled by s."
+    p.mul_(1 - (1 - c[0]) * scale).sub_(c[8] * scale * adam_direction(grad_avg, sqr_avg, c))
 
 
 def _step_pack(pack, c, l2, norms, rounding=None):
