@@ -122,6 +122,11 @@ class WholeTensors:
     def __init__(self, origins: list[torch.Tensor]):
         self.origins = origins
 
+    @property
+    def sharded(self) -> bool:
+        "Whether any of the params is sharded (else `gather` and `shards` give their tensors back)."
+        return any(is_sharded(o) for o in self.origins)
+
     def gather(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         return [DTensor.from_local(t, o.device_mesh, o.placements, shape=o.shape, stride=o.stride(),
                                    run_check=False).full_tensor() if is_sharded(o) else t

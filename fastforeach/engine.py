@@ -63,10 +63,14 @@ HYPER_RANGES: dict[str, tuple[Callable, str]] = {
     'r': (_at_least_zero, '>= 0'),
     'weight_lr_power': (_at_least_zero, '>= 0'),
 }
+# Hypers that name a choice: their allowed values (optimizer modules add theirs).
+HYPER_CHOICES: dict[str, tuple] = {}
 
 
 def check_hyper(name: str, value, where: str = '') -> None:
-    "Raise `ValueError` naming `name` and `value` when `value` is not a number in the hyper's range."
+    "Raise `ValueError` naming `name` and `value` when `value` is not a number in the hyper's range, or not one of its choices."
+    if name in HYPER_CHOICES and (not isinstance(value, str) or value not in HYPER_CHOICES[name]):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be one of {HYPER_CHOICES[name]})")
     if name not in HYPER_RANGES: return
     ok, expected = HYPER_RANGES[name]
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()

@@ -118,7 +118,7 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec('Muon', native_muon, MuonForEachOptimizer, {
         'default': {}, 'l2': {'decouple_wd': False, 'wd': 0.01},
         'plain': {'nesterov': False, 'mom': 0.9, 'adjust_lr': 'original', 'ns_steps': 3},
-        'adamw': {'sqr_mom': 0.99, 'eps': 1e-5, 'adjust_lr': 'none', 'ns_dtype': torch.float64},
+        'adamw': {'sqr_mom': 0.99, 'eps': 1e-5, 'adjust_lr': 'none', 'ns_dtype': torch.float64, 'ns_method': 'standard'},
         'route': {'route': every_matrix}}, lr=2e-3, in_fastai=False,
         make_options={'ns_dtype': torch.float64}),
 ]}
