@@ -28,7 +28,7 @@ from .references import REFERENCES
 from .registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 
 __all__ = ['MODELS', 'BENCH', 'run_bench', 'memory_floor', 'distributed_bench', 'train_table', 'summary_table',
-           'accumulation_table', 'release_table', 'main']
+           'accumulation_table', 'release_table', 'newton_schulz_table', 'main']
 
 
 def mlp(depth=100, width=64) -> nn.Module:
@@ -451,6 +451,50 @@ def format_release_table(rows: list[dict]) -> str:
         f"{r['peak_share']:>12.1%} {r['step_ms']:>8.2f} {r['step_ms'] / normal[r['model']]:>8.2f}x" for r in rows])
 
 
+def newton_schulz_table(model='xresnet50', device='cpu', steps=5, warmup=1, batches=4) -> list[dict]:
+    """Muon's orthogonalisation of every kernel Muon's default route picks in `model`, alone: time (median of
+    `steps`, interleaved) of torch's Newton-Schulz (as `torch.optim.Muon` runs it), fastforeach's standard
+    iteration and its Gram iteration, all in bf16, and each one's relative error against the iteration in
+    float64, on gradients summed over `batches` batches of 16 random images with random labels (BatchNorm
+    weights set to 1, so that every kernel has a gradient)."""
+    import torch.optim._muon as torch_muon
+
+    from .optimizers.muon import NS_COEFFICIENTS, default_route, orthogonalize, orthogonalize_one
+    torch.manual_seed(0)
+    net = MODELS[model]().to(device)
+    for m in net.modules():  # zero-initialised BatchNorm would leave the kernels before it no gradient
+        if isinstance(m, nn.modules.batchnorm._BatchNorm): nn.init.ones_(m.weight)
+    route = default_route([list(net.parameters())])
+    for _ in range(batches):
+        out = net(torch.randn((16, *example_input(model).shape[1:]), device=device))
+        nn.functional.cross_entropy(out, torch.randint(out.shape[-1], out.shape[:1], device=device)).backward()
+    matrices = [p.grad.reshape(p.shape[0], -1) for p in net.parameters() if route(p)]
+    methods = {"torch's": lambda: [torch_muon._zeropower_via_newtonschulz(m, NS_COEFFICIENTS, 5, 1e-7) for m in matrices],
+               'standard': lambda: orthogonalize(matrices, 5, torch.bfloat16, 'standard'),
+               'gram': lambda: orthogonalize(matrices, 5, torch.bfloat16, 'gram')}
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    times = {k: [] for k in methods}
+    for i in range(warmup + steps):
+        for k, run in methods.items():
+            sync(); start = time.perf_counter(); run(); sync()
+            if i >= warmup: times[k].append(time.perf_counter() - start)
+    exact = [orthogonalize_one(m.double(), 5, torch.float64, 'standard') for m in matrices]
+    rows = []
+    for k, run in methods.items():
+        errors = [((o.double() - e).norm() / e.norm()).item() for o, e in zip(run(), exact)]
+        rows.append({'model': model, 'method': k, 'kernels': len(matrices), 'ms': statistics.median(times[k]) * 1e3,
+                     'median_error': statistics.median(errors), 'max_error': max(errors)})
+    return rows
+
+
+def format_newton_schulz_table(rows: list[dict]) -> str:
+    head = f"{'model':<12} {'Newton-Schulz':<14} {'kernels':>8} {'ms':>8} {'error median':>13} {'error max':>10}"
+    return '\n'.join(["Muon's orthogonalisation in bf16 of every kernel it steps (relative error against float64)",
+                      head, '-' * len(head)] + [
+        f"{r['model']:<12} {r['method']:<14} {r['kernels']:>8} {r['ms']:>8.2f} {r['median_error']:>12.2%} "
+        f"{r['max_error']:>9.2%}" for r in rows])
+
+
 TRAINED = ('SGD', 'Adam', 'RAdam', 'Lion', 'Adan', 'StableAdam', 'ScheduleFreeAdam', 'Muon')
 
 
@@ -722,6 +766,9 @@ def main(argv=None) -> int:
     result = {'info': machine_info(args.threads, args.device, command), 'steps': args.steps, 'warmup': args.warmup,
               'check_steps': args.check_steps, 'rows': [asdict(r) for r in rows]}
     report = [f"# {command}\n# {describe_machine(result['info'])}", format_table(rows)]
+    if 'Muon' in optimizers and 'xresnet50' in models:
+        result['newton_schulz'] = ns = newton_schulz_table(device=args.device)
+        report.append(format_newton_schulz_table(ns))
     if args.train:
         result['train'] = train = train_table(device=args.device)
         result['accumulation'] = accumulated = accumulation_table(device=args.device)

@@ -120,3 +120,14 @@ def test_release_table_counts_peak_gradient_bytes(model):
     if grads > bound: assert released['peak_share'] < 0.8
     assert normal['step_ms'] > 0 and released['step_ms'] > 0
     assert 'peak grad MB' in bench.format_release_table([normal, released])
+
+
+def test_newton_schulz_table_times_and_measures_each_method():
+    "Every kernel of the default route, three methods; fastforeach's standard iteration has torch's error."
+    rows = bench.newton_schulz_table('xresnet18', steps=1, warmup=0, batches=2)
+    assert [r['method'] for r in rows] == ["torch's", 'standard', 'gram']
+    torchs, standard, gram = rows
+    assert all(r['kernels'] == 22 and r['ms'] > 0 for r in rows)
+    assert abs(standard['median_error'] - torchs['median_error']) < 0.01
+    assert gram['median_error'] < torchs['median_error'] + 0.05 and gram['max_error'] < torchs['max_error'] + 0.05
+    assert "Muon's orthogonalisation" in bench.format_newton_schulz_table(rows)
