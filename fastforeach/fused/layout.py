@@ -1,6 +1,8 @@
 """Tensors as fused steps see them: dense, flat, laid end to end; and the operands a step caches."""
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Callable
 
 import torch
@@ -62,18 +64,28 @@ class Operands:
 
 def end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A 1-d alias over `tensors` when each is contiguous and each starts where the one before ends, in one
-    storage (as views of one buffer do); else None. Empty tensors hold nothing and may lie anywhere."""
-    held = [t for t in tensors if t.numel()]
+    storage (as views of one buffer do); else None. Empty tensors hold nothing and may lie anywhere.
+    Each property is read by one `map` over the tensors: this runs at every step of a pack, on its gradients."""
+    numels = list(map(torch.Tensor.numel, tensors))
+    held = list(itertools.compress(tensors, numels))
     if not held: return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device)
-    first = held[0]
-    storage, size, at = first.untyped_storage(), first.element_size(), first.data_ptr()
-    for t in held:
-        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() or t.data_ptr() != at
-                or t.untyped_storage().data_ptr() != storage.data_ptr()):
+    first, size = held[0], held[0].element_size()
+    starts = list(map(torch.Tensor.data_ptr, held))
+    ends = [start + n * size for start, n in zip(starts, filter(None, numels))]
+    if (starts[1:] != ends[:-1] or not all(map(torch.Tensor.is_contiguous, held))
+            or len(set(map(_dtype, held))) > 1):
+        return None
+    # Views of one tensor share its storage (and device); others are checked one by one, as separate
+    # allocations may lie side by side.
+    storage, base = first.untyped_storage(), first._base
+    if base is None or not all(t._base is base for t in held):
+        if any(t.device != first.device or t.untyped_storage().data_ptr() != storage.data_ptr() for t in held):
             return None
-        at += t.numel() * size
-    n = (at - first.data_ptr()) // size
+    n = (ends[-1] - starts[0]) // size
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, first.storage_offset(), (n,), (1,))
+
+
+_dtype = operator.attrgetter('dtype')
 
 
 def laid_end_to_end(like: list[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
