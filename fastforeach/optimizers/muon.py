@@ -61,12 +61,13 @@ def uses_gram(shape, steps: int) -> bool:
 def symmetric_product(a: torch.Tensor, b: torch.Tensor, plus: torch.Tensor | None = None, beta: float = 1.,
                       alpha: float = 1.) -> torch.Tensor:
     """a @ b, or beta·plus + alpha·(a @ b) (as `addmm`, one rounding), for a result known to be symmetric
-    (XXᵀ, or commuting symmetric matrices). From m = `SYMMETRIC_FROM` rows, of one matrix: its upper block
-    row and lower-right block, three quarters of the multiply-adds, the lower-left block mirrored (a
-    quarter faster on CPU at 512 and 1024 rows; smaller and batched products gain nothing)."""
+    (XXᵀ, or commuting symmetric matrices). On CPU, from m = `SYMMETRIC_FROM` rows, of one matrix: its upper
+    block row and lower-right block, three quarters of the multiply-adds, the lower-left block mirrored (a
+    quarter faster at 512 and 1024 rows; smaller and batched products gain nothing; on a GPU, where it
+    would be two launches and a copy for one, unmeasured)."""
     m = a.shape[-2]
     add_product = torch.addmm if a.ndim == 2 else torch.baddbmm
-    if a.ndim > 2 or m < SYMMETRIC_FROM:
+    if a.ndim > 2 or m < SYMMETRIC_FROM or a.device.type != 'cpu':
         return a @ b if plus is None else add_product(plus, a, b, beta=beta, alpha=alpha)
     half, out = m // 2, a.new_empty((m, m))
     if plus is None:
