@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from numbers import Real
+from numbers import Integral, Real
 from typing import Callable
 
 import torch
@@ -24,7 +24,7 @@ from .rules import StepRule
 from .ops import mul_scalar_
 from .precision import COMP, Rounding, is_low_precision
 
-__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'check_params', 'debias', 'fastai_steppers', 'unlike_param']
+__all__ = ['ForEachOptimizer', 'StepRule', 'check_hyper', 'check_int', 'check_params', 'debias', 'fastai_steppers', 'unlike_param']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
 # N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
@@ -65,12 +65,24 @@ HYPER_RANGES: dict[str, tuple[Callable, str]] = {
 }
 # Hypers that name a choice: their allowed values (optimizer modules add theirs).
 HYPER_CHOICES: dict[str, tuple] = {}
+# Hypers that count: their (lowest, past the highest or None) (optimizer modules add theirs).
+HYPER_INTS: dict[str, tuple[int, int | None]] = {}
+
+
+def check_int(name: str, value, low: int, high: int | None = None, where: str = '') -> None:
+    "Raise `ValueError` naming `name` and `value` when `value` is not an int in [low, high) (high None: no bound)."
+    outside = not isinstance(value, Integral) or isinstance(value, bool) or value < low
+    if outside or (high is not None and value >= high):
+        span = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be an int {span})")
 
 
 def check_hyper(name: str, value, where: str = '') -> None:
-    "Raise `ValueError` naming `name` and `value` when `value` is not a number in the hyper's range, or not one of its choices."
+    """Raise `ValueError` naming `name` and `value` when `value` is not a number in the hyper's range, not one
+    of its choices, or not an int in its span."""
     if name in HYPER_CHOICES and (not isinstance(value, str) or value not in HYPER_CHOICES[name]):
         raise ValueError(f"Invalid {name}{where}: {value!r} (must be one of {HYPER_CHOICES[name]})")
+    if name in HYPER_INTS: check_int(name, value, *HYPER_INTS[name], where=where)
     if name not in HYPER_RANGES: return
     ok, expected = HYPER_RANGES[name]
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()

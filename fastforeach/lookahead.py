@@ -7,7 +7,7 @@ from fastcore.foundation import L
 
 from .distributed import as_like, local
 from .precision import COMP, is_low_precision
-from .engine import ForEachOptimizer, unlike_param
+from .engine import ForEachOptimizer, check_int, unlike_param
 from .ops import device_tensor
 from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
                     run_chunks)
@@ -31,8 +31,7 @@ def inner_optimizer(opt):
 
 
 def check_lookahead(k, alpha) -> None:
-    if not isinstance(k, Integral) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"Invalid k: {k!r} (must be an int >= 1)")
+    check_int('k', k, 1)
     if not isinstance(alpha, Real) or isinstance(alpha, bool) or not 0 < alpha <= 1:
         raise ValueError(f"Invalid alpha: {alpha!r} (must be a real number in (0, 1])")
 

@@ -15,6 +15,7 @@ import time
 
 from fastai.callback.core import Callback, CancelStepException
 
+from .engine import check_int
 from .lookahead import inner_optimizer
 
 __all__ = ['GradientRelease', 'OptimizerAccumulation']
@@ -123,8 +124,7 @@ class OptimizerAccumulation(Callback):
     run_valid = False
 
     def __init__(self, n_acc: int = 4):
-        if not isinstance(n_acc, int) or isinstance(n_acc, bool) or n_acc < 1:
-            raise ValueError(f"Invalid n_acc: {n_acc!r} (must be an int >= 1)")
+        check_int('n_acc', n_acc, 1)
         self.n_acc = n_acc
 
     def before_fit(self):

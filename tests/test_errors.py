@@ -17,7 +17,7 @@ BAD_VALUES = {
     'lr': [-1e-3, float('nan')], 'mom': [-0.1, 1.0, 1.5], 'sqr_mom': [-0.1, 1.0], 'eps': [-1e-8],
     'wd': [-0.01, float('inf')], 'beta': [-1.], 'nu_1': [-0.1, 1.1], 'nu_2': [1.5], 'trust_coeff': [-0.02],
     'k': [0, -1, 2.5], 'alpha': [0., -0.5, 1.5], 'beta1': [-0.1, 1.0], 'beta2': [1.5], 'beta3': [-0.5, 1.0],
-    'ns_method': ['fast', 3], 'adjust_lr': ['rms'],
+    'ns_method': ['fast', 3], 'adjust_lr': ['rms'], 'ns_steps': [0, 100, 2.5],
 }
 CASES = [pytest.param(name, hyper, value, id=f"{name}-{hyper}={value}")
          for name, factory in FACTORIES.items()

@@ -16,7 +16,7 @@ import torch
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, l2_reg, step_stat, weight_decay
 
 from ..accumulation import refuses_accumulation
-from ..engine import HYPER_CHOICES, ForEachOptimizer
+from ..engine import HYPER_CHOICES, HYPER_INTS, ForEachOptimizer
 from ..fused import coefficient_dtype, flat_compiles, run_flat
 from ..rules import StepRule
 from .adam import adam_step, fused_adam_step
@@ -33,6 +33,7 @@ SYMMETRIC_FROM = 512  # rows of a symmetric product from which its lower-left bl
 NS_METHODS = ('gram', 'standard')
 ADJUSTMENTS = ('match_rms_adamw', 'original', 'none')
 HYPER_CHOICES.update(ns_method=NS_METHODS, adjust_lr=ADJUSTMENTS)  # checked when set, as every hyper
+HYPER_INTS.update(ns_steps=(1, 100))
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -193,9 +194,8 @@ def matrix_shape(t: torch.Tensor) -> tuple[int, int]:
     return t.shape[0], t.numel() // t.shape[0] if t.shape[0] else 0
 
 
-def _fused_passes_compile(p: torch.Tensor, g: torch.Tensor, ns_dtype: torch.dtype, nesterov: bool) -> bool:
-    "Whether the fused step's two elementwise passes compile for these dtypes (else: warned once, eager)."
-    first = _nesterov_update if nesterov else _momentum_update
+def _fused_passes_compile(first: Callable, p: torch.Tensor, g: torch.Tensor, ns_dtype: torch.dtype) -> bool:
+    "Whether the fused step's passes (`first`, then the move) compile for these dtypes (else: warned once, eager)."
     return (flat_compiles((first, 0, True), g, 2, (g.dtype, g.dtype, ns_dtype))
             and flat_compiles((_apply_update, 0, True), p, 2, (p.dtype, ns_dtype)))
 
@@ -213,7 +213,8 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, ns_metho
     factors = [1 - lr * wd for wd in decay] if decay is not None else [1.] * len(p)
     ns_dtype = ns_dtype or p[0].dtype
     sharded = whole is not None and whole.sharded
-    passes = compiled and not sharded and _fused_passes_compile(p[0], g[0], ns_dtype, nesterov)
+    first = _nesterov_update if nesterov else _momentum_update
+    passes = compiled and not sharded and _fused_passes_compile(first, p[0], g[0], ns_dtype)
     fused = [passes and gi.numel() >= FUSED_FROM and _fusable(pi, gi, ga) for pi, gi, ga in zip(p, g, grad_avg)]
     eager = [i for i, f in enumerate(fused) if not f]
     eager_g, eager_avg = [g[i] for i in eager], [grad_avg[i] for i in eager]
@@ -221,7 +222,6 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, ns_metho
     updates = torch._foreach_lerp(eager_g, eager_avg, mom) if nesterov and eager else eager_avg
     if sharded: updates = whole.gather(updates)  # every param is eager then
     matrices = dict(zip(eager, map(as_matrix, updates)))
-    first = _nesterov_update if nesterov else _momentum_update
     c = torch.tensor([1 - mom, mom], dtype=coefficient_dtype(g[0].dtype), device=g[0].device) if passes else None
     def fill(i, out):
         if fused[i]: run_flat(first, [g[i].view(-1), grad_avg[i].view(-1), out.view(-1)], c)
@@ -307,8 +307,6 @@ class MuonForEachOptimizer(ForEachOptimizer):
     def __init__(self, params, lr, mom=0.95, sqr_mom=0.95, eps=1e-8, wd=0.1, decouple_wd=True, nesterov=True,
                  ns_steps=5, ns_dtype=torch.bfloat16, ns_method='gram', adjust_lr='match_rms_adamw', route=None, *,
                  fused=False, rounding='kahan', kahan_dtype=torch.float32):
-        if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 0 < ns_steps < 100:
-            raise ValueError(f"Invalid ns_steps: {ns_steps!r} (must be an int in [1, 100))")
         super().__init__(params, muon_step, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
                          fastai=native_muon, fastai_options={'route': route}, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps,
                          wd=wd, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, ns_method=ns_method,

@@ -14,7 +14,7 @@ from fastai.optimizer import Optimizer, l2_reg, step_stat
 from torch import nn
 
 from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer, debias
+from ..engine import ForEachOptimizer, check_int, debias
 from ..fused import CompiledStep
 from ..ops import mul_scalar_
 from ..precision import COMP
@@ -186,8 +186,7 @@ class ScheduleFree(Callback):
     order = 1  # after TrainEvalCallback has put the model in eval mode for validation
 
     def __init__(self, bn_batches: int = 16):
-        if not isinstance(bn_batches, int) or isinstance(bn_batches, bool) or bn_batches < 0:
-            raise ValueError(f"Invalid bn_batches: {bn_batches!r} (must be an int >= 0)")
+        check_int('bn_batches', bn_batches, 0)
         self.bn_batches = bn_batches
 
     def before_fit(self):
