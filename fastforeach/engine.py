@@ -100,9 +100,10 @@ def check_params(params: L) -> None:
                             "state across ranks, shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)")
 
 
-def fastai_steppers(factory: Callable, **options) -> list:
-    "The stepper callbacks of the optimizer fastai's `factory` builds with `options` (lr among them)."
-    return list(factory([torch.zeros(1)], **options).cbs)
+def fastai_steppers(factory: Callable, n_groups: int, **options) -> list:
+    """The stepper callbacks of the optimizer fastai's `factory` builds with `options` (lr among them) for
+    `n_groups` param groups: per-group hypers (lists, slices) are spread over as many groups as they were given for."""
+    return list(factory([[torch.zeros(1)] for _ in range(n_groups)], **options).cbs)
 
 
 def unlike_param(t, p: torch.Tensor):
@@ -176,9 +177,6 @@ class ForEachOptimizer(Optimizer):
                  kahan_dtype: torch.dtype = torch.float32, fastai: Callable | None = None, fastai_options: dict = None,
                  **defaults):
         self.rounding = Rounding(rounding, kahan_dtype)
-        # fastai's own steppers for this optimizer: how 16-bit params are stepped with rounding='nearest'.
-        self.steppers = None if fastai is None else fastai_steppers(fastai, decouple_wd=decouple_wd, **defaults,
-                                                                     **(fastai_options or {}))
         self.fused = opt_step if isinstance(opt_step, FusedStep) else None
         self.fused_plans = Plans()  # what the fused step keeps between steps, for this optimizer only
         self.rule = StepRule.of(opt_step.rule if self.fused else opt_step)
@@ -189,6 +187,9 @@ class ForEachOptimizer(Optimizer):
         if not params: raise ValueError("Invalid params: an empty list (the optimizer has nothing to update)")
         check_params(params)
         super().__init__(params, cbs=[], **defaults)
+        # fastai's own steppers for this optimizer: how 16-bit params are stepped with rounding='nearest'.
+        self.steppers = None if fastai is None else fastai_steppers(
+            fastai, len(self.param_lists), decouple_wd=decouple_wd, **defaults, **(fastai_options or {}))
         # Whether any param is a DTensor (FSDP2): fixed once the optimizer holds its params.
         self.sharded = any(is_sharded(p) for pg in self.param_lists for p in pg)
         # (micro-batch index, number of micro-batches) while optimizer accumulation is on (see accumulation.py)
