@@ -12,7 +12,8 @@ squared gradient gets the mean of the squares, Σ g_i² / n, where gradient accu
 the mean, G²: larger by the variance of the micro-batches' gradients, Σ (g_i − G)² / n. That is the
 approximation (it makes Adam's steps a little smaller where micro-batches disagree).
 
-It is defined for the rules whose move reads only their averages: SGD and RMSProp with momentum, Adam,
+A rule declares how its averages take micro-batches (`rules.declare(accumulation=Accumulation(...))`), or
+why they cannot. It is defined for the rules whose move reads only their averages: SGD and RMSProp with momentum, Adam,
 RAdam, LAMB (and ranger, Lookahead over these). It is refused where the move reads the gradient itself:
 plain SGD and RMSProp without momentum (no average to hold it), QHAdam ((1 − ν₁)·g in its numerator),
 Larc (its local lr divides by the gradient's norm).
@@ -26,7 +27,7 @@ import torch
 
 from .ops import mul_scalar_
 
-__all__ = ['Average', 'Accumulation', 'accumulates', 'refuses_accumulation', 'accumulation_of', 'fold']
+__all__ = ['Average', 'Accumulation', 'fold']
 
 
 @dataclass(frozen=True)
@@ -44,25 +45,6 @@ class Accumulation:
     rule's step of the params from averages already up to date."""
     averages: tuple[Average, ...]
     move: Callable
-
-
-def accumulates(rule: Callable, averages: tuple[Average, ...], move: Callable) -> Callable:
-    "Mark `rule` as one optimizer accumulation is defined for (see the module docstring)."
-    rule.accumulation = Accumulation(averages, move)
-    return rule
-
-
-def refuses_accumulation(rule: Callable, reason: str) -> Callable:
-    "Mark `rule` as one optimizer accumulation is not defined for, and why."
-    rule.no_accumulation = reason
-    return rule
-
-
-def accumulation_of(rule: Callable) -> tuple[Accumulation | None, str]:
-    "The rule's `Accumulation` and '' , or None and why not (looking through `functools.partial`)."
-    fn = getattr(rule, 'func', rule)
-    found = getattr(fn, 'accumulation', None)
-    return found, '' if found else getattr(fn, 'no_accumulation', f"{getattr(fn, '__name__', fn)} does not say how")
 
 
 def fold(accumulation: Accumulation, grads, states: dict, hypers: dict, index: int, n: int) -> None:

@@ -21,14 +21,15 @@ from collections.abc import MutableMapping
 
 import torch
 
+from .core.state import inner_optimizer
+
 __all__ = ['TorchOptimizerView', 'as_torch_optimizer']
 
 SLOW_WEIGHT, LOOKAHEAD_COUNT = 'slow_weight', 'lookahead_count'
 FLAGS = ('do_wd', 'force_train')  # set by fastai's Learner, not by a step
 
 
-def _is_lookahead(opt) -> bool:
-    return hasattr(opt, 'slow_weights') and hasattr(opt, 'count')
+def _is_lookahead(opt) -> bool: return inner_optimizer(opt) is not opt
 
 
 class _Group(MutableMapping):
@@ -56,7 +57,7 @@ class TorchOptimizerView(torch.optim.Optimizer):
     `load_state_dict` speak torch.optim's format with fastai's state keys."""
     def __init__(self, opt):  # torch.optim.Optimizer.__init__ would build param groups of its own
         self.opt, self.defaults = opt, {}
-        self._inner = opt.opt if _is_lookahead(opt) else opt
+        self._inner = inner_optimizer(opt)
 
     def __repr__(self): return f"TorchOptimizerView({type(self.opt).__name__})"
 

@@ -7,27 +7,27 @@ from fastcore.foundation import L
 
 from .distributed import as_like, local
 from .precision import COMP, is_low_precision
-from .engine import ForEachOptimizer, check_int, unlike_param
+from .fastai import ForEachOptimizer
+from .core import inner_optimizer, unlike_param
+from .rules import check_int
 from .ops import device_tensor
-from .fused import (PLAIN, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
+from .fused import (PLAIN, Coefficients, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
                     run_chunks)
 from .optimizers.radam import RAdamForEachOptimizer
 
 __all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update', 'inner_optimizer']
 
 
+SYNC = Coefficients('alpha', decay=False)
+
+
 def lookahead_update(slow, fast, c):
-    "One tensor of the slow-weight sync, in one pass: slow ← slow + α·(fast − slow);  fast ← slow.  c = (α,)"
-    slow.lerp_(fast, c[0])
+    "One tensor of the slow-weight sync, in one pass: slow ← slow + α·(fast − slow);  fast ← slow."
+    slow.lerp_(fast, c[SYNC.alpha])
     fast.copy_(slow)
 
 
 _SYNC = ((lookahead_update, PLAIN),)
-
-
-def inner_optimizer(opt):
-    "The optimizer that holds the per-param state and steps: the one a Lookahead wraps, or `opt` itself."
-    return opt.opt if hasattr(opt, 'slow_weights') else opt
 
 
 def check_lookahead(k, alpha) -> None:
@@ -62,7 +62,7 @@ class Lookahead(_FastaiLookahead):
     def check_accumulation(self) -> None: self.opt.check_accumulation()
 
     def step_params(self, params) -> None:
-        "The inner optimizer's step of only `params`: one bucket of a gradient release (see `release.py`)."
+        "The inner optimizer's step of only `params`: one bucket of a gradient release (see `callbacks/release.py`)."
         self._prepare()
         self.opt.step_params(params)
 

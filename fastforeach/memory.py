@@ -15,7 +15,7 @@ from fastcore.foundation import L
 
 from .distributed import local
 
-__all__ = ['memory_report', 'own_buffers', 'PeakGradBytes']
+__all__ = ['memory_report', 'own_buffers', 'state_bytes', 'PeakGradBytes']
 
 KINDS = ('params', 'grads', 'state', 'fastforeach')
 
@@ -55,20 +55,29 @@ def memory_report(params: Iterable[torch.Tensor], opt=None) -> dict:
         'state': list(_tensors(_state_of(opt))) if opt is not None else [],
         'fastforeach': own_buffers(opt) if opt is not None else [],
     }
-    seen, report = set(), {}
-    for kind in KINDS:
-        total = 0
-        for t in found[kind]:
-            storage = local(t).untyped_storage()
-            key = (storage.data_ptr(), storage.device)
-            if key in seen or storage.nbytes() == 0: continue
-            seen.add(key)
-            total += storage.nbytes()
-        report[kind] = total
+    seen = set()
+    report = {kind: _storage_bytes(found[kind], seen) for kind in KINDS}
     report['total'] = sum(report[k] for k in KINDS)
     n = sum(local(p).numel() for p in params)
     report['per_param'] = {k: report[k] / n for k in (*KINDS, 'total')}
     return report
+
+
+def _storage_bytes(tensors, seen: set) -> int:
+    "Bytes of the storages of `tensors` (this rank's shards of DTensors) not in `seen`, which they join: each counted once."
+    total = 0
+    for t in tensors:
+        storage = local(t).untyped_storage()
+        key = (storage.data_ptr(), storage.device)
+        if key in seen or storage.nbytes() == 0: continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def state_bytes(opt) -> int:
+    "Bytes of the tensors in `opt`'s state dict, each storage once: what the optimizer holds beyond params and gradients."
+    return _storage_bytes(_tensors(opt.state_dict()), set())
 
 
 class PeakGradBytes:

@@ -10,7 +10,7 @@ params' device without making the host wait for the GPU.
 """
 import torch
 
-__all__ = ['mul_scalar_', 'add_scalar_', 'device_tensor']
+__all__ = ['mul_scalar_', 'add_scalar_', 'device_tensor', 'debias']
 
 
 def _scalar(xs, value):
@@ -38,3 +38,8 @@ def device_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Ten
     values = torch.tensor(values, dtype=dtype)
     if device.type == 'cuda': return values.pin_memory().to(device, non_blocking=True)
     return values if device.type == 'cpu' else values.to(device)
+
+
+def debias(mom: float, damp: float, step: int) -> float:
+    "Sum of the weights an exponential average with `mom` and `damp` has given to `step` values."
+    return damp * (1 - mom**step) / (1 - mom)

@@ -13,20 +13,19 @@ import fastai.optimizer as native
 import torch
 
 from .lookahead import Lookahead, RangerForEachOptimizer
-from .precision import check_rounding
-from .optimizers import (AdamForEachOptimizer, AdanForEachOptimizer, LambForEachOptimizer, LarcForEachOptimizer,
-                         LionForEachOptimizer, QHAdamForEachOptimizer, RAdamForEachOptimizer, RMSPropForEachOptimizer,
-                         SGDForEachOptimizer, StableAdamForEachOptimizer)
-from .optimizers.adan import native_adan
-from .optimizers.lion import native_lion
+from .optimizers.adam import AdamForEachOptimizer
+from .optimizers.adan import AdanForEachOptimizer, native_adan
+from .optimizers.lamb import LambForEachOptimizer
+from .optimizers.larc import LarcForEachOptimizer
+from .optimizers.lion import LionForEachOptimizer, native_lion
 from .optimizers.muon import MuonForEachOptimizer, native_muon
-
-
-def every_matrix(p) -> bool:
-    "A Muon route that keeps the head too (the registry's `route` config)."
-    return p.ndim >= 2
+from .optimizers.qhadam import QHAdamForEachOptimizer
+from .optimizers.radam import RAdamForEachOptimizer
+from .optimizers.rmsprop import RMSPropForEachOptimizer
 from .optimizers.schedulefree import ScheduleFreeAdamForEachOptimizer, native_schedule_free_adam
-from .optimizers.stableadam import native_stable_adam
+from .optimizers.sgd import SGDForEachOptimizer
+from .optimizers.stableadam import StableAdamForEachOptimizer, native_stable_adam
+from .precision import check_rounding
 
 __all__ = ['OptimizerSpec', 'REGISTRY', 'make_factory']
 
@@ -57,6 +56,11 @@ class OptimizerSpec:
 
 
 IMPLEMENTATIONS = ('native', 'foreach', 'fused')
+
+
+def every_matrix(p) -> bool:
+    "A Muon route that keeps the head too (the registry's `route` config)."
+    return p.ndim >= 2
 
 
 def _rmsprop_reference(params, lr, eps=1e-8, **options):

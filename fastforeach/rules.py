@@ -1,29 +1,143 @@
-"""What the engine reads off a step rule: its state keys and hypers, from its signature.
+"""A step rule, declared in one place: its state, its hypers with their checks, and what it asks of the core.
 
-A step rule is a function over lists whose signature is its state spec::
+A step rule is a function over lists whose signature names what it takes::
 
+    @declare(accumulation=Accumulation(ADAM_AVERAGES, adam_move))
     def adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps): ...
 
 - positional `p, g`: the params and their gradients;
 - further positional names: per-param state tensors under fastai's own keys, created as zeros on the
-  first step;
-- keyword-only names: hypers read from the param group at every step, plus `step` (fastai's per-param
-  step count, already incremented) and `norms` (a `distributed.WholeNorms`: `norms(*lists)` gives the L2
-  norm of each whole param, also when the rule sees only this rank's shards) when the rule asks for them.
+  first step, shaped like the param unless `declare(state=...)` says otherwise (`StateSpec`: scalars,
+  a matrix's row and column statistics, any shape that is a function of the param's);
+- keyword-only names: hypers read from the param group at every step, plus what the core gives:
+  `step` (fastai's per-param step count, already incremented), `norms` (a `distributed.WholeNorms`:
+  `norms(*lists)` gives the L2 norm of each whole param, also when the rule sees only this rank's shards),
+  `whole` (a `distributed.WholeTensors` of its params), `decay` (each param's decoupled weight decay, for
+  a rule that does its own) and its running scalars (`Scalars`).
 
-A rule may return a dict of per-param values to store in the state (Larc's `local_lr`). A rule may also
-keep per-param running scalars besides `step` (`Scalars`, ScheduleFreeAdam's): the engine advances them
-before each step, stores them in the state, and passes them as keywords.
+A rule may return a dict of per-param values to store in the state (Larc's `local_lr`).
+
+`declare` adds what the signature cannot say: how each state is shaped, the checks of the rule's own
+hypers (beside the shared ones of fastai's vocabulary, `HYPERS`), running scalars, whether the rule steps
+a whole bucket at once, and whether optimizer accumulation is defined for it (see `accumulation.py`).
+`StepRule.of(fn)` reads both, looking through `functools.partial`.
 """
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Callable
 
-__all__ = ['StepRule', 'Scalars', 'keeps_scalars']
+import torch
+
+from .accumulation import Accumulation
+
+__all__ = ['StepRule', 'Scalars', 'StateSpec', 'Check', 'declare', 'declaration', 'check_hyper', 'check_int', 'choice',
+           'count', 'AT_LEAST_ZERO', 'FRACTION', 'CLOSED_FRACTION', 'HYPERS', 'LIKE_PARAM', 'SCALAR', 'ROWS', 'COLUMNS']
 
 
+# --- state -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateSpec:
+    """How a state tensor is made for its param: zeros of `shape(p)` in `dtype` (the param's when None).
+
+    `shape` None means shaped like the param, and laid out like it (memory format, and sharding for
+    DTensor params); only such state can be stepped by the fused forms and sharded under FSDP2. `weight`:
+    the state is a weight, not an average (ScheduleFreeAdam's z), kept in float32 for 16-bit params
+    written back with Kahan summation or stochastic rounding, as their master weights would be."""
+    shape: Callable[[torch.Tensor], tuple] | None = None
+    dtype: torch.dtype | None = None
+    weight: bool = False
+
+    @property
+    def like_param(self) -> bool: return self.shape is None
+
+    def dtype_for(self, p: torch.Tensor, float32_weights: bool = False) -> torch.dtype:
+        "This state's dtype for `p` (`float32_weights`: 16-bit `p` stepped in float32, see `weight`)."
+        if self.weight and float32_weights: return torch.float32
+        return self.dtype or p.dtype
+
+    def shape_for(self, p: torch.Tensor) -> tuple:
+        return tuple(p.shape) if self.shape is None else tuple(self.shape(p))
+
+    def zeros(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        "A new state tensor for `p`, all zeros (a DTensor sharded like `p` for a DTensor `p`, when like the param)."
+        if self.like_param: return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.zeros(self.shape_for(p), dtype=dtype, device=p.device)
+
+    def unlike(self, t, p: torch.Tensor) -> str | None:
+        "None when `t`, saved for `p`, is a tensor of this state's shape for `p`; else what it is instead."
+        if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}"
+        expected = self.shape_for(p)
+        return None if tuple(t.shape) == expected else f"has shape {tuple(t.shape)}, expected {expected}"
+
+
+LIKE_PARAM = StateSpec()
+SCALAR = StateSpec(shape=lambda p: ())
+# A matrix's (or a stack of matrices') statistics over its last dim (one per row) and over its
+# second-to-last (one per column): what a factored second moment keeps (Adafactor's).
+ROWS = StateSpec(shape=lambda p: tuple(p.shape[:-1]))
+COLUMNS = StateSpec(shape=lambda p: (*p.shape[:-2], p.shape[-1]))
+
+
+# --- hypers ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    """What a hyper's value must be: `ok(value)`, said as `expected`. `kind`: 'real' (a finite real number,
+    or a 1-element tensor of one), 'int' (an int, not a bool) or 'choice' (one of a few strings)."""
+    ok: Callable
+    expected: str
+    kind: str = 'real'
+
+    def __call__(self, name: str, value, where: str = '') -> None:
+        "Raise `ValueError` naming `name` and `value` when `value` fails this check."
+        if self.kind == 'choice':
+            if not isinstance(value, str) or not self.ok(value):
+                raise ValueError(f"Invalid {name}{where}: {value!r} (must be one of {self.expected})")
+            return
+        if self.kind == 'int':
+            if not isinstance(value, Integral) or isinstance(value, bool) or not self.ok(value):
+                raise ValueError(f"Invalid {name}{where}: {value!r} (must be an int {self.expected})")
+            return
+        if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
+        if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or not self.ok(value):
+            raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite real number {self.expected})")
+
+
+AT_LEAST_ZERO = Check(lambda v: v >= 0, '>= 0')
+FRACTION = Check(lambda v: 0 <= v < 1, 'in [0, 1)')
+CLOSED_FRACTION = Check(lambda v: 0 <= v <= 1, 'in [0, 1]')
+
+
+def choice(*values: str) -> Check:
+    "A hyper that names one of `values`."
+    return Check(values.__contains__, repr(values), 'choice')
+
+
+def count(low: int, high: int | None = None) -> Check:
+    "A hyper that counts: an int in [low, high) (high None: no bound)."
+    return Check(lambda v: v >= low and (high is None or v < high),
+                 f">= {low}" if high is None else f"in [{low}, {high})", 'int')
+
+
+def check_int(name: str, value, low: int, high: int | None = None, where: str = '') -> None:
+    "Raise `ValueError` naming `name` and `value` when `value` is not an int in [low, high) (high None: no bound)."
+    count(low, high)(name, value, where)
+
+
+# The hypers of fastai's vocabulary that every optimizer shares; a rule declares the checks of its own.
+HYPERS: dict[str, Check] = {'lr': AT_LEAST_ZERO, 'wd': AT_LEAST_ZERO, 'eps': AT_LEAST_ZERO, 'mom': FRACTION,
+                            'sqr_mom': FRACTION}
+
+
+def check_hyper(name: str, value, checks: dict[str, Check] = HYPERS, where: str = '') -> None:
+    "Raise `ValueError` naming `name` and `value` when `checks` has a check for `name` that `value` fails."
+    if name in checks: checks[name](name, value, where)
+
+
+# --- declarations ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scalars:
     """Per-param running scalars of a rule: their `initial` values, and `advance(**current, **kwargs)`, their
@@ -32,29 +146,56 @@ class Scalars:
     advance: Callable
 
 
-def keeps_scalars(rule: Callable, initial: dict, advance: Callable) -> Callable:
-    "Mark `rule` as keeping the per-param running scalars `initial` (see `Scalars`)."
-    rule.scalars = Scalars(initial, advance)
-    return rule
+@dataclass(frozen=True)
+class Declaration:
+    "What `declare` records of a rule (see the module docstring)."
+    state: dict = field(default_factory=dict)
+    hypers: dict = field(default_factory=dict)
+    scalars: Scalars | None = None
+    unchunked: bool = False
+    accumulation: Accumulation | str | None = None
+
+
+def declare(*, state: dict[str, StateSpec] | None = None, hypers: dict[str, Check] | None = None,
+            scalars: Scalars | None = None, unchunked: bool = False,
+            accumulation: Accumulation | str | None = None) -> Callable:
+    """Declare what a rule's signature cannot say (a decorator):
+
+    - `state`: the `StateSpec` of each state key not shaped like its param (or a weight);
+    - `hypers`: the checks of the rule's own hypers, beside the shared `HYPERS`;
+    - `scalars`: its per-param running scalars (`Scalars`);
+    - `unchunked`: it is stepped a whole bucket at a time, not in cache-sized chunks (Muon batches equal
+      shapes across a bucket);
+    - `accumulation`: how optimizer accumulation folds micro-batches into its averages (an `Accumulation`),
+      or why it is not defined for this rule (a sentence)."""
+    def mark(fn: Callable) -> Callable:
+        fn.declared = Declaration(dict(state or {}), dict(hypers or {}), scalars, unchunked, accumulation)
+        return fn
+    return mark
+
+
+def declaration(fn: Callable) -> Declaration:
+    "What `fn` (or the function of a `functools.partial`) declared; an empty declaration when nothing."
+    return getattr(getattr(fn, 'func', fn), 'declared', None) or Declaration()
 
 
 @dataclass(frozen=True)
 class StepRule:
-    "What the engine reads off a step rule's signature: state keys and hypers."
+    "What the core reads off a step rule: its signature and its declaration (see the module docstring)."
     fn: Callable
     state_keys: tuple[str, ...]
     hypers: tuple[str, ...]           # keyword-only names without a default: must be in every group
     optional_hypers: tuple[str, ...]  # keyword-only names with a default: passed when a group has them
-    counts_steps: bool = field(default=False)
-    uses_norms: bool = field(default=False)
-    uses_whole: bool = field(default=False)  # gets `whole`, a `distributed.WholeTensors` of its params
-    decays: bool = field(default=False)  # does its own decoupled weight decay, given `decay`
-    scalars: Scalars | None = field(default=None)
-    # State that is a weight, not an average (ScheduleFreeAdam's z): kept in float32 for 16-bit params
-    # written back with Kahan summation or stochastic rounding, as their master weights would be.
-    float32_state: tuple[str, ...] = field(default=())
-    # Stepped a whole bucket at a time, not in cache-sized chunks: Muon batches equal shapes across a bucket.
-    unchunked: bool = field(default=False)
+    state: dict = field(default_factory=dict)   # state key -> StateSpec, for every key
+    checks: dict = field(default_factory=dict)  # hyper -> Check: the shared ones and the rule's own
+    counts_steps: bool = False
+    uses_norms: bool = False
+    uses_whole: bool = False  # gets `whole`, a `distributed.WholeTensors` of its params
+    decays: bool = False  # does its own decoupled weight decay, given `decay`
+    scalars: Scalars | None = None
+    unchunked: bool = False
+    accumulation: Accumulation | None = None
+    no_accumulation: str = ''  # why optimizer accumulation is not defined for it, when it is not
 
     @classmethod
     def of(cls, fn: Callable) -> 'StepRule':
@@ -62,20 +203,40 @@ class StepRule:
         positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if positional[:2] != ['p', 'g']:
             raise TypeError(f"A step rule's first parameters must be `p, g`; {fn} has {positional[:2]}")
-        keyword = [p for p in params if p.kind == p.KEYWORD_ONLY]
-        scalars = getattr(getattr(fn, 'func', fn), 'scalars', None)
-        given = ('step', 'norms', 'decay', 'whole', *(scalars.initial if scalars else ()))  # by the engine, not read from the param group
-        return cls(fn, state_keys=tuple(positional[2:]),
+        declared, keyword = declaration(fn), [p for p in params if p.kind == p.KEYWORD_ONLY]
+        state_keys = tuple(positional[2:])
+        unknown = set(declared.state) - set(state_keys)
+        if unknown: raise TypeError(f"{fn} declares state {sorted(unknown)} that its signature does not take")
+        names = {p.name for p in keyword}
+        scalars = declared.scalars
+        given = ('step', 'norms', 'decay', 'whole', *(scalars.initial if scalars else ()))  # by the core
+        acc = declared.accumulation
+        name = getattr(getattr(fn, 'func', fn), '__name__', repr(fn))
+        return cls(fn, state_keys=state_keys,
                    hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name not in given),
                    optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty and p.name not in given),
-                   counts_steps=any(p.name == 'step' for p in keyword),
-                   uses_norms=any(p.name == 'norms' for p in keyword),
-                   uses_whole=any(p.name == 'whole' for p in keyword),
-                   decays=any(p.name == 'decay' for p in keyword), scalars=scalars,
-                   float32_state=getattr(getattr(fn, 'func', fn), 'float32_state', ()),
-                   unchunked=getattr(getattr(fn, 'func', fn), 'unchunked', False))
+                   state={k: declared.state.get(k, LIKE_PARAM) for k in state_keys},
+                   checks={**HYPERS, **declared.hypers},
+                   counts_steps='step' in names, uses_norms='norms' in names, uses_whole='whole' in names,
+                   decays='decay' in names, scalars=scalars, unchunked=declared.unchunked,
+                   accumulation=acc if isinstance(acc, Accumulation) else None,
+                   no_accumulation='' if isinstance(acc, Accumulation) else acc or f"{name} does not say how")
+
+    def __reduce__(self):
+        "Pickled as its function (whose declaration holds lambdas): read off it again when unpickled."
+        return StepRule.of, (self.fn,)
 
     @property
     def name(self) -> str:
         fn = self.fn.func if hasattr(self.fn, 'func') else self.fn
         return getattr(fn, '__name__', repr(fn))
+
+    @property
+    def like_params(self) -> bool:
+        "Whether every state of this rule is shaped like its param (what fused forms and FSDP2 shards need)."
+        return all(spec.like_param for spec in self.state.values())
+
+    @property
+    def weight_state(self) -> tuple[str, ...]:
+        "The state keys that are weights (see `StateSpec.weight`)."
+        return tuple(k for k, spec in self.state.items() if spec.weight)

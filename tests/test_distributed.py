@@ -1,5 +1,5 @@
 """DDP, FSDP2 and distributed checkpoints with 2 gloo ranks on CPU, in worlds these tests spawn
-(`fastforeach.worlds.spawn`), each rank one thread.
+(`fastforeach.testing.worlds.spawn`), each rank one thread.
 
 Each rank steps its half of every batch; the reference is one process stepping the whole batch (DDP
 averages the ranks' gradients, FSDP2 reduce-scatters their average), so after 20 steps the params must be
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastforeach.registry import REGISTRY
-from fastforeach.worlds import spawn
+from fastforeach.testing.worlds import spawn
 
 STEPS, BATCH, TOL = 20, 8, 1e-12
 
@@ -244,7 +244,7 @@ def _learner_under_distrib_ctx(rank, world):
     import torch.distributed as dist
     from fastai.distributed import DistributedDL
 
-    from fastforeach.training import digits_learner
+    from fastforeach.testing.training import digits_learner
 
     def broadcast_on_cpu(self, t, rank):
         t = torch.LongTensor(t)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastforeach
-from fastforeach.oracle import oracle_layers
+from fastforeach.testing.oracle import oracle_layers
 from fastforeach.registry import REGISTRY
 
 FACTORIES = {name: getattr(fastforeach, name) for name in REGISTRY if REGISTRY[name].factory}

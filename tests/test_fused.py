@@ -12,9 +12,9 @@ from torch import nn
 import fastforeach
 from fastforeach import fused
 from fastforeach.fused import compile as compiling, compiled as compiled_steps, plans as fused_plans
-from fastforeach.oracle import oracle_layers
+from fastforeach.testing.oracle import oracle_layers
 from fastforeach.registry import REGISTRY
-from fastforeach.training import digits_learner
+from fastforeach.testing.training import digits_learner
 from test_oracle import against_fastai, assert_twins_equal
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fastforeach
-from fastforeach.oracle import Twins, compare_states, oracle_layers
+from fastforeach.testing.oracle import Twins, compare_states, oracle_layers
 from fastforeach.registry import REGISTRY
 from test_oracle import TOLERANCES, against_fastai, assert_twins_equal
 

@@ -16,7 +16,7 @@ steps, the same as foreach).
 import pytest
 import torch
 
-from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.testing.oracle import Twins, oracle_layers
 from fastforeach.registry import REGISTRY
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}

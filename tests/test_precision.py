@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastforeach
-from fastforeach.oracle import Twins, oracle_layers
+from fastforeach.testing.oracle import Twins, oracle_layers
 from fastforeach.precision import COMP
 from fastforeach.registry import REGISTRY
 
@@ -192,7 +192,7 @@ def test_float32_params_are_unaffected():
 # --- fastai's Learner in pure bf16 ------------------------------------------------------------------
 
 def digits_run(opt_func, pure_bf16: bool, train, tmp_path=None, **kwargs):
-    from fastforeach.training import digits_learner
+    from fastforeach.testing.training import digits_learner
     learn = digits_learner(opt_func, n_train=1280, path=tmp_path, **kwargs)
     if pure_bf16: learn.to_pure_bf16()
     with learn.no_logging(), learn.no_bar(): train(learn)
@@ -235,7 +235,7 @@ def test_pure_bf16_learner_is_all_bf16(impl):
 
 def test_switching_to_bf16_keeps_the_rounding_remainder():
     "A float32 model (and its optimizer's state) switched to bf16: p + kahan_comp is the float32 weight."
-    from fastforeach.pure_bf16 import model_to_bf16
+    from fastforeach.callbacks.pure_bf16 import model_to_bf16
     model = nn.Linear(5, 3)
     opt = fastforeach.Adam(model.parameters(), lr=1e-3)
     for p in model.parameters(): p.grad = torch.randn_like(p)

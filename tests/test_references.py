@@ -1,4 +1,4 @@
-"""The optimizers fastai lacks, against their published implementations (see `fastforeach.references`).
+"""The optimizers fastai lacks, against their published implementations (see `fastforeach.testing.references`).
 
 fastforeach's foreach and fused forms, and the fastai-style per-param optimizer that stands in for fastai's
 own in every other test (`REGISTRY[name].native`), each run beside the reference on identical copies of the
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastforeach.oracle import oracle_layers
-from fastforeach.references import REFERENCES, reference_groups
+from fastforeach.testing.oracle import oracle_layers
+from fastforeach.testing.references import REFERENCES, reference_groups
 from fastforeach.registry import REGISTRY
 
 pytest.importorskip('optimi', reason='torch-optimi is a test dependency: pip install -e ".[test]"')
@@ -119,7 +119,7 @@ def test_muon_in_bf16_as_torch_runs_it(impl):
     fastforeach iterates equal shapes together (batched matmuls), torch one matrix at a time: bf16 rounding
     differs, so the updates agree to bf16's precision (one step, relative to each param's move), not to
     float64's."""
-    from fastforeach.references import reference_groups
+    from fastforeach.testing.references import reference_groups
     spec, ref = REGISTRY['Muon'], REFERENCES['Muon']
     groups = oracle_layers(torch.float64)
     ours = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]

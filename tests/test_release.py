@@ -9,7 +9,7 @@ from torch import nn
 import fastforeach
 from fastforeach.memory import PeakGradBytes
 from fastforeach.registry import REGISTRY
-from fastforeach.training import cnn_splitter, digits_cnn, digits_learner
+from fastforeach.testing.training import cnn_splitter, digits_cnn, digits_learner
 
 
 class Float64(Callback):
@@ -35,7 +35,7 @@ def run(name, impl, release: bool, bucket_bytes=2000):
     from fastai.losses import CrossEntropyLossFlat
     from fastai.torch_core import set_seed
 
-    from fastforeach.training import digits_dls
+    from fastforeach.testing.training import digits_dls
     spec = REGISTRY[name]
     set_seed(0, reproducible=True)
     cbs = [Float64()] + ([fastforeach.GradientRelease(bucket_bytes)] if release else [])
@@ -157,7 +157,7 @@ def accumulating_run(opt_func, cbs, epochs=1, lr=1e-2, bs=32, float64=True, n_tr
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
 
-    from fastforeach.training import digits_dls
+    from fastforeach.testing.training import digits_dls
     set_seed(0, reproducible=True)
     model = digits_cnn().double() if float64 else digits_cnn()
     learn = Learner(digits_dls(n_train=n_train, bs=bs), model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func,

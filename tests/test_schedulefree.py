@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastforeach
-from fastforeach.training import digits_learner
+from fastforeach.testing.training import digits_learner
 
 
 def learner(fused=False, cbs=None, **kwargs):

@@ -26,14 +26,15 @@ When compiling fails (no C++ compiler, an unsupported device), the step warns on
 rule instead; the check runs on dummy tensors before a step touches anything, and tries a second way of
 tracing sizes first (`_size_configs`).
 """
+from .coefficients import Coefficients
 from .compile import (CHUNK, DECAY, FLAT, PLAIN, WARMUP_SIZE, chunked, coefficient_dtype, compile_cache_info, compiles,
                       flat_compiles, run_chunks, run_flat)
 from .compiled import CompiledStep
 from .layout import Operands, end_to_end, flat_alias, is_dense
-from .packs import PACK_MAX_NUMEL, Pack, PackStep, pack_max_numel
+from .packs import PACK_MAX_NUMEL, Pack, PackStep, pack_max_numel, packs_as_on
 from .plans import Plans
 from .steps import COMPILED_MIN_NUMEL, Context, EitherStep, FusedStep, KernelStep, split_by_wd
 
-__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
-           'PACK_MAX_NUMEL', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks',
+__all__ = ['Coefficients', 'FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
+           'PACK_MAX_NUMEL', 'packs_as_on', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks',
            'run_flat', 'flat_alias', 'end_to_end', 'compile_cache_info', 'pack_max_numel', 'Context']

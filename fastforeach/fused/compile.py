@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..precision import stochastic_round
+from .coefficients import DECAY_FACTORS
 
 __all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
            'run_chunks', 'run_flat', 'compile_cache_info']
@@ -28,8 +29,9 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
 
     With FLAT, `run(tensors, c)` is `update(*tensors, c)`: whole tensors, not lists.
 
-    With DECAY, the lists are (params, grads, *states) and weight decay comes first: `c[0]` is the
-    decoupled factor (1 − lr·wd, or 1), `c[1]` the L2 factor (wd, or 0), and the update gets `c[2:]`.
+    With DECAY, the lists are (params, grads, *states) and weight decay comes first, from the decay factors
+    at the head of `c` (see `coefficients.py`): the decoupled factor (1 − lr·wd, or 1) and the L2 factor (wd,
+    or 0). Every update gets the whole `c`.
 
     With `rounding` ('kahan' or 'stochastic', for 16-bit params: see `precision.py`), the update works on
     float32 copies of its tensors, the param's with its Kahan buffer (the last list) added, or with a seed
@@ -50,9 +52,9 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
                 tensors = [p.float() + comp.float() if comp is not None else p.float(), *(t.float() for t in tensors[1:])]
             if mode == DECAY:
                 w, g = tensors[0], tensors[1]
-                tensors[1] = g + c[1] * w
-                w.mul_(c[0])
-                out.append(update(*tensors, c[2:]))
+                tensors[1] = g + c[_L2] * w
+                w.mul_(c[_DECAY])
+                out.append(update(*tensors, c))
             else: out.append(update(*tensors, c))
             if rounding is not None and first:
                 for t, t32 in zip(originals[2:], tensors[2:]): t.copy_(t32)
@@ -67,6 +69,7 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
     return run
 
 
+_DECAY, _L2 = range(len(DECAY_FACTORS))  # their places in every coefficient vector
 _GOLDEN = 0x9E3779B9  # seeds of the tensors of one call, far apart
 
 

@@ -10,6 +10,7 @@ import torch
 from ..ops import device_tensor
 from ..precision import COMP, Rounding
 from ..rules import StepRule
+from .coefficients import Coefficients
 from .compile import CHUNK, DECAY, PLAIN, chunked, coefficient_dtype, compiles, flat_compiles, run_chunks
 from .layout import flat_alias
 from .packs import Pack, PackStep, pack_max_numel
@@ -18,9 +19,11 @@ from .steps import PLAIN_CONTEXT, FusedStep, split_by_wd
 __all__ = ['CompiledStep']
 
 class CompiledStep(FusedStep):
-    """A rule done by its compiled per-tensor `update(p, g, *state, c)`, where `c` is the tensor of
-    `coefficients(**hypers)` (the rule's hypers, and `step` when it counts steps). `update` changes `p` and
-    the state in place and returns None, or a tuple of 0-d tensors stored under the state keys `returns`.
+    """A rule done by its compiled per-tensor `update(p, g, *state, c)`, where `c` is the coefficient vector
+    laid out as `layout` says (see `coefficients.py`): the decay factors, then what `coefficients(**hypers)`
+    gives by name (from the rule's hypers, and `step` when it counts steps); updates read it by name,
+    `c[layout.lr]`. `update` changes `p` and the state in place and returns None, or a tuple of 0-d tensors
+    stored under the state keys `returns`.
 
     `choose`, when given, picks the update for this step's hypers among a few (RAdam: with or without
     SAdam's softplus), so that no update pays for a branch it does not take.
@@ -34,8 +37,8 @@ class CompiledStep(FusedStep):
     returns nothing and has no second pass, which must then be elementwise (no reduction over a tensor);
     else by `pack_step`, when given.
 
-    `own_decay`: the update gets the whole `c` and does the weight decay itself (Adan decays after its
-    step): `c[0]` is then the decoupled wd itself (or 0), `c[1]` the L2 factor.
+    `own_decay`: the update does the weight decay itself (Adan decays after its step): `c[layout.decay]` is
+    then the decoupled wd itself (or 0).
 
     `chunk`: tensors per compiled call for the others. An update that reduces each tensor before it
     writes (Larc) takes 1: given several, inductor runs every tensor's reduction before any update, so
@@ -44,10 +47,11 @@ class CompiledStep(FusedStep):
     16-bit params stepped in float32 (see `precision.py`): each compiled call works on float32 working
     values and writes the params (and their Kahan buffers) back in the same pass; packs hold float32
     working values (see `Pack`)."""
-    def __init__(self, rule: Callable, update: Callable, coefficients: Callable, returns: tuple[str, ...] = (),
-                 choose: Callable | None = None, then: Callable | None = None, pack_step: PackStep | None = None,
-                 chunk: int = CHUNK, own_decay: bool = False):
+    def __init__(self, rule: Callable, update: Callable, coefficients: Callable, layout: Coefficients,
+                 returns: tuple[str, ...] = (), choose: Callable | None = None, then: Callable | None = None,
+                 pack_step: PackStep | None = None, chunk: int = CHUNK, own_decay: bool = False):
         super().__init__(rule)
+        self.layout = layout
         self.own_decay = own_decay
         self.update, self.coefficients, self.returns, self.choose, self.then = update, coefficients, returns, choose, then
         self.pack_step, self.chunk = pack_step, chunk
@@ -69,14 +73,14 @@ class CompiledStep(FusedStep):
 
     def ready(self, p, hypers, rounding: Rounding | None = None) -> bool:
         "Whether every phase compiled for params like `p` (written back as `rounding` says, for 16-bit params)."
-        n_coefficients = 2 + len(self.coefficients(**hypers))
+        n_coefficients = len(self.layout)
         if rounding is None:
             return (compiles(self._phases(hypers), p, self._n_lists, n_coefficients, self.chunk) and
                     all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
         # Packs run the same graphs on flat tensors (elementwise updates: in chunks of CHUNK).
         comps = (rounding.kahan_dtype,) if rounding.kahan else ()
-        # Weight-like state of 16-bit params is float32 (ScheduleFreeAdam's z: see `StepRule.float32_state`).
-        states = tuple(torch.float32 if k in self._rule.float32_state else p.dtype for k in self._state_keys)
+        # Weight-like state of 16-bit params is float32 (ScheduleFreeAdam's z: see `StateSpec.weight`).
+        states = tuple(torch.float32 if k in self._rule.weight_state else p.dtype for k in self._state_keys)
         chunks = {self.chunk, CHUNK} if self.packs and self.pack_step is None else {self.chunk}
         return (all(compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, chunk, rounding.mode,
                              (p.dtype, p.dtype, *states, *comps)) for chunk in chunks) and
@@ -87,7 +91,7 @@ class CompiledStep(FusedStep):
     def pack_phases(self): return self.pack_step.phases if self.pack_step else ()
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, context=PLAIN_CONTEXT):
-        phases, rule_c = self._phases(hypers), self.coefficients(**hypers)
+        phases, rule_c = self._phases(hypers), self.layout.values(self.coefficients(**hypers))
         p0, lr = params[0], hypers['lr']
         outs, stored = [None] * len(params), {}
         rounding = context.rounding.mode if context.rounding is not None else None

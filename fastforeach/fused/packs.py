@@ -1,6 +1,8 @@
 """Small params stepped as one flat tensor (`Pack`), and how updates that need norms step one (`PackStep`)."""
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 from typing import Callable, NamedTuple
 
@@ -10,7 +12,7 @@ from ..distributed import LOCAL_NORMS, WholeNorms, root_mean_square
 from .compile import coefficient_dtype
 from .layout import end_to_end, laid_end_to_end
 
-__all__ = ['PACK_MAX_NUMEL', 'pack_max_numel', 'Pack', 'PackStep']
+__all__ = ['PACK_MAX_NUMEL', 'pack_max_numel', 'packs_as_on', 'Pack', 'PackStep']
 
 # Params of at most this many elements, per device type, are stepped as one `Pack` by compiled updates.
 # CPU: a compiled loop per tensor costs 5-7 µs below it (RAdam, 2 threads). CUDA: a kernel launch per tensor
@@ -23,6 +25,15 @@ PACK_MAX_NUMEL = {'cpu': 1 << 13, 'cuda': 1 << 23}
 def pack_max_numel(device: torch.device) -> int:
     "The largest param `device` steps in a `Pack` (other devices: as the CPU)."
     return PACK_MAX_NUMEL.get(device.type, PACK_MAX_NUMEL['cpu'])
+
+
+@contextlib.contextmanager
+def packs_as_on(device_type: str, like: str):
+    "Within the block, `device_type` packs params as `like` does (`PACK_MAX_NUMEL`): the benchmark's 'CUDA packs' on CPU."
+    saved = PACK_MAX_NUMEL[device_type]
+    PACK_MAX_NUMEL[device_type] = PACK_MAX_NUMEL[like]
+    try: yield
+    finally: PACK_MAX_NUMEL[device_type] = saved
 
 
 def _adoptable(params) -> bool:
@@ -171,7 +182,7 @@ class PackStep(NamedTuple):
     the pack cannot do in one elementwise loop: `run(pack, c, l2, norms)` runs its compiled `phases` with
     `run_flat`, and the reductions between them with `Pack.norms(..., whole=norms)`; it returns one tuple of
     values to store per param, as the update would, or None. `l2` says whether `c` carries an L2 factor
-    (`c[1]`, else 0), so that a pass that only adds it can be skipped.
+    (not 0), so that a pass that only adds it can be skipped.
 
     Each phase is `(update, n_spread, writes)`: `update(*flat, *spread, c)` gets tensors of the pack's size
     and dtype (params, then gradients or a `scratch` buffer, then state), then its last `n_spread` tensors

@@ -9,6 +9,7 @@ import torch
 from ..distributed import LOCAL_NORMS, WholeNorms
 from ..ops import mul_scalar_
 from ..precision import Rounding
+from ..rules import StepRule
 
 __all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'Context', 'split_by_wd', 'COMPILED_MIN_NUMEL']
 
@@ -41,6 +42,11 @@ class FusedStep:
     engine runs the foreach rule. A fused step is shared by every optimizer that uses it; what an
     optimizer caches between steps lives in its own `plans`."""
     def __init__(self, rule: Callable):
+        declared = StepRule.of(rule)
+        if not declared.like_params:
+            odd = [k for k, spec in declared.state.items() if not spec.like_param]
+            raise TypeError(f"{declared.name} has no fused form: its state {odd} is not shaped like its param, and "
+                            "fused steps walk each param's state element for element with it")
         self.rule = rule
 
     def ready(self, p: torch.Tensor, hypers: dict, rounding: Rounding | None = None) -> bool: return rounding is None

@@ -3,12 +3,14 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import add_scalar_, device_tensor, mul_scalar_
-from ..accumulation import Average, accumulates
-from ..engine import ForEachOptimizer, debias
-from ..fused import CompiledStep, EitherStep, KernelStep
+from ..accumulation import Accumulation, Average
+from ..fastai import ForEachOptimizer
+from ..ops import debias
+from ..fused import Coefficients, CompiledStep, EitherStep, KernelStep
+from ..rules import declare
 
 __all__ = ['AdamForEachOptimizer', 'adam_step', 'adam_update', 'adam_direction', 'average_grads', 'debiased_rms', 'fused_adam_step',
-           'average_grads_update', 'averaging_coefficients']
+           'average_grads_update', 'averaging_coefficients', 'adam_coefficients', 'AVERAGING', 'ADAM']
 
 
 def average_grads(g, grad_avg, sqr_avg, *, mom, sqr_mom):
@@ -18,16 +20,22 @@ def average_grads(g, grad_avg, sqr_avg, *, mom, sqr_mom):
     torch._foreach_addcmul_(sqr_avg, g, g, 1 - sqr_mom)
 
 
+# What every Adam-style update starts from (`averaging_coefficients`); the family's layouts extend it.
+AVERAGING = Coefficients('mom', 'damp', 'sqr_mom', 'sqr_damp', 'inv_debias1', 'inv_debias2')
+ADAM = AVERAGING.extend('lr', 'eps')
+
+
 def average_grads_update(g, grad_avg, sqr_avg, c):
-    "One tensor of `average_grads`; c starts (mom, 1 − mom, sqr_mom, 1 − sqr_mom), see `averaging_coefficients`."
-    grad_avg.mul_(c[0]).add_(c[1] * g)
-    sqr_avg.mul_(c[2]).add_(c[3] * g * g)
+    "One tensor of `average_grads`, from the `AVERAGING` places of `c`."
+    grad_avg.mul_(c[AVERAGING.mom]).add_(c[AVERAGING.damp] * g)
+    sqr_avg.mul_(c[AVERAGING.sqr_mom]).add_(c[AVERAGING.sqr_damp] * g * g)
 
 
-def averaging_coefficients(mom: float, sqr_mom: float, step: int) -> list[float]:
-    """(mom, 1 − mom, sqr_mom, 1 − sqr_mom, 1 / debias1, 1 / debias2): what every Adam-style update starts
-    from. Reciprocals, computed in float64, so that the compiled loop multiplies instead of dividing."""
-    return [mom, 1 - mom, sqr_mom, 1 - sqr_mom, 1 / debias(mom, 1 - mom, step), 1 / debias(sqr_mom, 1 - sqr_mom, step)]
+def averaging_coefficients(mom: float, sqr_mom: float, step: int) -> dict:
+    """mom, damp = 1 − mom, sqr_mom, sqr_damp = 1 − sqr_mom, 1 / debias1, 1 / debias2 (`AVERAGING`).
+    Reciprocals, computed in float64, so that the compiled loop multiplies instead of dividing."""
+    return dict(mom=mom, damp=1 - mom, sqr_mom=sqr_mom, sqr_damp=1 - sqr_mom, inv_debias1=1 / debias(mom, 1 - mom, step),
+                inv_debias2=1 / debias(sqr_mom, 1 - sqr_mom, step))
 
 
 def debiased_rms(sqr_avg, *, step, sqr_mom, eps):
@@ -52,7 +60,7 @@ def adam_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
 
 # The averages of the Adam family, as optimizer accumulation folds micro-batches into them.
 ADAM_AVERAGES = (Average('grad_avg', 'mom'), Average('sqr_avg', 'sqr_mom', power=2))
-accumulates(adam_step, ADAM_AVERAGES, adam_move)
+declare(accumulation=Accumulation(ADAM_AVERAGES, adam_move))(adam_step)
 
 
 def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):
@@ -65,22 +73,22 @@ def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):
 
 def adam_update(p, g, grad_avg, sqr_avg, c):
     """One tensor of `adam_step` (compiled: for 16-bit params stepped in float32, which PyTorch's kernels do not
-    do); c = averaging coefficients (see `averaging_coefficients`), then lr, eps."""
+    do), laid out as `ADAM`."""
     average_grads_update(g, grad_avg, sqr_avg, c)
-    p.sub_(c[6] * (grad_avg * c[4]) / ((sqr_avg * c[5]).sqrt() + c[7]))
+    p.sub_(c[ADAM.lr] * (grad_avg * c[ADAM.inv_debias1]) / ((sqr_avg * c[ADAM.inv_debias2]).sqrt() + c[ADAM.eps]))
 
 
 def adam_direction(grad_avg, sqr_avg, c):
-    """Adam's debiased direction in a two-pass compiled update (LAMB, StableAdam), whose whole c is (decay,
-    l2, averaging coefficients, lr, eps, ...): (grad_avg / debias1) / (√(sqr_avg / debias2) + eps)."""
-    return (grad_avg * c[6]) / ((sqr_avg * c[7]).sqrt() + c[9])
+    """Adam's debiased direction, (grad_avg / debias1) / (√(sqr_avg / debias2) + eps), from a `c` laid out as
+    `ADAM` or a layout that extends it (LAMB's, StableAdam's)."""
+    return (grad_avg * c[ADAM.inv_debias1]) / ((sqr_avg * c[ADAM.inv_debias2]).sqrt() + c[ADAM.eps])
 
 
-def _coefficients(*, step, lr, mom, sqr_mom, eps): return [*averaging_coefficients(mom, sqr_mom, step), lr, eps]
+def adam_coefficients(*, step, lr, mom, sqr_mom, eps): return {**averaging_coefficients(mom, sqr_mom, step), 'lr': lr, 'eps': eps}
 
 
 fused_adam_step = EitherStep(KernelStep(adam_step, _torch_fused_adam, decoupled_in_kernel=True),
-                             CompiledStep(adam_step, adam_update, _coefficients))
+                             CompiledStep(adam_step, adam_update, adam_coefficients, ADAM))
 
 
 class AdamForEachOptimizer(ForEachOptimizer):

@@ -5,10 +5,11 @@ from functools import partial
 import torch
 from fastai.optimizer import Optimizer, l2_reg, step_stat
 
-from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer, debias
-from ..fused import CompiledStep
+from ..fastai import ForEachOptimizer
+from ..ops import debias
+from ..fused import Coefficients, CompiledStep
 from ..ops import mul_scalar_
+from ..rules import FRACTION, declare
 from .adam import debiased_rms
 
 __all__ = ['AdanForEachOptimizer', 'adan_step', 'fused_adan_step', 'adan_stepper', 'native_adan']
@@ -35,31 +36,38 @@ def adan_step(p, g, grad_avg, diff_avg, sqr_avg, prev_grad, *, step, lr, beta1, 
     if decay is not None and any(decay): torch._foreach_div_(p, [1 + lr * wd for wd in decay])
 
 
-refuses_accumulation(adan_step, "Adan's averages take the difference between consecutive gradients, which "
-                                "optimizer accumulation does not keep")
+declare(hypers={'beta1': FRACTION, 'beta2': FRACTION, 'beta3': FRACTION},
+        accumulation="Adan's averages take the difference between consecutive gradients, which optimizer "
+                     "accumulation does not keep")(adan_step)
+
+
+# damp: 1 − beta; after_first: 0 on the first step and 1 after. Its own decay: `decay` is the decoupled wd.
+ADAN = Coefficients('lr', 'damp1', 'damp2', 'beta2', 'beta3', 'damp3', 'inv_debias1', 'inv_debias2', 'inv_debias3',
+                    'eps', 'after_first')
 
 
 def adan_update(p, g, grad_avg, diff_avg, sqr_avg, prev_grad, c):
-    """One tensor of `adan_step`; c = (decoupled wd or 0, L2 factor wd or 0, then lr, 1 − beta1,
-    1 − beta2, beta2, beta3, 1 − beta3, 1 / debias1, 1 / debias2, 1 / debias3, eps, 0 on the first step
-    and 1 after). It does its own weight decay: L2 into the gradient, or the proximal decay after the step."""
-    g = g + c[1] * p
-    decay, c = 1 + c[2] * c[0], c[2:]
-    diff = (g - prev_grad) * c[10]
-    grad_avg.add_(c[1] * (g - grad_avg))
-    diff_avg.add_(c[2] * (diff - diff_avg))
-    mixed = g + c[3] * diff
-    sqr_avg.mul_(c[4]).add_(c[5] * mixed * mixed)
+    """One tensor of `adan_step`. It does its own weight decay: L2 into the gradient, or the proximal decay
+    after the step."""
+    g = g + c[ADAN.l2] * p
+    decay = 1 + c[ADAN.lr] * c[ADAN.decay]
+    diff = (g - prev_grad) * c[ADAN.after_first]
+    grad_avg.add_(c[ADAN.damp1] * (g - grad_avg))
+    diff_avg.add_(c[ADAN.damp2] * (diff - diff_avg))
+    mixed = g + c[ADAN.beta2] * diff
+    sqr_avg.mul_(c[ADAN.beta3]).add_(c[ADAN.damp3] * mixed * mixed)
     prev_grad.copy_(g)
-    p.sub_(c[0] * (grad_avg * c[6] + c[3] * c[7] * diff_avg) / ((sqr_avg * c[8]).sqrt() + c[9])).div_(decay)
+    p.sub_(c[ADAN.lr] * (grad_avg * c[ADAN.inv_debias1] + c[ADAN.beta2] * c[ADAN.inv_debias2] * diff_avg)
+           / ((sqr_avg * c[ADAN.inv_debias3]).sqrt() + c[ADAN.eps])).div_(decay)
 
 
 def _coefficients(*, step, lr, beta1, beta2, beta3, eps):
-    return [lr, 1 - beta1, 1 - beta2, beta2, beta3, 1 - beta3, 1 / debias(beta1, 1 - beta1, step),
-            1 / debias(beta2, 1 - beta2, step), 1 / debias(beta3, 1 - beta3, step), eps, float(step > 1)]
+    return dict(lr=lr, damp1=1 - beta1, damp2=1 - beta2, beta2=beta2, beta3=beta3, damp3=1 - beta3,
+                inv_debias1=1 / debias(beta1, 1 - beta1, step), inv_debias2=1 / debias(beta2, 1 - beta2, step),
+                inv_debias3=1 / debias(beta3, 1 - beta3, step), eps=eps, after_first=float(step > 1))
 
 
-fused_adan_step = CompiledStep(adan_step, adan_update, _coefficients, own_decay=True)
+fused_adan_step = CompiledStep(adan_step, adan_update, _coefficients, ADAN, own_decay=True)
 
 
 def adan_stepper(p, lr, beta1, beta2, beta3, eps, step, grad_avg=None, diff_avg=None, sqr_avg=None, prev_grad=None,

@@ -2,10 +2,12 @@
 import fastai.optimizer as native
 import torch
 
-from ..engine import ForEachOptimizer, debias
+from ..fastai import ForEachOptimizer
+from ..ops import debias
 from ..fused import CompiledStep, PackStep, run_flat
-from ..accumulation import accumulates
-from .adam import (ADAM_AVERAGES, adam_direction, average_grads, average_grads_update, averaging_coefficients,
+from ..accumulation import Accumulation
+from ..rules import declare
+from .adam import (ADAM, ADAM_AVERAGES, adam_coefficients, adam_direction, average_grads, average_grads_update,
                    debiased_rms)
 
 __all__ = ['LambForEachOptimizer', 'lamb_step', 'fused_lamb_step', 'trust_ratio']
@@ -25,7 +27,7 @@ def lamb_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, norms):
     torch._foreach_addcmul_(p, update, (-lr * trust_ratio(*norms(p, update))).unbind())
 
 
-accumulates(lamb_step, ADAM_AVERAGES, lamb_move)
+declare(accumulation=Accumulation(ADAM_AVERAGES, lamb_move))(lamb_step)
 
 
 def trust_ratio(r1, r2):
@@ -35,18 +37,18 @@ def trust_ratio(r1, r2):
 
 def lamb_norms(p, g, grad_avg, sqr_avg, c):
     """First pass of one tensor of `lamb_step`: L2 into the gradient, the averages, then rms of the decayed
-    param (|decay|·rms(p), p itself is decayed in the second pass) and of the update.
-    c = (decay, l2, averaging coefficients, lr, eps)."""
-    g = g + c[1] * p
-    average_grads_update(g, grad_avg, sqr_avg, c[2:])
+    param (|decay|·rms(p), p itself is decayed in the second pass) and of the update. c is laid out as `ADAM`."""
+    g = g + c[ADAM.l2] * p
+    average_grads_update(g, grad_avg, sqr_avg, c)
     # One 1-d tensor, not two 0-d ones: dynamo would read 0-d inputs of the next pass as Python floats and
     # recompile whenever one turns NaN.
-    return (torch.stack((c[0].abs() * p.pow(2).mean().sqrt(), adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt())),)
+    return (torch.stack((c[ADAM.decay].abs() * p.pow(2).mean().sqrt(),
+                         adam_direction(grad_avg, sqr_avg, c).pow(2).mean().sqrt())),)
 
 
 def lamb_apply(p, grad_avg, sqr_avg, norms, c):
     "Second pass: p ← decay·p − lr·q·update, with the trust ratio q from the first pass's norms."
-    p.mul_(c[0]).sub_(c[8] * trust_ratio(norms[0], norms[1]) * adam_direction(grad_avg, sqr_avg, c))
+    p.mul_(c[ADAM.decay]).sub_(c[ADAM.lr] * trust_ratio(norms[0], norms[1]) * adam_direction(grad_avg, sqr_avg, c))
 
 
 # A pack's params (see `fused.Pack`): the averages and every update, the norms of every param at once,
@@ -54,13 +56,13 @@ def lamb_apply(p, grad_avg, sqr_avg, norms, c):
 
 def lamb_direction(p, g, grad_avg, sqr_avg, out, c):
     "First pass over a pack: L2 into the gradient, the averages, then the update written to `out`."
-    average_grads_update(g + c[1] * p, grad_avg, sqr_avg, c[2:])
+    average_grads_update(g + c[ADAM.l2] * p, grad_avg, sqr_avg, c)
     out.copy_(adam_direction(grad_avg, sqr_avg, c))
 
 
 def lamb_scale(p, update, trust, c):
     "Second pass over a pack: p ← decay·p − lr·q·update, with q its param's trust ratio, given per element."
-    p.mul_(c[0]).sub_(c[8] * trust * update)
+    p.mul_(c[ADAM.decay]).sub_(c[ADAM.lr] * trust * update)
 
 
 def _step_pack(pack, c, l2, norms, rounding=None):
@@ -69,16 +71,12 @@ def _step_pack(pack, c, l2, norms, rounding=None):
     update, comps = pack.scratch(), [pack.flat_comp] if pack.flat_comp is not None else []
     run_flat(lamb_direction, [pack.flat_p, pack.flat_g, *pack.flat_states, update, *comps], c, rounding, writes=False)
     p_norm, u_norm = pack.norms(pack.flat_p, update, whole=norms)
-    trust = trust_ratio(c[0].abs() * p_norm, u_norm)  # rms(p) / rms(u) = ‖p‖ / ‖u‖
+    trust = trust_ratio(c[ADAM.decay].abs() * p_norm, u_norm)  # rms(p) / rms(u) = ‖p‖ / ‖u‖
     run_flat(lamb_scale, [pack.flat_p, update, pack.spread(trust), *comps], c, rounding, writes=True)
 
 
-def _coefficients(*, step, lr, mom, sqr_mom, eps):
-    return [*averaging_coefficients(mom, sqr_mom, step), lr, eps]
-
-
 # Two compiled passes: the update's norm must be complete before any param moves.
-fused_lamb_step = CompiledStep(lamb_step, lamb_norms, _coefficients, then=lamb_apply,
+fused_lamb_step = CompiledStep(lamb_step, lamb_norms, adam_coefficients, ADAM, then=lamb_apply,
                                pack_step=PackStep(_step_pack, ((lamb_direction, 0, False), (lamb_scale, 1, True))))
 
 

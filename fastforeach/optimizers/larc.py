@@ -5,9 +5,9 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_
-from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer
-from ..fused import CompiledStep, PackStep, run_flat
+from ..fastai import ForEachOptimizer
+from ..fused import Coefficients, CompiledStep, PackStep, run_flat
+from ..rules import AT_LEAST_ZERO, declare
 
 __all__ = ['LarcForEachOptimizer', 'larc_step', 'momentum_larc_step', 'layer_lrs', 'fused_larc_step']
 
@@ -42,13 +42,18 @@ def momentum_larc_step(p, g, grad_avg, *, lr, mom, trust_coeff, wd, eps, norms, 
 
 
 for _rule in (larc_step, momentum_larc_step):
-    refuses_accumulation(_rule, "Larc's local lr divides by the norm of the gradient itself")
+    declare(hypers={'trust_coeff': AT_LEAST_ZERO},
+            accumulation="Larc's local lr divides by the norm of the gradient itself")(_rule)
+
+
+# lr_trust: lr·trust_coeff; wd: the rule's own (in its local lr), beside the decay factors; clip: 1 or 0.
+LARC = Coefficients('lr', 'lr_trust', 'wd', 'eps', 'clip', 'mom')
 
 
 def _layer_lr(p_norm, g_norm, c):
-    "`layer_lrs` from the norms (of one tensor, or 1-d of several); c = (lr, lr·trust_coeff, wd, eps, clip (1 or 0), mom)."
-    local_lr = c[1] * p_norm / (g_norm + p_norm * c[2] + c[3])
-    return torch.where(c[4] > 0, torch.minimum(local_lr, c[0]), local_lr)
+    "`layer_lrs` from the norms (of one tensor, or 1-d of several)."
+    local_lr = c[LARC.lr_trust] * p_norm / (g_norm + p_norm * c[LARC.wd] + c[LARC.eps])
+    return torch.where(c[LARC.clip] > 0, torch.minimum(local_lr, c[LARC.lr]), local_lr)
 
 
 def larc_update(p, g, c):
@@ -60,30 +65,30 @@ def larc_update(p, g, c):
 
 def momentum_larc_update(p, g, grad_avg, c):
     "One tensor of `momentum_larc_step`; returns its `local_lr`."
-    grad_avg.mul_(c[5]).add_(g)
+    grad_avg.mul_(c[LARC.mom]).add_(g)
     local_lr = _layer_lr(p.norm(), g.norm(), c)
     p.sub_(local_lr * grad_avg)
     return (local_lr,)
 
 
 # A pack's params (see `fused.Pack`): L2 when there is any, norms of every param at once, then each
-# element moved by its param's local_lr. Here `c` starts with the decay factors, the rule's coefficients
-# follow. Decoupled decay is done with the move: ‖decay·p‖ is |decay|·‖p‖, so it needs no pass of its own.
+# element moved by its param's local_lr. Decoupled decay is done with the move: ‖decay·p‖ is |decay|·‖p‖,
+# so it needs no pass of its own.
 
 def l2_update(p, g, out, c):
     "out ← g + wd·p: L2 as a phase of its own, as the gradients' norms need it (the gradients are the params' own)."
-    out.copy_(g + c[1] * p)
+    out.copy_(g + c[LARC.l2] * p)
 
 
 def larc_apply(p, g, local_lr, c):
     "p ← decay·p − local_lr·g, with its param's local_lr given per element."
-    p.mul_(c[0]).sub_(local_lr * g)
+    p.mul_(c[LARC.decay]).sub_(local_lr * g)
 
 
 def momentum_larc_apply(p, g, grad_avg, local_lr, c):
     "grad_avg ← mom·grad_avg + g;  p ← decay·p − local_lr·grad_avg, with its param's local_lr given per element."
-    grad_avg.mul_(c[7]).add_(g)
-    p.mul_(c[0]).sub_(local_lr * grad_avg)
+    grad_avg.mul_(c[LARC.mom]).add_(g)
+    p.mul_(c[LARC.decay]).sub_(local_lr * grad_avg)
 
 
 def _step_pack(pack, c, l2, norms, rounding, apply):
@@ -92,13 +97,13 @@ def _step_pack(pack, c, l2, norms, rounding, apply):
         g = pack.scratch()
         run_flat(l2_update, [pack.flat_p, pack.flat_g, g, *comps], c, rounding, writes=False)
     p_norm, g_norm = pack.norms(pack.flat_p, g, whole=norms)
-    local_lr = _layer_lr(c[0].abs() * p_norm, g_norm, c[2:])
+    local_lr = _layer_lr(c[LARC.decay].abs() * p_norm, g_norm, c)
     run_flat(apply, [pack.flat_p, g, *pack.flat_states, pack.spread(local_lr), *comps], c, rounding, writes=True)
     return [(lr,) for lr in pack.per_param('local_lr', local_lr)]
 
 
 def _coefficients(*, lr, trust_coeff, wd, eps, mom=0., clip):
-    return [lr, lr * trust_coeff, wd, eps, clip, mom]
+    return dict(lr=lr, lr_trust=lr * trust_coeff, wd=wd, eps=eps, clip=clip, mom=mom)
 
 
 def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
@@ -106,7 +111,7 @@ def fused_larc_step(mom: float, clip: bool) -> CompiledStep:
     rule, update, apply = ((larc_step, larc_update, larc_apply) if mom == 0 else
                            (momentum_larc_step, momentum_larc_update, momentum_larc_apply))
     pack_step = PackStep(partial(_step_pack, apply=apply), ((l2_update, 0, False), (apply, 1, True)))
-    return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), returns=('local_lr',),
+    return CompiledStep(partial(rule, clip=clip), update, partial(_coefficients, clip=clip), LARC, returns=('local_lr',),
                         pack_step=pack_step, chunk=1)
 
 

@@ -3,9 +3,9 @@ momentum as the update, one state tensor."""
 import torch
 from fastai.optimizer import Optimizer, l2_reg, weight_decay
 
-from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer
-from ..fused import CompiledStep
+from ..fastai import ForEachOptimizer
+from ..fused import Coefficients, CompiledStep
+from ..rules import FRACTION, declare
 
 __all__ = ['LionForEachOptimizer', 'lion_step', 'fused_lion_step', 'lion_stepper', 'native_lion']
 
@@ -18,20 +18,24 @@ def lion_step(p, g, grad_avg, *, lr, beta1, beta2):
     torch._foreach_lerp_(grad_avg, g, 1 - beta2)
 
 
-refuses_accumulation(lion_step, "Lion's update is the sign of a mix of its average and the gradient itself, "
-                                "which optimizer accumulation does not keep")
+declare(hypers={'beta1': FRACTION, 'beta2': FRACTION},
+        accumulation="Lion's update is the sign of a mix of its average and the gradient itself, which optimizer "
+                     "accumulation does not keep")(lion_step)
+
+
+LION = Coefficients('lr', 'damp1', 'damp2')  # damp: 1 − beta
 
 
 def lion_update(p, g, grad_avg, c):
-    "One tensor of `lion_step`; c = (lr, 1 − beta1, 1 − beta2)."
-    p.sub_(c[0] * (grad_avg + c[1] * (g - grad_avg)).sign())
-    grad_avg.add_(c[2] * (g - grad_avg))
+    "One tensor of `lion_step`."
+    p.sub_(c[LION.lr] * (grad_avg + c[LION.damp1] * (g - grad_avg)).sign())
+    grad_avg.add_(c[LION.damp2] * (g - grad_avg))
 
 
-def _coefficients(*, lr, beta1, beta2): return [lr, 1 - beta1, 1 - beta2]
+def _coefficients(*, lr, beta1, beta2): return {'lr': lr, 'damp1': 1 - beta1, 'damp2': 1 - beta2}
 
 
-fused_lion_step = CompiledStep(lion_step, lion_update, _coefficients)
+fused_lion_step = CompiledStep(lion_step, lion_update, _coefficients, LION)
 
 
 def lion_stepper(p, lr, beta1, beta2, grad_avg=None, **kwargs):

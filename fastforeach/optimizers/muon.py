@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, l2_reg, step_stat, weight_decay
 
-from ..accumulation import refuses_accumulation
-from ..engine import HYPER_CHOICES, HYPER_INTS, ForEachOptimizer
-from ..fused import coefficient_dtype, flat_compiles, run_flat
-from ..rules import StepRule
+from ..fastai import ForEachOptimizer
+from ..fused import Coefficients, coefficient_dtype, flat_compiles, run_flat
+from ..core import Route
+from ..rules import StepRule, choice, count, declare
 from .adam import adam_step, fused_adam_step
 
 __all__ = ['MuonForEachOptimizer', 'muon_step', 'fused_muon_step', 'orthogonalize', 'orthogonalize_one', 'uses_gram',
@@ -32,8 +32,6 @@ FUSED_FROM = 1 << 16  # elements of a matrix from which the fused step's passes 
 SYMMETRIC_FROM = 512  # rows of a symmetric product from which its lower-left block is mirrored
 NS_METHODS = ('gram', 'standard')
 ADJUSTMENTS = ('match_rms_adamw', 'original', 'none')
-HYPER_CHOICES.update(ns_method=NS_METHODS, adjust_lr=ADJUSTMENTS)  # checked when set, as every hyper
-HYPER_INTS.update(ns_steps=(1, 100))
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -167,21 +165,25 @@ def orthogonalize(ms: list[torch.Tensor], steps: int, dtype: torch.dtype | None,
     return out
 
 
+# The fused step's passes (whole matrices, flat): the average (damp: 1 − mom), then the decay with the move.
+AVERAGE, MOVE = Coefficients('damp', 'mom', decay=False), Coefficients('factor', 'alpha', decay=False)
+
+
 def _nesterov_update(g, grad_avg, out, c):
-    "The fused step's first pass: grad_avg ← grad_avg + c[0]·(g − grad_avg), out ← g + c[1]·(grad_avg − g)."
-    grad_avg.add_(c[0] * (g - grad_avg))
-    out.copy_(g + c[1] * (grad_avg - g))
+    "The fused step's first pass: grad_avg ← grad_avg + (1 − mom)·(g − grad_avg), out ← g + mom·(grad_avg − g)."
+    grad_avg.add_(c[AVERAGE.damp] * (g - grad_avg))
+    out.copy_(g + c[AVERAGE.mom] * (grad_avg - g))
 
 
 def _momentum_update(g, grad_avg, out, c):
-    "The fused step's first pass without Nesterov: grad_avg ← grad_avg + c[0]·(g − grad_avg), out ← grad_avg."
-    grad_avg.add_(c[0] * (g - grad_avg))
+    "The fused step's first pass without Nesterov: grad_avg ← grad_avg + (1 − mom)·(g − grad_avg), out ← grad_avg."
+    grad_avg.add_(c[AVERAGE.damp] * (g - grad_avg))
     out.copy_(grad_avg)
 
 
 def _apply_update(p, o, c):
-    "One matrix of the fused step's last pass: p ← c[0]·p + c[1]·o (decoupled decay and the move)."
-    p.mul_(c[0]).add_(c[1] * o)
+    "One matrix of the fused step's last pass: p ← factor·p + alpha·o (decoupled decay and the move)."
+    p.mul_(c[MOVE.factor]).add_(c[MOVE.alpha] * o)
 
 
 def _fusable(*tensors) -> bool:
@@ -222,7 +224,8 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, ns_metho
     updates = torch._foreach_lerp(eager_g, eager_avg, mom) if nesterov and eager else eager_avg
     if sharded: updates = whole.gather(updates)  # every param is eager then
     matrices = dict(zip(eager, map(as_matrix, updates)))
-    c = torch.tensor([1 - mom, mom], dtype=coefficient_dtype(g[0].dtype), device=g[0].device) if passes else None
+    c = torch.tensor(AVERAGE.values({'damp': 1 - mom, 'mom': mom}), dtype=coefficient_dtype(g[0].dtype),
+                     device=g[0].device) if passes else None
     def fill(i, out):
         if fused[i]: run_flat(first, [g[i].view(-1), grad_avg[i].view(-1), out.view(-1)], c)
         else: out.copy_(matrices[i])
@@ -233,15 +236,16 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, ns_metho
     if decay is not None and eager: torch._foreach_mul_([p[i] for i in eager], [factors[i] for i in eager])
     for pi, o, m, f, fuse in zip(p, ortho, shapes, factors, fused):
         alpha = -adjusted_lr(lr, m.shape, adjust_lr)  # the whole matrix's shape
-        if fuse: run_flat(_apply_update, [pi.view(-1), o.view(-1)], c.new_tensor([f, alpha]))
+        if fuse: run_flat(_apply_update, [pi.view(-1), o.view(-1)], c.new_tensor(MOVE.values({'factor': f, 'alpha': alpha})))
         elif pi.is_contiguous(): pi.view(o.shape).add_(o, alpha=alpha)  # as a matrix
         else: pi.add_(o.reshape(pi.shape), alpha=alpha)
 
 
-muon_step.unchunked = True  # its batches of equal shapes span the whole bucket
+# Unchunked: its batches of equal shapes span the whole bucket.
+declare(hypers={'ns_method': choice(*NS_METHODS), 'adjust_lr': choice(*ADJUSTMENTS), 'ns_steps': count(1, 100)},
+        unchunked=True, accumulation="Muon orthogonalises its Nesterov mix of momentum and gradient, and optimizer "
+                                     "accumulation keeps no gradient")(muon_step)
 fused_muon_step = partial(muon_step, compiled=True)
-refuses_accumulation(muon_step, "Muon orthogonalises its Nesterov mix of momentum and gradient, and optimizer "
-                                "accumulation keeps no gradient")
 
 
 class DefaultRoute:
@@ -312,34 +316,20 @@ class MuonForEachOptimizer(ForEachOptimizer):
                          wd=wd, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, ns_method=ns_method,
                          adjust_lr=adjust_lr)
         self.route = route or default_route([list(pg) for pg in self.param_lists])
-        self.routes = {True: (StepRule.of(fused_muon_step) if fused else self.rule, None),
-                       False: (StepRule.of(adam_step), fused_adam_step if fused else None)}
-        self._active = None
-
-    @property
-    def fused_steps(self) -> list:
-        "The AdamW route's fused kernel, with `fused=True` (the Muon route is batched matmuls either way)."
-        return [fused for _, fused in self.routes.values() if fused is not None]
+        # Muon's rule for the matrices the route picks, AdamW's (PyTorch's fused kernel with `fused=True`) for the rest.
+        self.core.routes = [Route(StepRule.of(fused_muon_step) if fused else self.core.rule, None, self.takes_muon),
+                            Route.of(fused_adam_step if fused else adam_step, self.takes_adamw)]
 
     def takes_muon(self, p, state: dict | None = None) -> bool:
         "Whether `p` takes Muon steps: its state's `muon` flag when set, else the route."
         state = state if state is not None else self.state[p] if p in self.state else {}
         return bool(state.get('muon', self.route(p)))
 
-    def _takes(self, p) -> bool:
-        # The route is written in the state the first time a param steps: copies and checkpoints keep it.
-        if 'muon' not in self.state[p]: self.state[p]['muon'] = self.route(p)
-        return self._active is None or self.takes_muon(p) == self._active
-
-    def _rule_of(self, p, state: dict) -> StepRule: return self.routes[self.takes_muon(p, state)][0]
-
-    def _run_fastai(self, bucket, hyper: dict):
-        "fastai-style steppers (16-bit params rounded to nearest), told the bucket's route."
-        super()._run_fastai(bucket, {**hyper, 'muon': self._active})
+    def takes_adamw(self, p, state: dict) -> bool: return not self.takes_muon(p, state)
 
     def _step_all(self, only=None):
-        "The params of each route gathered and stepped in turn, by the route's rule."
-        for muon, (rule, fused) in self.routes.items():
-            self._active, self.rule, self.fused = muon, rule, fused
-            try: super()._step_all(only)
-            finally: self._active, (self.rule, self.fused) = None, self.routes[True]
+        "The route written in the state of each param the first time it steps: copies and checkpoints keep it."
+        for pg in self.param_lists:
+            for p in pg:
+                if p.grad is not None and 'muon' not in self.state[p]: self.state[p]['muon'] = self.route(p)
+        super()._step_all(only)

@@ -3,10 +3,11 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import add_scalar_
-from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer, debias
+from ..fastai import ForEachOptimizer
+from ..ops import debias
 from ..fused import CompiledStep
-from .adam import average_grads, average_grads_update, averaging_coefficients
+from ..rules import CLOSED_FRACTION, declare
+from .adam import AVERAGING, average_grads, average_grads_update, averaging_coefficients
 
 __all__ = ['QHAdamForEachOptimizer', 'qhadam_step', 'fused_qhadam_step']
 
@@ -23,24 +24,29 @@ def qhadam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, nu_1, nu_2, 
     torch._foreach_addcdiv_(p, numer, denom, -lr)
 
 
-refuses_accumulation(qhadam_step, "QHAdam's step mixes the gradient itself, (1 − nu_1)·g, into its numerator")
+declare(hypers={'nu_1': CLOSED_FRACTION, 'nu_2': CLOSED_FRACTION},
+        accumulation="QHAdam's step mixes the gradient itself, (1 − nu_1)·g, into its numerator")(qhadam_step)
+
+
+# nu_1_debiased: ν₁ / debias1, g_share: 1 − ν₁, nu_2_debiased: ν₂ / debias2, g2_share: 1 − ν₂.
+QHADAM = AVERAGING.extend('lr', 'nu_1_debiased', 'g_share', 'nu_2_debiased', 'g2_share', 'eps')
 
 
 def qhadam_update(p, g, grad_avg, sqr_avg, c):
-    """One tensor of `qhadam_step`; c = averaging coefficients, then lr, ν₁ / debias1, 1 − ν₁, ν₂ / debias2,
-    1 − ν₂, eps."""
+    "One tensor of `qhadam_step`."
     average_grads_update(g, grad_avg, sqr_avg, c)
-    numer = c[8] * g + c[7] * grad_avg
-    denom = (c[10] * g * g + c[9] * sqr_avg).sqrt() + c[11]
-    p.sub_(c[6] * numer / denom)
+    numer = c[QHADAM.g_share] * g + c[QHADAM.nu_1_debiased] * grad_avg
+    denom = (c[QHADAM.g2_share] * g * g + c[QHADAM.nu_2_debiased] * sqr_avg).sqrt() + c[QHADAM.eps]
+    p.sub_(c[QHADAM.lr] * numer / denom)
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, nu_1, nu_2, eps):
-    *averaging, inv_debias1, inv_debias2 = averaging_coefficients(mom, sqr_mom, step)
-    return [*averaging, inv_debias1, inv_debias2, lr, nu_1 * inv_debias1, 1 - nu_1, nu_2 * inv_debias2, 1 - nu_2, eps]
+    averaging = averaging_coefficients(mom, sqr_mom, step)
+    return {**averaging, 'lr': lr, 'nu_1_debiased': nu_1 * averaging['inv_debias1'], 'g_share': 1 - nu_1,
+            'nu_2_debiased': nu_2 * averaging['inv_debias2'], 'g2_share': 1 - nu_2, 'eps': eps}
 
 
-fused_qhadam_step = CompiledStep(qhadam_step, qhadam_update, _coefficients)
+fused_qhadam_step = CompiledStep(qhadam_step, qhadam_update, _coefficients, QHADAM)
 
 
 class QHAdamForEachOptimizer(ForEachOptimizer):

@@ -5,10 +5,12 @@ import fastai.optimizer as native
 import torch
 import torch.nn.functional as F
 
-from ..engine import ForEachOptimizer, debias
+from ..fastai import ForEachOptimizer
+from ..ops import debias
 from ..fused import CompiledStep
-from ..accumulation import accumulates
-from .adam import ADAM_AVERAGES, average_grads, average_grads_update, averaging_coefficients, debiased_rms
+from ..accumulation import Accumulation
+from ..rules import AT_LEAST_ZERO, declare
+from .adam import ADAM_AVERAGES, AVERAGING, average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
 __all__ = ['RAdamForEachOptimizer', 'radam_step', 'rectification', 'fused_radam_step']
 
@@ -40,7 +42,7 @@ def radam_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, beta):
     torch._foreach_addcdiv_(p, grad_avg, denom, -lr * v / debias1)
 
 
-accumulates(radam_step, ADAM_AVERAGES, radam_move)
+declare(hypers={'beta': AT_LEAST_ZERO}, accumulation=Accumulation(ADAM_AVERAGES, radam_move))(radam_step)
 
 
 def softplus(x, beta, threshold=20.):
@@ -48,15 +50,18 @@ def softplus(x, beta, threshold=20.):
     return torch.where(x * beta > threshold, x, torch.log1p(torch.exp(x * beta)) / beta)
 
 
+# step_size: lr·v / debias1, or lr / debias1 before rectification starts; rectified: 1 or 0.
+RADAM = AVERAGING.extend('step_size', 'eps', 'rectified', 'beta')
+
+
 def _rectified_update(p, grad_avg, sqr_avg, c, smooth):
-    denom = (sqr_avg * c[5]).sqrt() + c[7]
-    if smooth: denom = softplus(denom, c[9])
-    p.sub_(c[6] * torch.where(c[8] > 0, grad_avg / denom, grad_avg))
+    denom = (sqr_avg * c[RADAM.inv_debias2]).sqrt() + c[RADAM.eps]
+    if smooth: denom = softplus(denom, c[RADAM.beta])
+    p.sub_(c[RADAM.step_size] * torch.where(c[RADAM.rectified] > 0, grad_avg / denom, grad_avg))
 
 
 def radam_update(p, g, grad_avg, sqr_avg, c):
-    """One tensor of `radam_step` with beta = 0; c = averaging coefficients, then step size (lr·v / debias1,
-    or lr / debias1 before rectification starts), eps, rectified (1 or 0), beta."""
+    "One tensor of `radam_step` with beta = 0."
     average_grads_update(g, grad_avg, sqr_avg, c)
     _rectified_update(p, grad_avg, sqr_avg, c, smooth=False)
 
@@ -68,9 +73,9 @@ def sadam_update(p, g, grad_avg, sqr_avg, c):
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps, beta):
-    *averaging, inv_debias1, inv_debias2 = averaging_coefficients(mom, sqr_mom, step)
-    v = rectification(sqr_mom, step)
-    return [*averaging, inv_debias1, inv_debias2, lr * (1 if v is None else v) * inv_debias1, eps, v is not None, beta]
+    averaging, v = averaging_coefficients(mom, sqr_mom, step), rectification(sqr_mom, step)
+    return {**averaging, 'step_size': lr * (1 if v is None else v) * averaging['inv_debias1'], 'eps': eps,
+            'rectified': v is not None, 'beta': beta}
 
 
 def _choose_update(hypers):
@@ -78,7 +83,7 @@ def _choose_update(hypers):
     return sadam_update if hypers['beta'] else radam_update
 
 
-fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients, choose=_choose_update)
+fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients, RADAM, choose=_choose_update)
 
 
 class RAdamForEachOptimizer(ForEachOptimizer):

@@ -3,9 +3,10 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_, add_scalar_
-from ..accumulation import Average, accumulates, refuses_accumulation
-from ..engine import ForEachOptimizer
-from ..fused import CompiledStep
+from ..accumulation import Accumulation, Average
+from ..fastai import ForEachOptimizer
+from ..fused import Coefficients, CompiledStep
+from ..rules import declare
 
 __all__ = ['RMSPropForEachOptimizer', 'rmsprop_step', 'momentum_rmsprop_step', 'fused_rmsprop_step',
            'fused_momentum_rmsprop_step']
@@ -38,33 +39,36 @@ def momentum_rmsprop_move(p, grad_avg, sqr_avg, *, lr, eps, **_):
     torch._foreach_addcdiv_(p, grad_avg, denom, -lr)
 
 
-accumulates(momentum_rmsprop_step, (Average('grad_avg', 'mom', dampened=False), Average('sqr_avg', 'sqr_mom', power=2)),
-            momentum_rmsprop_move)
-refuses_accumulation(rmsprop_step, "RMSProp without momentum moves the params by the gradient itself, which "
-                                   "optimizer accumulation does not keep (use momentum)")
+declare(accumulation=Accumulation((Average('grad_avg', 'mom', dampened=False), Average('sqr_avg', 'sqr_mom', power=2)),
+                                   momentum_rmsprop_move))(momentum_rmsprop_step)
+declare(accumulation="RMSProp without momentum moves the params by the gradient itself, which optimizer "
+                     "accumulation does not keep (use momentum)")(rmsprop_step)
+
+
+RMSPROP = Coefficients('lr', 'sqr_mom', 'sqr_damp', 'eps', 'mom')  # sqr_damp: 1 − sqr_mom
 
 
 def _scaled_by_rms_update(p, direction, sqr_avg, g, c):
-    sqr_avg.mul_(c[1]).add_(c[2] * g * g)
-    p.sub_(c[0] * direction / (sqr_avg.sqrt() + c[3]))
+    sqr_avg.mul_(c[RMSPROP.sqr_mom]).add_(c[RMSPROP.sqr_damp] * g * g)
+    p.sub_(c[RMSPROP.lr] * direction / (sqr_avg.sqrt() + c[RMSPROP.eps]))
 
 
 def rmsprop_update(p, g, sqr_avg, c):
-    "One tensor of `rmsprop_step`; c = (lr, sqr_mom, 1 − sqr_mom, eps, mom)."
+    "One tensor of `rmsprop_step`."
     _scaled_by_rms_update(p, g, sqr_avg, g, c)
 
 
 def momentum_rmsprop_update(p, g, grad_avg, sqr_avg, c):
-    "One tensor of `momentum_rmsprop_step`; c as in `rmsprop_update`."
-    grad_avg.mul_(c[4]).add_(g)
+    "One tensor of `momentum_rmsprop_step`."
+    grad_avg.mul_(c[RMSPROP.mom]).add_(g)
     _scaled_by_rms_update(p, grad_avg, sqr_avg, g, c)
 
 
-def _coefficients(*, lr, sqr_mom, eps, mom=0.): return [lr, sqr_mom, 1 - sqr_mom, eps, mom]
+def _coefficients(*, lr, sqr_mom, eps, mom=0.): return dict(lr=lr, sqr_mom=sqr_mom, sqr_damp=1 - sqr_mom, eps=eps, mom=mom)
 
 
-fused_rmsprop_step = CompiledStep(rmsprop_step, rmsprop_update, _coefficients)
-fused_momentum_rmsprop_step = CompiledStep(momentum_rmsprop_step, momentum_rmsprop_update, _coefficients)
+fused_rmsprop_step = CompiledStep(rmsprop_step, rmsprop_update, _coefficients, RMSPROP)
+fused_momentum_rmsprop_step = CompiledStep(momentum_rmsprop_step, momentum_rmsprop_update, _coefficients, RMSPROP)
 
 
 class RMSPropForEachOptimizer(ForEachOptimizer):

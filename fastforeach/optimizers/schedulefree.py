@@ -9,20 +9,18 @@ with u = g / (√(v / debias2) + eps) + wd·y and w_t = t^r · max lr^weight_lr_
 `ScheduleFree` callback does around validation).
 """
 import torch
-from fastai.callback.core import Callback
 from fastai.optimizer import Optimizer, l2_reg, step_stat
-from torch import nn
 
-from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer, check_int, debias
-from ..fused import CompiledStep
+from ..fastai import ForEachOptimizer
+from ..ops import debias
+from ..fused import Coefficients, CompiledStep
 from ..ops import mul_scalar_
 from ..precision import COMP
-from ..rules import keeps_scalars
+from ..rules import AT_LEAST_ZERO, FRACTION, Scalars, StateSpec, declare
 from .adam import debiased_rms
 
 __all__ = ['ScheduleFreeAdamForEachOptimizer', 'schedule_free_adam_step', 'fused_schedule_free_adam_step',
-           'native_schedule_free_adam', 'ScheduleFreeModes', 'ScheduleFree']
+           'native_schedule_free_adam', 'ScheduleFreeModes']
 
 
 def advance_schedule(*, step, lr, warmup_steps, r, weight_lr_power, weight_sum, lr_max, **_) -> dict:
@@ -58,33 +56,38 @@ def schedule_free_adam_step(p, g, z, sqr_avg, *, step, lr, beta1, sqr_mom, eps, 
     torch._foreach_add_(z, u, alpha=-lr_t)
 
 
-keeps_scalars(schedule_free_adam_step, {'weight_sum': 0., 'lr_max': -1.}, advance_schedule)
 # z is a weight, where 16-bit rounding would lose small steps as a 16-bit param does: float32 for 16-bit params.
-schedule_free_adam_step.float32_state = ('z',)
-refuses_accumulation(schedule_free_adam_step, "Schedule-free steps move the params by the normalised gradient "
-                                              "itself, which optimizer accumulation does not keep")
+declare(state={'z': StateSpec(weight=True)},
+        hypers={'beta1': FRACTION, 'warmup_steps': AT_LEAST_ZERO, 'r': AT_LEAST_ZERO, 'weight_lr_power': AT_LEAST_ZERO},
+        scalars=Scalars({'weight_sum': 0., 'lr_max': -1.}, advance_schedule),
+        accumulation="Schedule-free steps move the params by the normalised gradient itself, which optimizer "
+                     "accumulation does not keep")(schedule_free_adam_step)
+
+
+# lr_t and mix (c): see `schedule`; sqr_damp: 1 − sqr_mom; after_first: 0 on the first step and 1 after.
+SCHEDULE_FREE = Coefficients('lr_t', 'mix', 'beta1', 'sqr_mom', 'sqr_damp', 'inv_debias2', 'eps', 'after_first')
 
 
 def schedule_free_adam_update(p, g, z, sqr_avg, c):
-    """One tensor of `schedule_free_adam_step`, doing its own weight decay: c = (decoupled wd or 0, L2
-    factor, lr_t, c, beta1, sqr_mom, 1 − sqr_mom, 1 / debias2, eps, 0 on the first step and 1 after)."""
-    wd, g = c[0], g + c[1] * p
-    c = c[2:]
-    z.copy_(z * c[7] + p * (1 - c[7]))
-    sqr_avg.mul_(c[3]).add_(c[4] * g * g)
-    u = g / ((sqr_avg * c[5]).sqrt() + c[6]) + wd * p
-    p.add_(c[1] * (z - p) + c[0] * (c[2] * (1 - c[1]) - 1) * u)
-    z.sub_(c[0] * u)
+    "One tensor of `schedule_free_adam_step`, doing its own weight decay (`decay` is the decoupled wd)."
+    S = SCHEDULE_FREE
+    wd, g = c[S.decay], g + c[S.l2] * p
+    z.copy_(z * c[S.after_first] + p * (1 - c[S.after_first]))
+    sqr_avg.mul_(c[S.sqr_mom]).add_(c[S.sqr_damp] * g * g)
+    u = g / ((sqr_avg * c[S.inv_debias2]).sqrt() + c[S.eps]) + wd * p
+    p.add_(c[S.mix] * (z - p) + c[S.lr_t] * (c[S.beta1] * (1 - c[S.mix]) - 1) * u)
+    z.sub_(c[S.lr_t] * u)
 
 
 def _coefficients(*, step, lr, beta1, sqr_mom, eps, warmup_steps, r, weight_lr_power, weight_sum, lr_max):
     lr_t, c = schedule(step=step, lr=lr, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                        weight_sum=weight_sum, lr_max=lr_max)
-    return [lr_t, c, beta1, sqr_mom, 1 - sqr_mom, 1 / debias(sqr_mom, 1 - sqr_mom, step), eps, float(step > 1)]
+    return dict(lr_t=lr_t, mix=c, beta1=beta1, sqr_mom=sqr_mom, sqr_damp=1 - sqr_mom,
+                inv_debias2=1 / debias(sqr_mom, 1 - sqr_mom, step), eps=eps, after_first=float(step > 1))
 
 
 fused_schedule_free_adam_step = CompiledStep(schedule_free_adam_step, schedule_free_adam_update, _coefficients,
-                                             own_decay=True)
+                                             SCHEDULE_FREE, own_decay=True)
 
 
 def schedule_free_adam_stepper(p, lr, beta1, sqr_mom, eps, warmup_steps, r, weight_lr_power, step, z=None,
@@ -176,44 +179,3 @@ class ScheduleFreeAdamForEachOptimizer(ScheduleFreeModes, ForEachOptimizer):
         "As `ForEachOptimizer`'s, and in train mode: before every step (gradient release's buckets too)."
         super().check_hypers()
         self.check_train_mode()
-
-
-class ScheduleFree(Callback):
-    """The Learner side of schedule-free optimizers: train mode (params at y) for training, eval mode (params
-    at x) for validation and after fit, so that `validate`, `predict`, `get_preds`, `save` and `export` see
-    the averaged weights. Before each validation, BatchNorm running statistics are recomputed at x, as the
-    authors advise, from `bn_batches` training batches (0: keep those gathered at y)."""
-    order = 1  # after TrainEvalCallback has put the model in eval mode for validation
-
-    def __init__(self, bn_batches: int = 16):
-        check_int('bn_batches', bn_batches, 0)
-        self.bn_batches = bn_batches
-
-    def before_fit(self):
-        from ..lookahead import inner_optimizer
-        inner = inner_optimizer(self.opt)
-        if not isinstance(inner, ScheduleFreeModes):
-            raise ValueError(f"ScheduleFree needs a schedule-free optimizer (opt_func=ScheduleFreeAdam), "
-                             f"not {type(inner).__name__}")
-
-    def before_train(self): self.opt.train()
-
-    def before_validate(self):
-        self.opt.eval()
-        if self.bn_batches: self._recompute_batch_norm()
-
-    def after_fit(self): self.opt.eval()
-    def after_cancel_fit(self): self.opt.eval()
-
-    @torch.no_grad()
-    def _recompute_batch_norm(self):
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not norms: return
-        momenta = [m.momentum for m in norms]
-        for m in norms: m.reset_running_stats(); m.momentum = None  # a plain average over the batches below
-        self.model.train()
-        for i, (xb, *_) in enumerate(self.dls.train):
-            if i == self.bn_batches: break
-            self.model(xb)
-        self.model.eval()
-        for m, momentum in zip(norms, momenta): m.momentum = momentum

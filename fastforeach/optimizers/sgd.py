@@ -3,9 +3,10 @@ import fastai.optimizer as native
 import torch
 
 from ..ops import mul_scalar_
-from ..accumulation import Average, accumulates, refuses_accumulation
-from ..engine import ForEachOptimizer
-from ..fused import CompiledStep, EitherStep, KernelStep
+from ..accumulation import Accumulation, Average
+from ..fastai import ForEachOptimizer
+from ..fused import Coefficients, CompiledStep, EitherStep, KernelStep
+from ..rules import declare
 
 __all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step', 'fused_sgd_step', 'fused_momentum_sgd_step']
 
@@ -27,9 +28,9 @@ def momentum_sgd_move(p, grad_avg, *, lr, **_):
     torch._foreach_add_(p, grad_avg, alpha=-lr)
 
 
-accumulates(momentum_sgd_step, (Average('grad_avg', 'mom', dampened=False),), momentum_sgd_move)
-refuses_accumulation(sgd_step, "plain SGD keeps no average to fold gradients into (use momentum, or fastai's "
-                               "GradientAccumulation)")
+declare(accumulation=Accumulation((Average('grad_avg', 'mom', dampened=False),), momentum_sgd_move))(momentum_sgd_step)
+declare(accumulation="plain SGD keeps no average to fold gradients into (use momentum, or fastai's "
+                     "GradientAccumulation)")(sgd_step)
 
 
 def _torch_fused_sgd(p, g, states, hypers, *, wd, decouple_wd):
@@ -39,18 +40,21 @@ def _torch_fused_sgd(p, g, states, hypers, *, wd, decouple_wd):
                       is_first_step=False)
 
 
+SGD = Coefficients('lr', 'mom')
+
+
 def sgd_update(p, g, c):
-    "One tensor of `sgd_step`; c = (lr, mom)."
-    p.sub_(c[0] * g)
+    "One tensor of `sgd_step`."
+    p.sub_(c[SGD.lr] * g)
 
 
 def momentum_sgd_update(p, g, grad_avg, c):
     "One tensor of `momentum_sgd_step`."
-    grad_avg.mul_(c[1]).add_(g)
-    p.sub_(c[0] * grad_avg)
+    grad_avg.mul_(c[SGD.mom]).add_(g)
+    p.sub_(c[SGD.lr] * grad_avg)
 
 
-def _coefficients(*, lr, mom=0.): return [lr, mom]
+def _coefficients(*, lr, mom=0.): return {'lr': lr, 'mom': mom}
 
 
 def _has_momentum(p, hypers): return hypers['mom'] != 0
@@ -59,10 +63,10 @@ def _has_momentum(p, hypers): return hypers['mom'] != 0
 # PyTorch's kernel has L2 but not decoupled weight decay: with decoupled decay to do, the compiled update
 # does it in the same pass. The kernel leaves the buffer alone at momentum 0, where fastai's sets it to
 # the gradient: then the compiled update steps.
-fused_sgd_step = EitherStep(KernelStep(sgd_step, _torch_fused_sgd), CompiledStep(sgd_step, sgd_update, _coefficients))
+fused_sgd_step = EitherStep(KernelStep(sgd_step, _torch_fused_sgd), CompiledStep(sgd_step, sgd_update, _coefficients, SGD))
 fused_momentum_sgd_step = EitherStep(
     KernelStep(momentum_sgd_step, _torch_fused_sgd, ready=_has_momentum),
-    CompiledStep(momentum_sgd_step, momentum_sgd_update, _coefficients))
+    CompiledStep(momentum_sgd_step, momentum_sgd_update, _coefficients, SGD))
 
 
 class SGDForEachOptimizer(ForEachOptimizer):

@@ -6,10 +6,11 @@ from functools import partial
 import torch
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, l2_reg, step_stat
 
-from ..accumulation import refuses_accumulation
-from ..engine import ForEachOptimizer, debias
+from ..fastai import ForEachOptimizer
+from ..ops import debias
 from ..fused import CompiledStep, PackStep, run_flat
-from .adam import adam_direction, average_grads, average_grads_update, averaging_coefficients, debiased_rms
+from ..rules import declare
+from .adam import ADAM, adam_coefficients, adam_direction, average_grads, average_grads_update, debiased_rms
 
 __all__ = ['StableAdamForEachOptimizer', 'stable_adam_step', 'fused_stable_adam_step', 'stable_adam_stepper',
            'native_stable_adam']
@@ -32,18 +33,19 @@ def stable_adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, no
     torch._foreach_addcmul_(p, update, (-lr / debias(mom, 1 - mom, step) * scale).unbind())
 
 
-refuses_accumulation(stable_adam_step, "StableAdam clips each step by the RMS of the gradient itself over its "
-                                       "average of squares, and optimizer accumulation keeps no gradient")
+declare(accumulation="StableAdam clips each step by the RMS of the gradient itself over its average of squares, "
+                     "and optimizer accumulation keeps no gradient")(stable_adam_step)
 
 
-# Compiled: c = (decay, l2, averaging coefficients, lr, eps, eps²), both passes get all of it. The decay
-# factor c[0] is 1 − lr·wd (or 1): the step's own decay is 1 − (1 − c[0])·s.
+# Compiled: both passes get all of c. The decay factor is 1 − lr·wd (or 1): the step's own decay is
+# 1 − (1 − decay)·s.
+STABLE_ADAM = ADAM.extend('eps_sqr')
 
 def _clip_ratio(p, g, grad_avg, sqr_avg, c):
     "L2 into the gradient, Adam's averages, then g / √max(v̂, eps²): what the clipping RMS is taken over."
-    g = g + c[1] * p
-    average_grads_update(g, grad_avg, sqr_avg, c[2:])
-    return g / (sqr_avg * c[7]).clamp_min(c[10]).sqrt()
+    g = g + c[STABLE_ADAM.l2] * p
+    average_grads_update(g, grad_avg, sqr_avg, c)
+    return g / (sqr_avg * c[STABLE_ADAM.inv_debias2]).clamp_min(c[STABLE_ADAM.eps_sqr]).sqrt()
 
 
 def stable_adam_rms(p, g, grad_avg, sqr_avg, c):
@@ -65,7 +67,7 @@ def stable_adam_ratio(p, g, grad_avg, sqr_avg, out, c):
 
 def stable_adam_scale(p, grad_avg, sqr_avg, scale, c):
     "Second pass (over a pack, with each param's s given per element): the decay and the step, scaled by s."
-    p.mul_(1 - (1 - c[0]) * scale).sub_(c[8] * scale * adam_direction(grad_avg, sqr_avg, c))
+    p.mul_(1 - (1 - c[STABLE_ADAM.decay]) * scale).sub_(c[STABLE_ADAM.lr] * scale * adam_direction(grad_avg, sqr_avg, c))
 
 
 def _step_pack(pack, c, l2, norms, rounding=None):
@@ -76,12 +78,12 @@ def _step_pack(pack, c, l2, norms, rounding=None):
 
 
 def _coefficients(*, step, lr, mom, sqr_mom, eps):
-    return [*averaging_coefficients(mom, sqr_mom, step), lr, eps, eps * eps]
+    return {**adam_coefficients(step=step, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps), 'eps_sqr': eps * eps}
 
 
 # Two compiled passes: the RMS over a whole tensor must be complete before any of it moves.
 fused_stable_adam_step = CompiledStep(
-    stable_adam_step, stable_adam_rms, _coefficients, then=stable_adam_apply,
+    stable_adam_step, stable_adam_rms, _coefficients, STABLE_ADAM, then=stable_adam_apply,
     pack_step=PackStep(_step_pack, ((stable_adam_ratio, 0, False), (stable_adam_scale, 1, True))))
 
 

@@ -15,8 +15,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastcore.basics import patch
 
-from .lookahead import inner_optimizer
-from .precision import COMP
+from ..core import inner_optimizer
+from ..precision import COMP
 
 __all__ = ['PureBF16', 'to_pure_bf16', 'model_to_bf16']
 

@@ -15,8 +15,9 @@ import time
 
 from fastai.callback.core import Callback, CancelStepException
 
-from .engine import check_int
-from .lookahead import inner_optimizer
+from ..rules import check_int
+from ..core import inner_optimizer
+from ..fastai import ForEachOptimizer
 
 __all__ = ['GradientRelease', 'OptimizerAccumulation']
 
@@ -26,7 +27,6 @@ def check_releasable(learn) -> None:
     from fastai.callback.fp16 import AMPMode, MixedPrecision
     from fastai.callback.training import GradientAccumulation, GradientClip
 
-    from .engine import ForEachOptimizer
     opt = learn.opt
     if not isinstance(inner_optimizer(opt), ForEachOptimizer):
         raise ValueError(f"GradientRelease needs a fastforeach optimizer, not {type(inner_optimizer(opt)).__name__}: it steps "
@@ -130,7 +130,6 @@ class OptimizerAccumulation(Callback):
     def before_fit(self):
         from fastai.callback.training import GradientAccumulation
 
-        from .engine import ForEachOptimizer
         inner = inner_optimizer(self.opt)
         if not isinstance(inner, ForEachOptimizer):
             raise ValueError(f"OptimizerAccumulation needs a fastforeach optimizer, not {type(inner).__name__}")

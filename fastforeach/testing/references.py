@@ -68,7 +68,7 @@ def _torch_muon(groups, lr, foreach, mom=0.95, sqr_mom=0.95, eps=1e-8, wd=0.1, d
     only), torch.optim.AdamW for the others; Newton-Schulz in bf16 as torch does, or in `ns_dtype` (float64
     for the tests' exact comparison: torch's cast to bf16 taken out). Torch iterates on X whatever
     `ns_method` says: the Gram iteration is the same polynomial in XXᵀ, equal in float64."""
-    from .optimizers.muon import default_route
+    from ..optimizers.muon import default_route
     route = route or default_route([[p for g in groups if g['fastai_group'] == i for p in g['params']]
                                     for i in range(max(g['fastai_group'] for g in groups) + 1)])
     muon, adamw = [], []

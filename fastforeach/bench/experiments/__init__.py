@@ -1,0 +1,1 @@
+"""The benchmark's experiments beyond step times, one module each."""

@@ -1,0 +1,58 @@
+"""The first fused step, which compiles, timed in fresh processes: cold and warm compile cache."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from ...core import inner_optimizer
+from ...registry import REGISTRY
+
+__all__ = ['compiled_optimizers', 'compile_times', 'format_compile_times']
+
+_FIRST_STEPS = """
+import time, torch
+torch.set_num_threads({threads})
+from fastforeach.bench import BENCH, MODELS, params_like
+from fastforeach.registry import REGISTRY
+params = params_like(MODELS[{model!r}](), {device!r})
+for p in params: p.grad = torch.randn_like(p) * 1e-3
+opt = REGISTRY[{name!r}].make('fused', params, **BENCH[{name!r}].options)
+times = []
+for _ in range(2):
+    start = time.perf_counter(); opt.step(); times.append(time.perf_counter() - start)
+print(*times)
+"""
+
+def compiled_optimizers(names) -> list[str]:
+    "Those of `names` whose fused step is compiled (the others use kernels PyTorch ships)."
+    from ...fused import CompiledStep
+    opts = {name: REGISTRY[name].make('fused', [nn.Parameter(torch.zeros(2))]) for name in names}
+    return [name for name, opt in opts.items() if isinstance(inner_optimizer(opt).fused, CompiledStep)]
+
+def compile_times(names, model='xresnet50', threads=2, device='cpu') -> list[dict]:
+    """Seconds of the first fused step, which compiles, in a fresh process: cold (an empty inductor cache,
+    as on a new machine) and warm (a new process finding what the cold one cached on disk); and the
+    second step, compiled, for scale. Within one process the compiled graphs are reused by every model."""
+    import os
+    import subprocess
+    import tempfile
+    rows = []
+    for name in compiled_optimizers(names):
+        row = {'optimizer': name, 'model': model}
+        with tempfile.TemporaryDirectory() as cache:
+            for kind in ('cold', 'warm'):
+                code = _FIRST_STEPS.format(threads=threads, model=model, device=device, name=name)
+                out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                                     env={**os.environ, 'TORCHINDUCTOR_CACHE_DIR': cache})
+                first, second = map(float, out.stdout.split()[-2:])
+                row[f'{kind}_s'], row['step_ms'] = first, second * 1e3
+        rows.append(row)
+    return rows
+
+def format_compile_times(rows: list[dict]) -> str:
+    head = f"{'optimizer':<16} {'model':<10} {'cold first step':>16} {'warm first step':>16} {'then ms/step':>13}"
+    return '\n'.join([head, '-' * len(head)] + [
+        f"{r['optimizer']:<16} {r['model']:<10} {r['cold_s']:>15.1f}s {r['warm_s']:>15.1f}s {r['step_ms']:>13.1f}"
+        for r in rows])

@@ -1,0 +1,195 @@
+"""The core every fastforeach optimizer steps with: no fastai, no torch.optim, only params, gradients, state
+and hypers.
+
+`Core.step(groups, state)` takes the param groups as `(hypers, params)` pairs and the per-param state as a
+mapping from param to dict: a face (the fastai `Optimizer` in `fastai.py`) passes its own containers. Each
+step gathers, once, every param that has a gradient with its gradient and state, splits each group into
+buckets (see `buckets.py`), and steps each bucket on one of the paths of `paths.py`, with the rule of
+the route that takes its params (one route for most optimizers; Muon has two).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..distributed import is_sharded, wrap_like
+from ..fused import FusedStep, Plans
+from ..precision import COMP, Rounding, is_low_precision
+from ..rules import StepRule, check_hyper
+from . import paths
+from .buckets import Bucket, buckets
+from .state import check_param_state, load_param_state
+
+__all__ = ['Core', 'Route']
+
+
+@dataclass
+class Route:
+    """The params a rule steps: those for which `takes(p, state)` is true (all, when None), with the rule's
+    fused form (None: the foreach rule)."""
+    rule: StepRule
+    fused: FusedStep | None = None
+    takes: Callable | None = None
+
+    @classmethod
+    def of(cls, opt_step: Callable, takes: Callable | None = None) -> 'Route':
+        "The route of a step rule, or of a `FusedStep` (whose rule it reads)."
+        fused = opt_step if isinstance(opt_step, FusedStep) else None
+        return cls(StepRule.of(fused.rule if fused else opt_step), fused, takes)
+
+
+class Core:
+    """Steps param groups with the rules of its `routes`, weight decay first (decoupled, `p ← p·(1 − lr·wd)`,
+    or L2, `g ← g + wd·p`, on the params whose state does not say `do_wd=False`), 16-bit params as
+    `rounding` says (see `precision.py`).
+
+    `steppers`: fastai-style per-param steppers of the same optimizer, for 16-bit params with
+    `rounding='nearest'` (bit for bit as fastai); `accumulation`: (micro-batch index, number of micro-batches)
+    while optimizer accumulation is on. `plans` is what fused steps keep between steps."""
+    def __init__(self, opt_step: Callable, decouple_wd: bool = True, rounding: str = 'kahan',
+                 kahan_dtype: torch.dtype = torch.float32,
+                 steppers: list | None = None):
+        self.rounding = Rounding(rounding, kahan_dtype)
+        self.routes = [Route.of(opt_step)]
+        self.decouple_wd, self.steppers, self.accumulation = decouple_wd, steppers, None
+        self.plans, self.sharded = Plans(), False
+
+    @property
+    def rule(self) -> StepRule: return self.routes[0].rule
+
+    @property
+    def checks(self) -> dict:
+        "The checks of every hyper the routes' rules read."
+        return {k: v for route in self.routes for k, v in route.rule.checks.items()}
+
+    @property
+    def fused_steps(self) -> list:
+        "The fused steps this core runs (none unless built with one)."
+        return [route.fused for route in self.routes if route.fused is not None]
+
+    def hold(self, params) -> None:
+        "Take note of the params this core will step: whether any is a DTensor (FSDP2), which its rules must allow."
+        self.sharded = any(is_sharded(p) for p in params)
+        for route in self.routes:
+            if self.sharded and not route.rule.like_params:
+                odd = [k for k, spec in route.rule.state.items() if not spec.like_param]
+                raise ValueError(f"Invalid params: DTensors (FSDP2) for {route.rule.name}, whose state {odd} is not "
+                                 "shaped like its param (only state shaped like its param is sharded with it)")
+
+    # --- hypers ------------------------------------------------------------------------------------
+    def check_hypers(self, hypers: list[dict]) -> None:
+        "Validate every group's hypers; raise `ValueError` naming the group, before anything is modified."
+        checks = self.checks
+        for i, hyper in enumerate(hypers):
+            where = f" for param group {i}" if len(hypers) > 1 else ''
+            for k, v in hyper.items(): check_hyper(k, v, checks, where)
+
+    def check_accumulation(self, name: str) -> None:
+        "Raise `ValueError` when optimizer accumulation (see `accumulation.py`) is not defined for this core's rules."
+        for route in self.routes:
+            if route.rule.accumulation is None:
+                raise ValueError(f"Optimizer accumulation is not defined for {name}: {route.rule.no_accumulation}")
+
+    # --- step --------------------------------------------------------------------------------------
+    def step(self, groups, state, only: set | None = None) -> None:
+        """Step the params of `groups` (`(hypers, params)` pairs) that have a gradient (and whose ids are in
+        `only`, if given), route by route; `state` maps each param to its state dict."""
+        groups = list(groups)
+        for route in self.routes:
+            for hyper, group in self._gather(route, groups, state, only):
+                kwargs = {k: hyper[k] for k in route.rule.hypers}
+                kwargs.update({k: hyper[k] for k in route.rule.optional_hypers if k in hyper})
+                for bucket in group: self._step_bucket(route, bucket, hyper, kwargs)
+
+    def _gather(self, route: Route, groups, state, only):
+        "Per group: its hypers and its buckets of the route's params with a gradient."
+        out = []
+        for hyper, pg in groups:
+            params, grads = [], []
+            for p in pg:
+                g = p.grad
+                if g is not None and (only is None or id(p) in only) and (route.takes is None or route.takes(p, state[p])):
+                    params.append(p); grads.append(g)
+            if not params: continue
+            for p, g in zip(params, grads):
+                if g.is_sparse:
+                    raise RuntimeError(f"fastforeach does not support sparse gradients (param of shape {tuple(p.shape)})")
+            out.append((hyper, buckets(params, grads, [state[p] for p in params], route.rule, self.sharded)))
+        return out
+
+    def path_for(self, route: Route, p, kwargs: dict):
+        "The path that steps a bucket of params like `p` with this step's `kwargs` (see `paths.py`)."
+        in_float32 = self.rounding.in_float32(p)
+        if route.fused is not None and route.fused.ready(p, kwargs, self.rounding if in_float32 else None):
+            return paths.FUSED
+        return paths.FLOAT32 if in_float32 else paths.FOREACH
+
+    def _step_bucket(self, route: Route, bucket: Bucket, hyper: dict, kwargs: dict) -> None:
+        p0 = bucket.params[0]
+        if self.accumulation is not None: path = paths.ACCUMULATE
+        elif self.as_fastai(p0): path = paths.NEAREST
+        else:
+            kwargs = {**kwargs, **self.count_step(route.rule, bucket)}
+            if route.rule.scalars is not None: kwargs.update(self._advance_scalars(route.rule, bucket, kwargs))
+            path = self.path_for(route, p0, kwargs)
+        path.step(self, route, bucket, hyper, kwargs)
+
+    def as_fastai(self, p) -> bool:
+        "Whether params like `p` are stepped by fastai's own steppers: 16 bits, rounded to nearest."
+        return self.steppers is not None and self.rounding.mode == 'nearest' and is_low_precision(p.dtype)
+
+    def keeps_comp(self, p) -> bool:
+        "Whether params like `p` have a Kahan buffer here: 16 bits, Kahan summation."
+        return self.rounding.kahan and self.rounding.in_float32(p)
+
+    @staticmethod
+    def count_step(rule: StepRule, bucket: Bucket) -> dict:
+        "For a rule that counts steps: the bucket's params' step count, advanced in their states, as `step`."
+        if not rule.counts_steps: return {}
+        step = bucket.states[0].get('step', 0) + 1
+        for state in bucket.states: state['step'] = step
+        return {'step': step}
+
+    @staticmethod
+    def _advance_scalars(rule: StepRule, bucket: Bucket, kwargs: dict) -> dict:
+        "The rule's running scalars for this step (see `rules.Scalars`), stored in the bucket's states."
+        scalars = rule.scalars
+        new = scalars.advance(**{k: bucket.states[0].get(k, v) for k, v in scalars.initial.items()}, **kwargs)
+        for state in bucket.states: state.update(new)
+        return new
+
+    @staticmethod
+    def store(rule: StepRule, chunk: Bucket, out) -> None:
+        """Put a step's per-param values into the state: state tensors of sharded params that the step moved
+        (a fused step's pack) as DTensors around their new local shards, other values as they are."""
+        for key, values in (out or {}).items():
+            if chunk.sharded and (key in rule.state_keys or key == COMP):
+                values = [wrap_like(v, p) for v, p in zip(values, chunk.origins)]
+            for state, value in zip(chunk.states, values): state[key] = value
+
+    # --- state ---------------------------------------------------------------------------------------
+    def route_of(self, p, state: dict) -> Route:
+        "The route that steps `p`, whose keys its `state` holds."
+        return next(r for r in self.routes if r.takes is None or r.takes(p, state))
+
+    def check_state(self, groups, states, hypers: list) -> None:
+        """Raise `ValueError` saying which group, param and key of a saved state does not fit: `groups` are the
+        param lists, `states` the saved per-param states in their order, `hypers` the saved groups' hypers."""
+        checks = self.checks
+        for i, hyper in enumerate(hypers):
+            missing = [h for route in self.routes for h in route.rule.hypers if h not in hyper]
+            if missing: raise ValueError(f"Invalid state dict: param group {i} lacks hypers {sorted(set(missing))}")
+            for k, v in hyper.items(): check_hyper(k, v, checks, f" in the state dict's param group {i}")
+        states = iter(states)
+        for gi, pg in enumerate(groups):
+            for pi, p in enumerate(pg):
+                state = next(states)
+                where = f"param group {gi}, param {pi} (shape {tuple(p.shape)})"
+                if not isinstance(state, dict): raise ValueError(f"Invalid state dict: {where}: state is not a dict")
+                check_param_state(self.route_of(p, state).rule, p, state, where)
+
+    def load_state(self, p, state: dict) -> dict:
+        "A checked saved `state` as `p`'s (see `state.load_param_state`)."
+        return load_param_state(self.route_of(p, state).rule, p, state, self.rounding)

@@ -1,0 +1,157 @@
+"""The ways a bucket is stepped, behind one protocol: `path.step(core, route, bucket, hyper, kwargs)`.
+
+`Core.path_for` picks one per bucket:
+
+- `ACCUMULATE`: optimizer accumulation is on (see `accumulation.py`): the gradients folded into the
+  averages, the params moved on the last micro-batch only;
+- `NEAREST`: 16-bit params with `rounding='nearest'` and the steppers of the optimizer's fastai
+  equivalent: fastai's own steps, one param at a time, bit for bit;
+- `FUSED`: the route's fused step, when it is ready for these params and hypers;
+- `FLOAT32`: 16-bit params stepped on float32 working copies, written back as `rounding` says;
+- `FOREACH`: the rule on the params as they are, after weight decay.
+
+The last three run after the bucket's step count and running scalars have advanced (`kwargs` has them).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..accumulation import fold
+from ..distributed import WholeTensors, local
+from ..fused import Context
+from ..ops import mul_scalar_
+from .buckets import Bucket
+from .state import state_lists
+
+__all__ = ['ACCUMULATE', 'NEAREST', 'FUSED', 'FLOAT32', 'FOREACH', 'weight_decay']
+
+# On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
+# N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
+# loaded; on GPU one launch over everything is best.
+CPU_CHUNK_BYTES = 1 << 20
+# 16-bit params stepped on float32 working copies are stepped in runs of at most this many bytes (of the
+# params) on a GPU too, so that the copies stay small beside the model.
+FLOAT32_CHUNK_BYTES = 64 << 20
+
+
+def chunk_bytes(route, bucket: Bucket, in_float32: bool) -> int | None:
+    "Bytes of params per run of the rule over `bucket` (see `CPU_CHUNK_BYTES`), or None: all of it at once."
+    # Sharded buckets stay whole: a rule that needs norms then all-reduces once per bucket.
+    if bucket.sharded or route.rule.unchunked: return None
+    if bucket.params[0].device.type == 'cpu': return CPU_CHUNK_BYTES
+    return FLOAT32_CHUNK_BYTES if in_float32 else None
+
+
+def takes_wd(states) -> list[bool]:
+    "Whether each param takes weight decay: unless its state says `do_wd=False` (fastai's Learner's flag for norms and biases)."
+    return [state.get('do_wd', True) for state in states]
+
+
+def weight_decay(core, rule, chunk: Bucket, hyper: dict) -> dict:
+    """Weight decay of the chunk's params whose `do_wd` is not False. A rule that does its decoupled decay
+    itself (see `rules.py`) is given it instead: the `decay` keyword this returns."""
+    lr, wd = hyper['lr'], hyper.get('wd', 0.)
+    if rule.decays and core.decouple_wd:
+        return {'decay': [wd if takes else 0. for takes in takes_wd(chunk.states)]}
+    if wd == 0: return {}
+    idx = [i for i, takes in enumerate(takes_wd(chunk.states)) if takes]
+    if not idx: return {}
+    params = [chunk.params[i] for i in idx]
+    if core.decouple_wd: mul_scalar_(params, 1 - lr * wd)
+    else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
+    return {}
+
+
+def compensations(rounding, bucket: Bucket) -> list | None:
+    "The bucket's Kahan buffers (created on a first step; None unless Kahan), as local shards where it is sharded."
+    comps = rounding.compensations(bucket.origins, bucket.states)
+    return [local(c) for c in comps] if comps is not None and bucket.sharded else comps
+
+
+def run_rule(rule, chunk: Bucket, kwargs: dict, states: list):
+    "The rule on the chunk, with what it asks of the core besides its hypers (norms, whole tensors)."
+    if rule.uses_norms: kwargs = {**kwargs, 'norms': chunk.norms}
+    if rule.uses_whole: kwargs = {**kwargs, 'whole': WholeTensors(chunk.origins)}
+    return rule.fn(chunk.params, chunk.grads, *states, **kwargs)
+
+
+class Foreach:
+    "The rule on the params as they are, in cache-sized chunks on CPU, after weight decay."
+    name = 'foreach'
+
+    def step(self, core, route, bucket, hyper, kwargs):
+        rule = route.rule
+        for chunk in bucket.chunks(chunk_bytes(route, bucket, False)):
+            states = state_lists(rule, chunk, core.rounding)
+            core.store(rule, chunk, run_rule(rule, chunk, {**kwargs, **weight_decay(core, rule, chunk, hyper)}, states))
+
+
+class Float32:
+    """Weight decay and the rule on float32 copies of 16-bit params (with their Kahan buffers added),
+    gradients and state; then the state rounded back and the params written back as `rounding` says. The
+    gradients are left as they were (L2 goes into the copies)."""
+    name = 'float32'
+
+    def step(self, core, route, bucket, hyper, kwargs):
+        rule, rounding = route.rule, core.rounding
+        for chunk in bucket.chunks(chunk_bytes(route, bucket, True)):
+            states = state_lists(rule, chunk, rounding)
+            comps = compensations(rounding, chunk)
+            work = Bucket(rounding.working(chunk.params, comps), [g.float() for g in chunk.grads], chunk.states,
+                          norms=chunk.norms)
+            states32 = [[t.float() for t in xs] for xs in states]
+            out = run_rule(rule, work, {**kwargs, **weight_decay(core, rule, work, hyper)}, states32)
+            for xs, ys in zip(states, states32): torch._foreach_copy_(xs, ys)
+            rounding.write_back(chunk.params, work.params, comps)
+            core.store(rule, chunk, out)
+
+
+class Fused:
+    "The route's fused step over the whole bucket, weight decay included (see `fused/`)."
+    name = 'fused'
+
+    def step(self, core, route, bucket, hyper, kwargs):
+        in_float32 = core.rounding.in_float32(bucket.params[0])
+        do_wd = takes_wd(bucket.states)
+        comps = compensations(core.rounding, bucket) if in_float32 else None
+        context = Context(norms=bucket.norms, sizes=[p.numel() for p in bucket.origins] if bucket.sharded else None,
+                          rounding=core.rounding if in_float32 else None, comps=comps)
+        states = state_lists(route.rule, bucket, core.rounding)
+        core.store(route.rule, bucket, route.fused.run(bucket.params, bucket.grads, states, do_wd, kwargs,
+                                                       wd=hyper.get('wd', 0.), decouple_wd=core.decouple_wd,
+                                                       plans=core.plans, context=context))
+
+
+class Nearest:
+    "fastai's step, one param at a time: every stepper's result merged into the param's state, as fastai does."
+    name = 'nearest'
+
+    def step(self, core, route, bucket, hyper, kwargs):
+        for p, state in zip(bucket.origins, bucket.states):
+            for stepper in core.steppers:
+                new = stepper(p, **{**state, **hyper})
+                if isinstance(new, dict): state.update(new)
+
+
+class Accumulate:
+    """Micro-batch `index` of `n` (`core.accumulation`): L2 and the gradients folded into the averages; on the
+    last, the step counted, decoupled weight decay and the rule's move of the params."""
+    name = 'accumulate'
+
+    def step(self, core, route, bucket, hyper, kwargs):
+        rule, (index, n) = route.rule, core.accumulation
+        acc, last = rule.accumulation, index == n - 1
+        if core.rounding.in_float32(bucket.params[0]):
+            raise ValueError("Optimizer accumulation of 16-bit params is not supported (rounding='nearest' aside)")
+        if last: kwargs = {**kwargs, **core.count_step(rule, bucket)}
+        if rule.uses_norms: kwargs = {**kwargs, 'norms': bucket.norms}
+        for chunk in bucket.chunks(chunk_bytes(route, bucket, False)):
+            states = state_lists(rule, chunk, core.rounding)
+            if not core.decouple_wd: weight_decay(core, rule, chunk, hyper)  # L2: into each micro-batch's gradient
+            fold(acc, chunk.grads, dict(zip(rule.state_keys, states)), kwargs, index, n)
+            if last:
+                if core.decouple_wd: weight_decay(core, rule, chunk, hyper)
+                acc.move(chunk.params, *states, **kwargs)
+
+
+ACCUMULATE, NEAREST, FUSED, FLOAT32, FOREACH = Accumulate(), Nearest(), Fused(), Float32(), Foreach()

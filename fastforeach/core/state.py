@@ -1,0 +1,74 @@
+"""Per-param state, from the rules' declarations: created on a param's first step, checked and loaded from
+state dicts; and the one way to find the optimizer that holds the state."""
+from __future__ import annotations
+
+import torch
+
+from ..distributed import as_like, local
+from ..precision import COMP, Rounding
+from ..rules import LIKE_PARAM, StepRule
+
+__all__ = ['state_lists', 'state_dtype', 'check_param_state', 'load_param_state', 'unlike_param', 'inner_optimizer']
+
+
+def inner_optimizer(opt):
+    "The optimizer that holds the per-param state and steps: the one a Lookahead wraps, or `opt` itself."
+    return opt.opt if hasattr(opt, 'slow_weights') and hasattr(opt, 'opt') else opt
+
+
+def unlike_param(t, p: torch.Tensor) -> str | None:
+    "None when `t`, saved for `p`, is a tensor of `p`'s shape; else what it is instead ('has shape (3,)', 'is a float')."
+    if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}"
+    return None if t.shape == p.shape else f"has shape {tuple(t.shape)}"
+
+
+def state_dtype(rule: StepRule, key: str, p, rounding: Rounding) -> torch.dtype:
+    "The dtype of `rule`'s state `key` of `p`: as its `StateSpec` says (weights of 16-bit `p` in float32)."
+    return rule.state[key].dtype_for(p, rounding.in_float32(p))
+
+
+def state_lists(rule: StepRule, chunk, rounding: Rounding) -> list[list[torch.Tensor]]:
+    """The chunk's state tensors, one list per state key of `rule` (local shards for a sharded chunk); missing
+    ones are created as zeros first, as the rule's `StateSpec`s say (like their params, DTensors sharded
+    alike for DTensor params, unless declared otherwise). Only in a step, after every check has passed:
+    a refused step leaves no trace."""
+    keys = rule.state_keys
+    try: lists = [[state[key] for state in chunk.states] for key in keys]
+    except KeyError:
+        for p, state in zip(chunk.origins, chunk.states):
+            for key in keys:
+                if key not in state: state[key] = rule.state[key].zeros(p, state_dtype(rule, key, p, rounding))
+        lists = [[state[key] for state in chunk.states] for key in keys]
+    return [[local(t) for t in xs] for xs in lists] if chunk.sharded else lists
+
+
+def check_param_state(rule: StepRule, p, state, where: str) -> None:
+    "Raise `ValueError` saying which key of `state`, saved for `p` (at `where`), does not fit `rule`."
+    if not isinstance(state, dict): raise ValueError(f"Invalid state dict: {where}: state is not a dict")
+    for key in rule.state_keys:
+        # A param that never stepped has no state in fastai either.
+        if key not in state:
+            if 'step' in state or any(k in state for k in rule.state_keys):
+                raise ValueError(f"Invalid state dict: {where}: missing state {key!r}")
+            continue
+        got = rule.state[key].unlike(state[key], p)
+        if got: raise ValueError(f"Invalid state dict: {where}: state {key!r} {got}")
+    if COMP in state:
+        got = LIKE_PARAM.unlike(state[COMP], p)
+        if got: raise ValueError(f"Invalid state dict: {where}: state {COMP!r} {got}")
+    if rule.counts_steps and any(k in state for k in rule.state_keys):
+        step = state.get('step')
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"Invalid state dict: {where}: state 'step' is {step!r}, expected an int >= 1")
+
+
+def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding) -> dict:
+    """A copy of `state` (checked) as `p`'s: each state tensor on `p`'s device, in its dtype, laid out as `p` for
+    state shaped like it; a Kahan buffer kept where `rounding` sums `p` with Kahan, in its buffers' dtype."""
+    s = dict(state)
+    for key in rule.state_keys:
+        if key in s: s[key] = as_like(s[key], p, state_dtype(rule, key, p, rounding))
+    if COMP in s:
+        comp = s.pop(COMP)
+        if rounding.kahan and rounding.in_float32(p): s[COMP] = as_like(comp, p, rounding.kahan_dtype)
+    return s
