@@ -1,5 +1,7 @@
 """Gradient release (`GradientRelease`): buckets stepped during backward give the params and state of a
 normal step, and the gradients alive at once shrink to a bucket and a layer."""
+import re
+
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -7,6 +9,7 @@ from fastai.callback.training import GradientAccumulation, GradientClip
 from torch import nn
 
 import fastforeach
+from fastforeach.core import inner_optimizer
 from fastforeach.memory import PeakGradBytes
 from fastforeach.registry import REGISTRY
 from fastforeach.testing.training import cnn_splitter, digits_cnn, digits_learner
@@ -183,8 +186,30 @@ def test_accumulated_momentum_is_gradient_accumulation(impl, release):
     for a, b in zip(ga.model.parameters(), oa.model.parameters()): torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('name,options', [('Adam', {}), ('RAdam', {}), ('Lamb', {}), ('ranger', {}), ('Lookahead', {'mom': 0.9}),
-                                          ('SGD', {'mom': 0.9}), ('RMSProp', {'mom': 0.9})])
+def accumulation_cases() -> tuple[list, list]:
+    """From the rules' declarations (`rules.declare(accumulation=...)`), per registry row: its first config whose
+    rules define optimizer accumulation, and its first whose rules refuse it, with the reason they give."""
+    takes, refuses = {}, {}
+    for name, spec in REGISTRY.items():
+        for options in spec.configs.values():
+            opt = inner_optimizer(spec.make('foreach', [nn.Parameter(torch.zeros(2, 2))], **options))
+            reasons = [route.rule.no_accumulation for route in opt.core.routes if route.rule.accumulation is None]
+            if reasons: refuses.setdefault(name, (name, options, reasons[0]))
+            else: takes.setdefault(name, (name, options))
+    return list(takes.values()), list(refuses.values())
+
+
+ACCUMULATES, REFUSES = accumulation_cases()
+
+
+def test_declarations_say_which_optimizers_accumulate():
+    "The cases below, as the rules declare them (what the module docstring of `accumulation.py` says)."
+    assert [n for n, _ in ACCUMULATES] == ['SGD', 'RMSProp', 'Adam', 'RAdam', 'Lamb', 'ranger', 'Lookahead']
+    assert [n for n, _, _ in REFUSES] == ['SGD', 'RMSProp', 'QHAdam', 'Larc', 'Lookahead', 'Lion', 'Adan',
+                                          'StableAdam', 'ScheduleFreeAdam', 'Muon']
+
+
+@pytest.mark.parametrize('name,options', ACCUMULATES, ids=[n for n, _ in ACCUMULATES])
 def test_one_micro_batch_is_a_normal_step(name, options):
     "n_acc=1 folds each batch in and moves at once: the same params as without it."
     spec = REGISTRY[name]
@@ -209,14 +234,13 @@ def test_second_moment_folds_the_mean_of_squares():
     assert state['step'] == 1 and not torch.equal(p.detach(), torch.zeros(3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize('name,options,why', [
-    ('SGD', {}, 'plain SGD keeps no average'), ('RMSProp', {}, 'without momentum'),
-    ('QHAdam', {}, 'gradient itself'), ('Larc', {}, 'norm of the gradient')])
+@pytest.mark.parametrize('name,options,why', REFUSES, ids=[n for n, _, _ in REFUSES])
 def test_optimizers_that_move_by_the_gradient_refuse(name, options, why):
-    learn = digits_learner(lambda ps, lr: getattr(fastforeach, name)(ps, lr, **options),
+    "Refused at the first step, with the reason the rule declares, before anything changes."
+    learn = digits_learner(lambda ps, lr: REGISTRY[name].make('foreach', ps, lr, **options),
                            cbs=fastforeach.OptimizerAccumulation(4))
     before = [p.detach().clone() for p in learn.model.parameters()]
-    with pytest.raises(ValueError, match=why), learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
+    with pytest.raises(ValueError, match=re.escape(why)), learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
     assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
 
 
