@@ -109,8 +109,10 @@ class Lookahead(_FastaiLookahead):
             return
         comps = rounding.compensations(params, [self.opt.state[p] for p in params])
         if comps is not None: comps = [local(c) for c in comps]
-        torch._foreach_lerp_(slow, rounding.working(fast, comps), self.alpha)
-        rounding.write_back(fast, [s.clone() for s in slow], comps)
+        def sync(w):
+            torch._foreach_lerp_(slow, w, self.alpha)
+            torch._foreach_copy_(w, slow)
+        rounding.update_in_float32(fast, comps, sync)
 
     def _slow_dtype(self, p) -> torch.dtype:
         "float32 for the slow weights of 16-bit params stepped in float32 (see `_sync_16_bit`), else `p`'s dtype."

@@ -77,7 +77,9 @@ def stochastic_round(w: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -
 
 
 def random_bits(like: torch.Tensor) -> torch.Tensor:
-    "16 random bits per element of `like`, from torch's generator."
+    """16 random bits per element of `like`, from torch's generator: the foreach steps' noise. (Compiled updates
+    hash each element's index with a seed instead, `fused.compile.hashed_bits`: inside a compiled loop that is
+    several times faster than a generator, but eagerly it is ten passes over the tensor where this is one.)"""
     return torch.randint(0, 1 << 16, like.shape, dtype=torch.int32, device=like.device)
 
 
@@ -114,6 +116,14 @@ class Rounding:
         w = [p.float() for p in params]
         if comps is not None: torch._foreach_add_(w, comps)
         return w
+
+    def update_in_float32(self, params: list[torch.Tensor], comps, update) -> None:
+        """`update(w)` on the float32 working values `w` of 16-bit `params` (with their Kahan buffers `comps`,
+        or None), then `w` written back into them as this rounding says: what moves a 16-bit param outside a
+        step (Lookahead's sync, a schedule-free switch of modes) moves it as a step would."""
+        w = self.working(params, comps)
+        update(w)
+        self.write_back(params, w, comps)
 
     def write_back(self, params: list[torch.Tensor], w: list[torch.Tensor], comps) -> None:
         "Round each working value `w` into its param (and what rounding took off into its Kahan buffer)."

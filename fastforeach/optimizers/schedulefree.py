@@ -128,11 +128,9 @@ class ScheduleFreeModes:
 
     def _switch_in_float32(self, p, z, weight):
         "A 16-bit param whose z is float32: moved on its float32 working value, written back as its steps are."
-        rounding, comp = self.rounding, self.state[p].get(COMP)
-        comps = [comp] if comp is not None and rounding.kahan else None
-        w = rounding.working([p], comps)
-        torch._foreach_lerp_(w, [z], weight)
-        rounding.write_back([p], w, comps)
+        comp = self.state[p].get(COMP)
+        comps = [comp] if comp is not None and self.rounding.kahan else None
+        self.rounding.update_in_float32([p], comps, lambda w: torch._foreach_lerp_(w, [z], weight))
 
     def _start_in_train_mode(self):
         for hyper in self.hypers: hyper.setdefault('train_mode', True)
