@@ -87,10 +87,18 @@ def test_distributed_mode_times_fsdp2_steps_and_halves_the_state(tmp_path, capsy
     (['--device', 'tpu'], "unknown device 'tpu'"),
     (['--distributed', '1'], '--distributed needs 2 ranks or more'),
 ])
-def test_bad_arguments_exit_with_a_message(args, message):
-    proc = subprocess.run([sys.executable, '-m', 'fastforeach.bench', *args], capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert message in proc.stderr and 'Traceback' not in proc.stderr
+def test_bad_arguments_exit_with_a_message(args, message, capsys):
+    "Refused by the command's parser, with a usage message and no traceback (in this process: the same parser)."
+    with pytest.raises(SystemExit) as exit: bench.main(args)
+    assert exit.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+
+def test_the_command_runs_as_a_module():
+    "`python -m fastforeach.bench` is the command `fastforeach-bench`: a bad argument exits non-zero, saying why."
+    proc = subprocess.run([sys.executable, '-m', 'fastforeach.bench', '--threads', '0'], capture_output=True, text=True)
+    assert proc.returncode == 2 and '--threads must be >= 1' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 @pytest.mark.parametrize('model', ['mlp', 'transformer', 'xresnet18'])
