@@ -12,6 +12,7 @@ from torch import nn
 import fastforeach
 from fastforeach import fused
 from fastforeach.fused import compile as compiling, compiled as compiled_steps, plans as fused_plans
+from fastforeach.testing.cases import compiled_optimizers
 from fastforeach.testing.oracle import oracle_layers
 from fastforeach.registry import REGISTRY
 from fastforeach.testing.training import digits_learner
@@ -267,7 +268,7 @@ def _state_buffers(opt, params, key):
     return fused.end_to_end([opt.state[p][key] for p in params])
 
 
-@pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'ranger', 'Larc', 'Lamb'])
+@pytest.mark.parametrize('name', compiled_optimizers())
 def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     """Compiled updates step every small param of a (group, do_wd) split as one pack, over state that lives
     end to end, in one compiled call per phase; a large param gets calls of its own. Equal to fastai."""

@@ -16,6 +16,7 @@ steps, the same as foreach).
 import pytest
 import torch
 
+from fastforeach.testing.cases import compiled_optimizers
 from fastforeach.testing.oracle import Twins, oracle_layers
 from fastforeach.registry import REGISTRY
 
@@ -74,7 +75,7 @@ def test_fused_steps_are_fused():
             assert not getattr(foreach, 'opt', foreach).fused_steps, name
 
 
-@pytest.mark.parametrize('name', ['RMSProp', 'RAdam', 'QHAdam', 'Larc', 'Lamb', 'ranger'])
+@pytest.mark.parametrize('name', compiled_optimizers())
 def test_fused_chunks_equal_fastai(name):
     """Enough params per group for whole chunks of the compiled update (the oracle's groups are smaller):
     large ones, stepped per tensor, between small ones, packed."""

@@ -26,6 +26,7 @@ from .report import describe_machine, format_table, machine_info, plot, summary_
 
 __all__ = ['main']
 
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='fastforeach-bench', description=__doc__.splitlines()[0])
     ap.add_argument('--models', nargs='+', metavar='MODEL', help=f"any of {', '.join(MODELS)} (default: all)")
@@ -51,11 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                          "torch's AdamW on the same DTensors: step time and optimizer state bytes per rank")
     return ap
 
+
 def _choose(given, known, quick, what, ap):
     chosen = given or (quick if quick is not None else list(known))
     unknown = [c for c in chosen if c not in known]
     if unknown: ap.error(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
     return chosen
+
 
 def main(argv=None) -> int:
     ap = _parser()

@@ -24,15 +24,18 @@ __all__ = ['BENCH', 'QUICK_OPTIMIZERS', 'BenchCase', 'Row', 'implementations', '
            'time_steps', 'device_sync', 'max_difference', 'run_bench', 'REFERENCE', 'FASTAI_ADAM', 'ADAMW', 'torch_adamw',
            'torch_builder']
 
+
 def _torch_sgd(impl):
     def build(params, lr, mom, wd):
         return torch.optim.SGD(params, lr, momentum=mom, weight_decay=wd, **{impl: True})
     return build
 
+
 def torch_adamw(impl):
     def build(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01):
         return torch.optim.AdamW(params, lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, **{impl: True})
     return build
+
 
 @dataclass(frozen=True)
 class BenchCase:
@@ -64,6 +67,7 @@ QUICK_OPTIMIZERS = ['SGD', 'Adam']
 # device (`testing/references.py`), and beside fastai's Adam, for scale.
 REFERENCE, FASTAI_ADAM = 'reference', 'fastai Adam'
 
+
 def implementations(name: str) -> dict[str, Callable]:
     "Implementation name -> builder `(params, lr) -> optimizer` for the optimizer `name`."
     spec, case = REGISTRY[name], BENCH[name]
@@ -82,17 +86,21 @@ def implementations(name: str) -> dict[str, Callable]:
 # rounds, so that the ratio does not span two runs and the machine's moods between them.
 ADAMW = 'torch fused AdamW'
 
+
 def adamw_builder() -> Callable:
     "torch's fused AdamW with fastai's Adam defaults (the Adam rows' torch_fused): the benchmark's yardstick."
     return implementations('Adam')['torch_fused']
 
+
 def _builder(spec: OptimizerSpec, impl, options):
     return lambda params, lr: spec.make(impl, params, lr, **options)
+
 
 def torch_builder(build, spec, options):
     defaults = {k: v.default for k, v in inspect.signature(spec.native).parameters.items() if k not in ('params', 'lr')}
     kwargs = {k: v for k, v in {**defaults, **options}.items() if k != 'decouple_wd'}
     return lambda params, lr: build(params, lr, **kwargs)
+
 
 @dataclass
 class Row:
@@ -106,6 +114,7 @@ class Row:
     n_elements: int
     adamw_ms: float  # torch's fused AdamW on the same model, timed in the same interleaved rounds
 
+
 def contenders(model: nn.Module, impls: dict[str, Callable], lr: float, device, shard: Callable = None) -> dict:
     """Each implementation's optimizer over its own copy of `model`'s params, with fixed gradients; `shard`,
     when given, turns each param and gradient into a DTensor (as FSDP2 would) before the optimizer sees it."""
@@ -118,6 +127,7 @@ def contenders(model: nn.Module, impls: dict[str, Callable], lr: float, device, 
         for p, g in zip(params, grads): p.grad = g
         opts[impl] = build(params, lr)
     return opts
+
 
 def time_opts(opts: dict, steps: int, warmup: int, sync: Callable = lambda: None) -> dict:
     """Median seconds per step of each optimizer, interleaved so that they share the machine's moods; `sync`
@@ -136,13 +146,16 @@ def time_opts(opts: dict, steps: int, warmup: int, sync: Callable = lambda: None
             if i >= warmup: times[impl].append(elapsed)
     return {impl: statistics.median(t) for impl, t in times.items()}
 
+
 def device_sync(device) -> Callable:
     "What waits for `device` to finish its queued work: CUDA's synchronize, or nothing."
     return torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
 
+
 def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: int, warmup: int, device) -> dict:
     "Median seconds per step of each implementation on `model`'s params (see `contenders`, `time_opts`)."
     return time_opts(contenders(model, impls, lr, device), steps, warmup, device_sync(device))
+
 
 def max_difference(model: nn.Module, impl_build: Callable, native_build: Callable, lr, steps, device) -> float:
     """Largest relative difference from fastai native after `steps` steps with fresh gradients: over params
@@ -152,6 +165,7 @@ def max_difference(model: nn.Module, impl_build: Callable, native_build: Callabl
                   [params_like(model, device)], mark_no_wd=False)
     for _ in range(steps): twins.step(lr, vary_mom=False)
     return max_relative_difference(twins)
+
 
 def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='cpu', progress=True) -> list[Row]:
     from fastprogress.fastprogress import progress_bar

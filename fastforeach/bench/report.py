@@ -11,6 +11,7 @@ from .harness import FASTAI_ADAM, REFERENCE, Row
 
 __all__ = ['format_table', 'reference_table', 'summary_table', 'SUMMARY_MODELS', 'machine_info', 'describe_machine', 'plot']
 
+
 def format_table(rows: list[Row]) -> str:
     head = (f"{'model':<12} {'optimizer':<16} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13} "
             f"{'/ AdamW':>8}")
@@ -20,6 +21,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(f"{r.model:<12} {r.optimizer:<16} {r.impl:<14} {r.ms:>9.2f} {r.speedup:>8.2f}x "
                      f"{diff:>13} {r.ms / r.adamw_ms:>7.2f}x")
     return '\n'.join(lines)
+
 
 def reference_table(rows: list[dict]) -> str:
     """Markdown: per optimizer fastai lacks and model of `SUMMARY_MODELS`, the foreach and fused steps' times,
@@ -35,6 +37,7 @@ def reference_table(rows: list[dict]) -> str:
                          f"| **{reference / fused:.2f}x** | {by[(m, name, FASTAI_ADAM)]:.2f} |")
     return '\n'.join(lines) + '\n'
 
+
 def machine_info(threads: int, device: str, command: str = '') -> dict:
     import fastai
     return {'command': command, 'machine': platform.machine(), 'processor': _cpu_name(),
@@ -42,12 +45,14 @@ def machine_info(threads: int, device: str, command: str = '') -> dict:
             'threads': threads, 'device': device,
             'cuda': torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else None}
 
+
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
             return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         return platform.processor() or platform.platform()
+
 
 def describe_machine(info: dict) -> str:
     "One line: the device, CPU, threads and versions a result was measured with."
@@ -57,6 +62,7 @@ def describe_machine(info: dict) -> str:
 
 # The rows of the README's table: every optimizer, on a model of large tensors and one of many small ones.
 SUMMARY_MODELS = {'xresnet50': 'xresnet50', 'mlp': 'MLP'}
+
 
 def summary_table(result: dict) -> str:
     """Markdown: per optimizer, the foreach and fused speed-ups over fastai native and the fused step's time
@@ -82,6 +88,7 @@ def summary_table(result: dict) -> str:
             reference_table(modern).rstrip('\n')] \
         if modern else []
     return '\n'.join(lines + more + ['', f"`{info['command']}` on {describe_machine(info)}."]) + '\n'
+
 
 def plot(rows: list[Row], path: str) -> None:
     "A PNG bar chart of the speed-ups against fastai native, one panel per model."

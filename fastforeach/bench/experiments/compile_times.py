@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import sys
 
-import torch
-from torch import nn
-
-from ...core import inner_optimizer
-from ...registry import REGISTRY
+from ...testing.cases import compiled_optimizers
 
 __all__ = ['compiled_optimizers', 'compile_times', 'format_compile_times']
+
 
 _FIRST_STEPS = """
 import time, torch
@@ -25,11 +22,6 @@ for _ in range(2):
 print(*times)
 """
 
-def compiled_optimizers(names) -> list[str]:
-    "Those of `names` whose fused step is compiled (the others use kernels PyTorch ships)."
-    from ...fused import CompiledStep
-    opts = {name: REGISTRY[name].make('fused', [nn.Parameter(torch.zeros(2))]) for name in names}
-    return [name for name, opt in opts.items() if isinstance(inner_optimizer(opt).fused, CompiledStep)]
 
 def compile_times(names, model='xresnet50', threads=2, device='cpu') -> list[dict]:
     """Seconds of the first fused step, which compiles, in a fresh process: cold (an empty inductor cache,
@@ -50,6 +42,7 @@ def compile_times(names, model='xresnet50', threads=2, device='cpu') -> list[dic
                 row[f'{kind}_s'], row['step_ms'] = first, second * 1e3
         rows.append(row)
     return rows
+
 
 def format_compile_times(rows: list[dict]) -> str:
     head = f"{'optimizer':<16} {'model':<10} {'cold first step':>16} {'warm first step':>16} {'then ms/step':>13}"

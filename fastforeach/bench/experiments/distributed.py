@@ -8,7 +8,9 @@ from ..harness import contenders, implementations, time_opts, torch_adamw, torch
 
 __all__ = ['distributed_bench', 'format_distributed']
 
+
 TORCH_ADAMW = {'torch AdamW foreach': torch_adamw('foreach'), 'torch AdamW fused': torch_adamw('fused')}
+
 
 def _fsdp2_rank(rank, world, models, optimizers, steps, warmup):
     "One rank of `distributed_bench`: its median step times and state bytes, and one process's state bytes."
@@ -33,6 +35,7 @@ def _fsdp2_rank(rank, world, models, optimizers, steps, warmup):
                      for impl, opt in sharded.items()]
     return rows
 
+
 def distributed_bench(models, optimizers, *, world_size=2, threads=1, steps=7, warmup=3) -> list[dict]:
     """Each optimizer's step on FSDP2's layout (every param and gradient a DTensor sharded on dim 0 over
     `world_size` gloo ranks, `threads` torch threads each) beside torch's AdamW, foreach and fused, on the
@@ -45,6 +48,7 @@ def distributed_bench(models, optimizers, *, world_size=2, threads=1, steps=7, w
         row['ms'] = max(r[i]['ms'] for r in ranks)
         row['state_bytes'] = max(r[i]['state_bytes'] for r in ranks)
     return rows
+
 
 def format_distributed(rows: list[dict], world_size: int) -> str:
     head = (f"{'model':<12} {'optimizer':<10} {'impl':<20} {'ms/step':>8} {'/ AdamW fused':>14} "

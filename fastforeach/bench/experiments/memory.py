@@ -13,6 +13,7 @@ from ..models import MODELS, params_like
 
 __all__ = ['memory_floor', 'format_memory_floor', 'MEMORY_SETUPS', 'memory_table', 'format_memory_table']
 
+
 class _Pass:
     """A stand-in optimizer whose step is the cheapest pass over memory that reads `reads` lists of tensors
     shaped like the params (the params and `reads − 1` others) and writes the params back."""
@@ -24,7 +25,9 @@ class _Pass:
                3: lambda: torch._foreach_addcmul_(params, *others)}
         self.step = ops[reads]
 
+
 _PASSES = {f'pass reading {k}': k for k in (1, 2, 3)}
+
 
 def memory_floor(model: str, threads: int = 2, device='cpu', steps=15, warmup=3) -> list[dict]:
     """What one pass over `model`'s params costs on this machine, beside SGD's steps (the benchmark's options):
@@ -39,6 +42,7 @@ def memory_floor(model: str, threads: int = 2, device='cpu', steps=15, warmup=3)
     reads = {**_PASSES, 'fused SGD': 3, 'torch fused SGD': 3}  # fastai's SGD reads in several passes
     return [{'model': model, 'what': name, 'reads': reads.get(name), 'ms': seconds * 1e3,
              'fastai_over_this': times['fastai SGD'] / seconds} for name, seconds in times.items()]
+
 
 def format_memory_floor(rows: list[dict]) -> str:
     head = f"{'model':<12} {'what':<18} {'lists read':>10} {'ms':>8} {'fastai SGD / this':>18}"
@@ -64,6 +68,7 @@ MEMORY_SETUPS = [
     ('fused, Kahan, CUDA packs', 'RAdam', _BF16, {'fused': True}, 'cuda'),
 ]
 
+
 class _WithThreshold:
     "An optimizer stepped with another device's pack threshold (see `fused.packs_as_on`)."
     def __init__(self, opt, device: str, threshold: str):
@@ -71,6 +76,7 @@ class _WithThreshold:
 
     def step(self):
         with packs_as_on(self.device, self.threshold): self.opt.step()
+
 
 def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
     """Bytes per param element each setup holds after its warm-up steps (`memory.memory_report`): params,
@@ -94,6 +100,7 @@ def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
         rows.append({'model': model, 'setup': setup, **report['per_param'],
                      'extra_share': report['fastforeach'] / report['params'], 'ms': times[setup] * 1e3})
     return rows
+
 
 def format_memory_table(rows: list[dict]) -> str:
     head = (f"{'model':<12} {'setup':<38} {'params':>7} {'grads':>6} {'state':>6} {'buffers':>8} {'total':>6} "

@@ -12,6 +12,7 @@ from ..models import MODELS, example_input
 
 __all__ = ['newton_schulz_table', 'format_newton_schulz_table']
 
+
 def newton_schulz_table(model='xresnet50', device='cpu', steps=5, warmup=1, batches=4) -> list[dict]:
     """Muon's orthogonalisation of every kernel Muon's default route picks in `model`, alone: time (median of
     `steps`, interleaved) of torch's Newton-Schulz (as `torch.optim.Muon` runs it), fastforeach's standard
@@ -46,6 +47,7 @@ def newton_schulz_table(model='xresnet50', device='cpu', steps=5, warmup=1, batc
         rows.append({'model': model, 'method': k, 'kernels': len(matrices), 'ms': statistics.median(times[k]) * 1e3,
                      'median_error': statistics.median(errors), 'max_error': max(errors)})
     return rows
+
 
 def format_newton_schulz_table(rows: list[dict]) -> str:
     head = f"{'model':<12} {'Newton-Schulz':<14} {'kernels':>8} {'ms':>8} {'error median':>13} {'error max':>10}"

@@ -12,6 +12,7 @@ from ..models import MODELS, example_input
 
 __all__ = ['release_table', 'format_release_table']
 
+
 def release_table(model: str, device='cpu', steps=5, warmup=2, optimizer='Adam') -> list[dict]:
     """Gradient release against a normal step (fused `optimizer`, the same forward and backward passes):
     the most bytes of gradients alive at once during backward, and the optimizer's time per step (summed
@@ -54,6 +55,7 @@ def release_table(model: str, device='cpu', steps=5, warmup=2, optimizer='Adam')
         rows.append({'model': model, 'optimizer': optimizer, 'release': release, 'peak_grad_bytes': tracker.peak,
                      'peak_share': tracker.peak / grads, 'step_ms': statistics.median(times) * 1e3})
     return rows
+
 
 def format_release_table(rows: list[dict]) -> str:
     head = f"{'model':<12} {'optimizer':<10} {'release':<8} {'peak grad MB':>13} {'of all grads':>13} {'step ms':>8} {'/ normal':>9}"

@@ -10,7 +10,9 @@ from ..harness import BENCH
 
 __all__ = ['TRAINED', 'train_table', 'accumulation_table']
 
+
 TRAINED = ('SGD', 'Adam', 'RAdam', 'Lion', 'Adan', 'StableAdam', 'ScheduleFreeAdam', 'Muon')
+
 
 def train_table(epochs=5, device='cpu', optimizers=TRAINED) -> dict:
     """`fit_one_cycle` on digits with each implementation and the benchmark's options, discriminative lrs up to
@@ -37,6 +39,7 @@ def train_table(epochs=5, device='cpu', optimizers=TRAINED) -> dict:
         f"{r['optimizer']:<16} {r['impl']:<10} {r['s_per_epoch']:>8.3f} {r['accuracy']:>9.4f} {r['loss']:>11.4f}"
         for r in rows]
     return {'rows': rows, 'table': '\n'.join(lines)}
+
 
 def accumulation_table(optimizers=('Adam', 'RAdam', 'Lamb', 'ranger'), seeds=(0, 1, 2), epochs=10, n_acc=4, bs=64,
                        lr=3e-2, device='cpu') -> dict:
