@@ -8,8 +8,8 @@ from fastcore.foundation import L
 from .distributed import as_like, local
 from .precision import COMP, is_low_precision
 from .fastai import ForEachOptimizer
-from .core import inner_optimizer, unlike_param
-from .rules import check_int
+from .core import inner_optimizer
+from .rules import LIKE_PARAM, check_int
 from .ops import device_tensor
 from .fused import (PLAIN, Coefficients, Plans, chunked, coefficient_dtype, compiles, flat_alias, is_dense, pack_max_numel,
                     run_chunks)
@@ -172,9 +172,8 @@ class Lookahead(_FastaiLookahead):
                     raise ValueError(f"Invalid state dict: 'slow_weights' group {gi} has {len(slow_pg)} params, "
                                      f"the optimizer has {len(pg)}")
                 for pi, (s, p) in enumerate(zip(slow_pg, pg)):
-                    got = unlike_param(s, p)
-                    if got: raise ValueError(f"Invalid state dict: 'slow_weights' group {gi}, param {pi} {got}, "
-                                             f"expected a tensor of shape {tuple(p.shape)}")
+                    got = LIKE_PARAM.unlike(s, p)
+                    if got: raise ValueError(f"Invalid state dict: 'slow_weights' group {gi}, param {pi} {got}")
         inner = {k: v for k, v in sd.items() if k not in ('count', 'slow_weights')}
         self.opt.load_state_dict(inner)  # checks before it changes anything
         self.count = int(count)

@@ -69,8 +69,8 @@ class StateSpec:
 
     def unlike(self, t, p: torch.Tensor) -> str | None:
         "None when `t`, saved for `p`, is a tensor of this state's shape for `p`; else what it is instead."
-        if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}"
         expected = self.shape_for(p)
+        if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}, expected a tensor of shape {expected}"
         return None if tuple(t.shape) == expected else f"has shape {tuple(t.shape)}, expected {expected}"
 
 

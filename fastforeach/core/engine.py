@@ -52,17 +52,29 @@ class Core:
                  kahan_dtype: torch.dtype = torch.float32,
                  steppers: list | None = None):
         self.rounding = Rounding(rounding, kahan_dtype)
-        self.routes = [Route.of(opt_step)]
+        self.routes = [Route.of(opt_step)]  # sets `checks` too
         self.decouple_wd, self.steppers, self.accumulation = decouple_wd, steppers, None
         self.plans, self.sharded = Plans(), False
+
+    def __getstate__(self):
+        "Pickled without `checks` (their predicates are lambdas): made again from the routes when unpickled."
+        return {k: v for k, v in self.__dict__.items() if k != 'checks'}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.routes = self._routes
 
     @property
     def rule(self) -> StepRule: return self.routes[0].rule
 
     @property
-    def checks(self) -> dict:
-        "The checks of every hyper the routes' rules read."
-        return {k: v for route in self.routes for k, v in route.rule.checks.items()}
+    def routes(self) -> list[Route]: return self._routes
+
+    @routes.setter
+    def routes(self, routes: list[Route]):
+        "The routes, and `checks`: the checks of every hyper their rules read (made once, not at every step)."
+        self._routes = routes
+        self.checks = {k: v for route in routes for k, v in route.rule.checks.items()}
 
     @property
     def fused_steps(self) -> list:
@@ -81,10 +93,9 @@ class Core:
     # --- hypers ------------------------------------------------------------------------------------
     def check_hypers(self, hypers: list[dict]) -> None:
         "Validate every group's hypers; raise `ValueError` naming the group, before anything is modified."
-        checks = self.checks
         for i, hyper in enumerate(hypers):
             where = f" for param group {i}" if len(hypers) > 1 else ''
-            for k, v in hyper.items(): check_hyper(k, v, checks, where)
+            for k, v in hyper.items(): check_hyper(k, v, self.checks, where)
 
     def check_accumulation(self, name: str) -> None:
         "Raise `ValueError` when optimizer accumulation (see `accumulation.py`) is not defined for this core's rules."
@@ -177,11 +188,10 @@ class Core:
     def check_state(self, groups, states, hypers: list) -> None:
         """Raise `ValueError` saying which group, param and key of a saved state does not fit: `groups` are the
         param lists, `states` the saved per-param states in their order, `hypers` the saved groups' hypers."""
-        checks = self.checks
         for i, hyper in enumerate(hypers):
             missing = [h for route in self.routes for h in route.rule.hypers if h not in hyper]
             if missing: raise ValueError(f"Invalid state dict: param group {i} lacks hypers {sorted(set(missing))}")
-            for k, v in hyper.items(): check_hyper(k, v, checks, f" in the state dict's param group {i}")
+            for k, v in hyper.items(): check_hyper(k, v, self.checks, f" in the state dict's param group {i}")
         states = iter(states)
         for gi, pg in enumerate(groups):
             for pi, p in enumerate(pg):

@@ -8,18 +8,12 @@ from ..distributed import as_like, local
 from ..precision import COMP, Rounding
 from ..rules import LIKE_PARAM, StepRule
 
-__all__ = ['state_lists', 'state_dtype', 'check_param_state', 'load_param_state', 'unlike_param', 'inner_optimizer']
+__all__ = ['state_lists', 'state_dtype', 'check_param_state', 'load_param_state', 'inner_optimizer']
 
 
 def inner_optimizer(opt):
     "The optimizer that holds the per-param state and steps: the one a Lookahead wraps, or `opt` itself."
     return opt.opt if hasattr(opt, 'slow_weights') and hasattr(opt, 'opt') else opt
-
-
-def unlike_param(t, p: torch.Tensor) -> str | None:
-    "None when `t`, saved for `p`, is a tensor of `p`'s shape; else what it is instead ('has shape (3,)', 'is a float')."
-    if not isinstance(t, torch.Tensor): return f"is a {type(t).__name__}"
-    return None if t.shape == p.shape else f"has shape {tuple(t.shape)}"
 
 
 def state_dtype(rule: StepRule, key: str, p, rounding: Rounding) -> torch.dtype:

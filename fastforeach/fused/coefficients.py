@@ -32,6 +32,8 @@ class Coefficients:
     def values(self, named: dict) -> list:
         "The values of `named` (name -> value) for every place after the decay factors, in order."
         own = self.names[len(DECAY_FACTORS):] if self.names[:2] == DECAY_FACTORS else self.names
+        if len(named) == len(own):  # at every fused step: checked by the lookup itself
+            try: return [named[name] for name in own]
+            except KeyError: pass
         missing, extra = set(own) - set(named), set(named) - set(own)
-        if missing or extra: raise KeyError(f"Coefficients {own}: missing {sorted(missing)}, unknown {sorted(extra)}")
-        return [named[name] for name in own]
+        raise KeyError(f"Coefficients {own}: missing {sorted(missing)}, unknown {sorted(extra)}")
