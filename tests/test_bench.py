@@ -4,18 +4,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastforeach import bench
 from fastforeach.bench import train_table
 
 
 def test_quick_mode_writes_table_json_png_text_and_summary(tmp_path, capsys):
-    prefix = tmp_path / 'r'
+    prefix, threads = tmp_path / 'r', torch.get_num_threads()
     assert bench.main(['--quick', '--out', str(prefix)]) == 0
     text = (tmp_path / 'r.txt').read_text()
     assert capsys.readouterr().out.endswith(text)  # after the progress bar
     table = text.split('\n\n')[1]
     assert 'ms/step' in table and 'speed-up' in table and 'torch_fused' in table and ' fused ' in table and '/ AdamW' in table
+    assert torch.get_num_threads() == threads  # as it was before: the command ran in this process
     result = json.loads((tmp_path / 'r.json').read_text())
     assert {'command', 'torch', 'fastai', 'threads', 'machine'} <= set(result['info']) and result['info']['threads'] == 2
     assert result['info']['command'] == f"fastforeach-bench --quick --out {prefix}"
@@ -48,7 +50,7 @@ def test_compile_times_cold_and_warm(tmp_path, capsys):
     assert bench.compiled_optimizers(['SGD', 'Adam', 'RMSProp', 'ranger']) == ['RMSProp', 'ranger']
     out_json = tmp_path / 'r.json'
     assert bench.main(['--models', 'mlp', '--optimizers', 'SGD', 'RMSProp', '--steps', '2', '--check-steps', '2',
-                       '--compile-times', '--json', str(out_json)]) == 0
+                       '--threads', '1', '--compile-times', '--json', str(out_json)]) == 0
     assert 'cold first step' in capsys.readouterr().out
     (row,) = json.loads(out_json.read_text())['compile_times']
     assert row['optimizer'] == 'RMSProp' and row['warm_s'] < row['cold_s'] and row['step_ms'] > 0
@@ -57,7 +59,7 @@ def test_compile_times_cold_and_warm(tmp_path, capsys):
 def test_memory_floor_times_plain_passes_beside_sgd(tmp_path, capsys):
     out_json = tmp_path / 'r.json'
     assert bench.main(['--models', 'mlp', '--optimizers', 'SGD', '--steps', '2', '--check-steps', '2',
-                       '--memory', '--json', str(out_json)]) == 0
+                       '--threads', '1', '--memory', '--json', str(out_json)]) == 0
     assert 'fastai SGD / this' in capsys.readouterr().out
     rows = json.loads(out_json.read_text())['memory']
     assert [(r['what'], r['reads']) for r in rows] == [('pass reading 1', 1), ('pass reading 2', 2), ('pass reading 3', 3),

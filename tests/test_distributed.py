@@ -125,6 +125,7 @@ def one_process_results():
     return spawn(_equal_to_one_process)
 
 
+@pytest.mark.xdist_group('one_process_results')  # one world for all of them
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp2'])
 @pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('name', list(REGISTRY))

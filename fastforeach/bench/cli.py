@@ -71,8 +71,15 @@ def main(argv=None) -> int:
     if args.device == 'cuda' and not torch.cuda.is_available(): ap.error("--device cuda: no CUDA device here")
     if args.distributed is not None and args.distributed < 2: ap.error(f"--distributed needs 2 ranks or more, got {args.distributed}")
     if args.quick: args.steps, args.warmup, args.check_steps = min(args.steps, 5), min(args.warmup, 2), min(args.check_steps, 5)
-    torch.set_num_threads(args.threads)
     command = ' '.join(['fastforeach-bench', *(sys.argv[1:] if argv is None else argv)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try: return _run(args, models, optimizers, command)
+    finally: torch.set_num_threads(threads)  # called from Python (a notebook, the tests): leave it as it was
+
+
+def _run(args, models, optimizers, command) -> int:
+    "Run what `args` asks for, print the report and write the files."
     rows = run_bench(models, optimizers, steps=args.steps, warmup=args.warmup, check_steps=args.check_steps,
                      device=args.device)
     result = {'info': machine_info(args.threads, args.device, command), 'steps': args.steps, 'warmup': args.warmup,

@@ -5,7 +5,11 @@ import sys
 
 from ...testing.cases import compiled_optimizers
 
-__all__ = ['compiled_optimizers', 'compile_times', 'format_compile_times']
+__all__ = ['compiled_optimizers', 'compile_times', 'format_compile_times', 'TARGETS_S']
+
+# What a notebook user should wait for the first fused step of a new model on CPU, in seconds: the
+# table says which rows meet them (see docs/how-it-works.md, "What the first fused step costs").
+TARGETS_S = {'cold': 5.0, 'warm': 1.0}
 
 
 _FIRST_STEPS = """
@@ -46,6 +50,10 @@ def compile_times(names, model='xresnet50', threads=2, device='cpu') -> list[dic
 
 def format_compile_times(rows: list[dict]) -> str:
     head = f"{'optimizer':<16} {'model':<10} {'cold first step':>16} {'warm first step':>16} {'then ms/step':>13}"
-    return '\n'.join([head, '-' * len(head)] + [
+    lines = [head, '-' * len(head)] + [
         f"{r['optimizer']:<16} {r['model']:<10} {r['cold_s']:>15.1f}s {r['warm_s']:>15.1f}s {r['step_ms']:>13.1f}"
-        for r in rows])
+        for r in rows]
+    met = {kind: sum(r[f'{kind}_s'] <= target for r in rows) for kind, target in TARGETS_S.items()}
+    lines.append(f"{'target':<27} {TARGETS_S['cold']:>15.1f}s {TARGETS_S['warm']:>15.1f}s"
+                 f"   (met by {met['cold']} and {met['warm']} of {len(rows)})")
+    return '\n'.join(lines)
