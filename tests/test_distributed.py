@@ -91,32 +91,39 @@ def _equal_to_one_process(rank, world):
     "Per (mode, optimizer, impl): the params' largest relative difference from one process, and what went wrong."
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+    configs = [(name, impl) for name in REGISTRY for impl in ('foreach', 'fused')]
+    # The one-process references, each trained by one rank (the whole batch, no collectives) and shared.
+    mine = {}
+    for name, impl in configs[rank::world]:
+        reference = net()
+        train(reference, build(name, impl, reference), batches(STEPS), REGISTRY[name].lr)
+        mine[(name, impl)] = [p.detach() for p in reference.parameters()]
+    shared = [None] * world
+    dist.all_gather_object(shared, mine)
+    references = {config: params for part in shared for config, params in part.items()}
     out = {}
-    for name in REGISTRY:
+    for name, impl in configs:
         lr = REGISTRY[name].lr
-        for impl in ('foreach', 'fused'):
-            reference = net()
-            train(reference, build(name, impl, reference), batches(STEPS), lr)
-            for mode, wrap in (('ddp', ddp), ('fsdp2', fsdp2)):
-                model = net()
-                wrapped = wrap(model)  # before the optimizer: FSDP2 replaces the params with DTensors
-                opt = build(name, impl, model)
-                train(wrapped, opt, batches(STEPS), lr, rank, world)
-                problems = []
-                if mode == 'fsdp2':
-                    inner = getattr(opt, 'opt', opt)
-                    for p in model.parameters():
-                        for key, s in inner.state[p].items():
-                            if isinstance(s, torch.Tensor) and s.shape == p.shape and (
-                                    not isinstance(s, DTensor) or s.placements != p.placements):
-                                problems.append(f"state {key!r} of a param of shape {tuple(p.shape)} is not sharded like it")
-                    torch.save(opt.state_dict(), f"/dev/null")  # Larc's local_lr, Lookahead's slow weights...
-                else:  # the replicas agree exactly
-                    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-                    gathered = [torch.empty_like(flat) for _ in range(world)]
-                    dist.all_gather(gathered, flat)
-                    if not all(torch.equal(g, gathered[0]) for g in gathered): problems.append("ranks differ")
-                out[(mode, name, impl)] = (max_rel_diff(model.parameters(), reference.parameters()), problems)
+        for mode, wrap in (('ddp', ddp), ('fsdp2', fsdp2)):
+            model = net()
+            wrapped = wrap(model)  # before the optimizer: FSDP2 replaces the params with DTensors
+            opt = build(name, impl, model)
+            train(wrapped, opt, batches(STEPS), lr, rank, world)
+            problems = []
+            if mode == 'fsdp2':
+                inner = getattr(opt, 'opt', opt)
+                for p in model.parameters():
+                    for key, s in inner.state[p].items():
+                        if isinstance(s, torch.Tensor) and s.shape == p.shape and (
+                                not isinstance(s, DTensor) or s.placements != p.placements):
+                            problems.append(f"state {key!r} of a param of shape {tuple(p.shape)} is not sharded like it")
+                torch.save(opt.state_dict(), f"/dev/null")  # Larc's local_lr, Lookahead's slow weights...
+            else:  # the replicas agree exactly
+                flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+                gathered = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(gathered, flat)
+                if not all(torch.equal(g, gathered[0]) for g in gathered): problems.append("ranks differ")
+            out[(mode, name, impl)] = (max_rel_diff(model.parameters(), references[(name, impl)]), problems)
     return out
 
 
