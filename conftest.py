@@ -20,4 +20,4 @@ pytest_collect_file = Sybil(parsers=[PythonCodeBlockParser(), SkipParser()], pat
 def pytest_collection_modifyitems(items):
     "A document's blocks share one namespace, top to bottom: one worker runs all of them (see pytest.ini)."
     for item in items:
-        if item.path.suffix == '.md': item.add_marker(pytest.mark.xdist_group(f'doc:{item.path.name}'))
+        if item.path.suffix == '.md': item.add_marker(pytest.mark.xdist_group(f'doc:{item.path}'))

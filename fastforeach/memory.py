@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import torch
 from fastcore.foundation import L
 
+from .core import inner_optimizer
 from .distributed import local
 
 __all__ = ['memory_report', 'own_buffers', 'state_bytes', 'PeakGradBytes']
@@ -34,7 +35,7 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
 def own_buffers(opt) -> list[torch.Tensor]:
     """fastforeach's own tensors behind `opt`: its fused steps' and Lookahead's plans and packs. (The
     padding of compiled calls, one-element tensors shared by the whole process, is left out.)"""
-    plans = [getattr(o, name) for o in (opt, getattr(opt, 'opt', None)) if o is not None
+    plans = [getattr(o, name) for o in dict.fromkeys((opt, inner_optimizer(opt)))  # Lookahead's, and its inner one's
              for name in ('fused_plans', '_plans') if hasattr(o, name)]
     return list(_tensors([p.buffers() for p in plans]))
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastforeach.core import inner_optimizer
 from fastforeach.registry import REGISTRY
 from fastforeach.testing.worlds import spawn
 
@@ -111,7 +112,7 @@ def _equal_to_one_process(rank, world):
             train(wrapped, opt, batches(STEPS), lr, rank, world)
             problems = []
             if mode == 'fsdp2':
-                inner = getattr(opt, 'opt', opt)
+                inner = inner_optimizer(opt)
                 for p in model.parameters():
                     for key, s in inner.state[p].items():
                         if isinstance(s, torch.Tensor) and s.shape == p.shape and (

@@ -14,6 +14,7 @@ from fastforeach import fused
 from fastforeach.fused import compile as compiling, compiled as compiled_steps, plans as fused_plans
 from fastforeach.testing.cases import compiled_optimizers
 from fastforeach.testing.oracle import oracle_layers
+from fastforeach.core import inner_optimizer
 from fastforeach.registry import REGISTRY
 from fastforeach.testing.training import digits_learner
 from test_oracle import against_fastai, assert_twins_equal
@@ -135,7 +136,7 @@ def test_factories_take_fused():
         assert p.kind is p.KEYWORD_ONLY and p.default is False
         layers = oracle_layers()
         opt = factory(layers, 1e-3, fused=True)
-        steps = getattr(opt, 'opt', opt).fused_steps
+        steps = inner_optimizer(opt).fused_steps
         assert steps and all(isinstance(f, fused.FusedStep) for f in steps), name
         assert getattr(factory(layers, 1e-3), 'fused', None) in (None, False), name
     with pytest.raises(ValueError, match="fused=True with foreach=False"): fastforeach.Adam(oracle_layers(), 1e-3, foreach=False, fused=True)
@@ -288,7 +289,7 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
     norms = [nn.Parameter(torch.randn(5)) for _ in range(4)]  # 1-d: do_wd=False in Twins
     groups = [small[:10] + [large] + norms, small[10:] + [nn.Parameter(torch.randn(2))]]
     twins = against_fastai(spec, 'fused', groups, wd=0.01)
-    step = getattr(twins.opt_b, 'opt', twins.opt_b).fused
+    step = inner_optimizer(twins.opt_b).fused
     # Larc's pack skips its L2 phase: the decay here is decoupled.
     calls_per_pack = 1 if name == 'Larc' else len(step.pack_phases) or 1
     calls_per_large = 2 if step.then else 1
@@ -312,7 +313,7 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
         assert len(built) == 3 * min(t, 2)
     assert_twins_equal(twins, torch.float32, 5)
     opt, (g0, g1) = twins.opt_b, twins.params_b
-    inner = getattr(opt, 'opt', opt)
+    inner = inner_optimizer(opt)
     for key in inner.rule.state_keys:
         for packed in (g0[:10], g0[11:15], g1[:-1]):
             assert _state_buffers(inner, sorted(packed, key=torch.numel), key) is not None, key

@@ -18,6 +18,7 @@ import torch
 
 from fastforeach.testing.cases import compiled_optimizers
 from fastforeach.testing.oracle import Twins, oracle_layers
+from fastforeach.core import inner_optimizer
 from fastforeach.registry import REGISTRY
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}
@@ -69,10 +70,10 @@ def test_fused_steps_are_fused():
     for name, spec in REGISTRY.items():
         for options in spec.configs.values():
             opt = spec.make('fused', oracle_layers()[0], **options)
-            inner = getattr(opt, 'opt', opt)
+            inner = inner_optimizer(opt)
             assert inner.fused_steps and all(isinstance(f, FusedStep) for f in inner.fused_steps), name
             foreach = spec.make('foreach', oracle_layers()[0], **options)
-            assert not getattr(foreach, 'opt', foreach).fused_steps, name
+            assert not inner_optimizer(foreach).fused_steps, name
 
 
 @pytest.mark.parametrize('name', compiled_optimizers())

@@ -9,6 +9,7 @@ from torch import nn
 import fastforeach
 from fastforeach.testing.oracle import Twins, oracle_layers
 from fastforeach.precision import COMP
+from fastforeach.core import inner_optimizer
 from fastforeach.registry import REGISTRY
 
 IMPLS = ['foreach', 'fused']
@@ -86,7 +87,7 @@ def update_error_bound(name: str, steps: int) -> float:
     adds at most 2^-24 of the weight per step (see the test below)."""
     spec = REGISTRY[name]
     opt = spec.make('foreach', [nn.Parameter(torch.zeros(1))])
-    hypers = getattr(opt, 'opt', opt).hypers[0]
+    hypers = inner_optimizer(opt).hypers[0]
     def carried(beta): return min(steps, 1 / (1 - beta)) if beta else 0
     momentum, squares = carried(hypers.get('mom', 0)), carried(hypers.get('sqr_mom', 0)) / 2
     # SGD (the registry's has no momentum) and Lookahead over it keep no state; LAMB's trust ratio divides
@@ -119,7 +120,7 @@ def test_kahan_follows_fastai_in_float64(name, impl):
         for t, m, b, (_, pa, _) in zip(travelled, largest, before, twins.pairs()):
             t += (pa.detach() - b).abs()
             torch.maximum(m, pa.detach().abs(), out=m)
-    inner = getattr(twins.opt_b, 'opt', twins.opt_b)
+    inner = inner_optimizer(twins.opt_b)
     bound = update_error_bound(name, steps)
     for t, m, (where, pa, pb) in zip(travelled, largest, twins.pairs()):
         if where == twins.no_grad: continue
