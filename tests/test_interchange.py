@@ -128,7 +128,7 @@ def test_group_mixing_dtypes_and_step_counts_is_bucketed(name, impl):
         assert opts[impl].state[b]['step'] == opts['native'].state[a]['step'] == 10 - first_step[i]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_group_mixing_devices_is_bucketed():
     spec = REGISTRY['Adam']
     layers = oracle_layers(torch.float32)

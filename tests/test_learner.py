@@ -147,15 +147,19 @@ def test_save_load_resumes_exactly(name, impl, tmp_path):
     assert_same_opt_state(straight, resumed)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
 @pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('name', ['SGD', 'Adam', 'Lamb', 'ranger'])
-def test_mixed_precision_on_cuda(name, impl, tmp_path):
-    """fastai's `to_fp16` on CUDA: float16 autocast, and a gradient scaler that unscales the gradients through
-    the optimizer's `param_groups` and skips the steps whose gradients overflowed. (On CPU fastai's
-    MixedPrecision turns itself off.)"""
-    assert_same_model(*twin_runs(name, tmp_path, lambda learn: learn.to_fp16().fit(1, REGISTRY[name].lr), impl,
-                                 device='cuda'))
+def test_mixed_precision_on_cuda(name, impl, precision, tmp_path):
+    """fastai's `to_fp16` and `to_bf16` on CUDA: autocast, and (float16) a gradient scaler that unscales the
+    gradients through the optimizer's `param_groups` and skips the steps whose gradients overflowed. (On CPU
+    fastai's MixedPrecision turns itself off.)"""
+    def train(learn): getattr(learn, f"to_{precision}")().fit(1, REGISTRY[name].lr)
+    # float16 activations keep 11 bits: an ulp of a float32 weight (torch's fused Adam kernel takes √v/√debias2
+    # where fastai takes √(v/debias2)) can flip their rounding (measured on an H200: 2 of 144 weights of the
+    # first conv 1.9% apart after an epoch), hence `assert_same_run`'s measure of fastai's own sensitivity.
+    assert_same_run(*twin_runs(name, tmp_path, train, impl, device='cuda'), name, tmp_path, train, impl, device='cuda')
 
 
 @pytest.mark.parametrize('name,options', [('Adam', {}), ('ranger', {}), ('SGD', {'mom': 0.9}), ('Larc', {'clip': False})])

@@ -93,7 +93,7 @@ def test_fused_chunks_equal_fastai(name):
         if t in CHECKPOINTS: assert_twins_equal(twins, torch.float32, t)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize('impl', ['foreach', 'fused', 'fused-per-tensor'])
 @pytest.mark.parametrize('spec,options', CASES)
 def test_equals_fastai_on_cuda(spec, options, impl, monkeypatch):

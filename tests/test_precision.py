@@ -14,13 +14,14 @@ from fastforeach.registry import REGISTRY
 
 IMPLS = ['foreach', 'fused']
 BF16 = torch.bfloat16
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
 
 
-def constant_moves(rounding, impl, step, steps=1000, n=1, w0=1.0, dtype=BF16, **options):
+def constant_moves(rounding, impl, step, steps=1000, n=1, w0=1.0, dtype=BF16, device='cpu', **options):
     """`n` 16-bit weights of `w0` moved by −`step` for `steps` steps (SGD with lr 1 and the gradient `step`,
     rounded to `dtype` as every input is): the params, their Kahan buffers (or None), and the intended end."""
-    p = nn.Parameter(torch.full((n,), w0, dtype=dtype))
-    g = torch.full((n,), step, dtype=dtype)
+    p = nn.Parameter(torch.full((n,), w0, dtype=dtype, device=device))
+    g = torch.full((n,), step, dtype=dtype, device=device)
     opt = fastforeach.SGD([p], lr=1., rounding=rounding, fused=impl == 'fused', **options)
     for _ in range(steps):
         p.grad = g.clone()
@@ -67,11 +68,12 @@ def test_a_bf16_kahan_buffer_loses_part_of_tiny_updates(impl):
     assert comp.dtype == torch.float64 and (1 - (p + comp).item()) < 0.8 * (1 - target.item())
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('impl', IMPLS)
-def test_stochastic_rounding_is_unbiased(impl):
+def test_stochastic_rounding_is_unbiased(impl, device):
     "Over 4096 weights, the mean end lies within 3 standard errors of the intended one; nothing extra is kept."
     torch.manual_seed(0)
-    p, comp, target = constant_moves('stochastic', impl, 1e-4, n=4096)
+    p, comp, target = constant_moves('stochastic', impl, 1e-4, n=4096, device=device)
     assert comp is None
     standard_error = p.std() / math.sqrt(p.numel())
     assert abs(p.mean() - target) <= 3 * standard_error
@@ -103,14 +105,15 @@ def update_error_bound(name: str, steps: int) -> float:
     return 2 ** -9 * term
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('name', list(REGISTRY))
-def test_kahan_follows_fastai_in_float64(name, impl):
+def test_kahan_follows_fastai_in_float64(name, impl, device):
     """bf16 params with Kahan summation beside fastai's optimizer in float64 (the oracle's layers, two
     groups, do_wd marks, a param without gradient, a new lr each step), for 100 steps: p + comp within
     `update_error_bound` of the distance travelled, plus the float32 write-back's share."""
     spec, steps = REGISTRY[name], 100
-    twins = Twins(lambda g: spec.make('native', g), lambda g: spec.make(impl, g), oracle_layers(torch.float64),
+    twins = Twins(lambda g: spec.make('native', g), lambda g: spec.make(impl, g), oracle_layers(torch.float64, device),
                   low_precision=BF16)
     travelled = [torch.zeros_like(pa) for _, pa, _ in twins.pairs()]
     largest = [pa.detach().abs() for _, pa, _ in twins.pairs()]
@@ -216,8 +219,9 @@ def partial_adam(rounding):
     return partial(fastforeach.Adam, rounding=rounding)
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('impl', IMPLS)
-def test_pure_bf16_learner_is_all_bf16(impl):
+def test_pure_bf16_learner_is_all_bf16(impl, device):
     "Params, gradients, optimizer state and buffers in bf16, the Kahan buffers in float32; predictions in float32."
     from functools import partial
     seen = {}
@@ -225,7 +229,7 @@ def test_pure_bf16_learner_is_all_bf16(impl):
         order = 20
         def after_loss(self): seen['pred'], seen['loss'] = self.pred.dtype, self.loss.dtype
     learn = digits_run(partial(fastforeach.Adam, fused=impl == 'fused'), True,
-                       lambda learn: learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1), cbs=Spy())
+                       lambda learn: learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1), cbs=Spy(), device=device)
     assert seen == {'pred': torch.float32, 'loss': torch.float32}
     for p in learn.model.parameters():
         assert p.dtype == BF16 and p.grad.dtype == BF16

@@ -30,7 +30,7 @@ def model_with_unused_param() -> nn.Sequential:
 def splitter(model): return [cnn_splitter(model)[0], cnn_splitter(model)[1] + [model.unused]]
 
 
-def run(name, impl, release: bool, bucket_bytes=2000):
+def run(name, impl, release: bool, bucket_bytes=2000, device='cpu'):
     """`fit_one_cycle` in float64 with slice lrs, the body frozen (its norm layers train) for an epoch,
     then all of it; the optimizer as the registry builds it."""
     import fastai.callback.schedule  # noqa: F401
@@ -42,7 +42,8 @@ def run(name, impl, release: bool, bucket_bytes=2000):
     spec = REGISTRY[name]
     set_seed(0, reproducible=True)
     cbs = [Float64()] + ([fastforeach.GradientRelease(bucket_bytes)] if release else [])
-    learn = Learner(digits_dls(n_train=256), model_with_unused_param().double(), loss_func=CrossEntropyLossFlat(),
+    learn = Learner(digits_dls(n_train=256, device=device), model_with_unused_param().double().to(device),
+                    loss_func=CrossEntropyLossFlat(),
                     opt_func=lambda params, lr: spec.make(impl, params, lr), splitter=splitter, cbs=cbs)
     with learn.no_logging(), learn.no_bar():
         learn.freeze()
@@ -52,11 +53,17 @@ def run(name, impl, release: bool, bucket_bytes=2000):
     return learn
 
 
-@pytest.mark.parametrize('impl', ['foreach', 'fused'])
-@pytest.mark.parametrize('name', list(REGISTRY))
-def test_release_steps_as_a_normal_step(name, impl):
+# On CUDA, one optimizer of each kind of step (PyTorch's kernel, a compiled update, pack phases around norms,
+# Muon's two routes, Lookahead's sync): every row would take minutes of a lent GPU's time.
+ON_CUDA = ('Adam', 'RMSProp', 'Lamb', 'Larc', 'Muon', 'ranger')
+RELEASE_CASES = [(name, impl, 'cpu') for name in REGISTRY for impl in ('foreach', 'fused')] + [
+    pytest.param(name, impl, 'cuda', marks=pytest.mark.cuda) for name in ON_CUDA for impl in ('foreach', 'fused')]
+
+
+@pytest.mark.parametrize('name,impl,device', RELEASE_CASES)
+def test_release_steps_as_a_normal_step(name, impl, device):
     "Every optimizer, foreach and fused, Lookahead and ranger included: params and state equal to 1e-10."
-    normal, released = run(name, impl, False), run(name, impl, True)
+    normal, released = run(name, impl, False, device=device), run(name, impl, True, device=device)
     for a, b in zip(normal.model.parameters(), released.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     sa, sb = normal.opt.state_dict(), released.opt.state_dict()
