@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .ops import device_tensor
+
 __all__ = ['is_sharded', 'local', 'layout', 'WholeNorms', 'LOCAL_NORMS', 'norms_for', 'as_like', 'check_layout']
 
 try:
@@ -74,7 +76,7 @@ class WholeNorms:
     def rms(self, xs: list[torch.Tensor]) -> torch.Tensor:
         "The root mean square of the elements of each whole param, as a 1-d tensor (one all-reduce, as norms)."
         norms = torch.stack(torch._foreach_norm(xs))
-        return root_mean_square(self, norms, torch.tensor([x.numel() for x in xs], dtype=norms.dtype, device=norms.device))
+        return root_mean_square(self, norms, device_tensor([x.numel() for x in xs], norms.dtype, norms.device))
 
     def complete(self, local_norms: torch.Tensor) -> torch.Tensor:
         "The whole params' norms from their shards' `local_norms` (any shape, one entry per shard)."

@@ -16,6 +16,7 @@ import torch
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, l2_reg, step_stat, weight_decay
 
 from ..fastai import ForEachOptimizer
+from ..ops import device_tensor
 from ..fused import Coefficients, coefficient_dtype, flat_compiles, run_flat
 from ..core import Route
 from ..rules import StepRule, choice, count, declare
@@ -224,8 +225,8 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, ns_metho
     updates = torch._foreach_lerp(eager_g, eager_avg, mom) if nesterov and eager else eager_avg
     if sharded: updates = whole.gather(updates)  # every param is eager then
     matrices = dict(zip(eager, map(as_matrix, updates)))
-    c = torch.tensor(AVERAGE.values({'damp': 1 - mom, 'mom': mom}), dtype=coefficient_dtype(g[0].dtype),
-                     device=g[0].device) if passes else None
+    c = device_tensor(AVERAGE.values({'damp': 1 - mom, 'mom': mom}), coefficient_dtype(g[0].dtype),
+                      g[0].device) if passes else None
     def fill(i, out):
         if fused[i]: run_flat(first, [g[i].view(-1), grad_avg[i].view(-1), out.view(-1)], c)
         else: out.copy_(matrices[i])
@@ -236,7 +237,8 @@ def muon_step(p, g, grad_avg, *, lr, mom, nesterov, ns_steps, ns_dtype, ns_metho
     if decay is not None and eager: torch._foreach_mul_([p[i] for i in eager], [factors[i] for i in eager])
     for pi, o, m, f, fuse in zip(p, ortho, shapes, factors, fused):
         alpha = -adjusted_lr(lr, m.shape, adjust_lr)  # the whole matrix's shape
-        if fuse: run_flat(_apply_update, [pi.view(-1), o.view(-1)], c.new_tensor(MOVE.values({'factor': f, 'alpha': alpha})))
+        if fuse: run_flat(_apply_update, [pi.view(-1), o.view(-1)],
+                          device_tensor(MOVE.values({'factor': f, 'alpha': alpha}), c.dtype, c.device))
         elif pi.is_contiguous(): pi.view(o.shape).add_(o, alpha=alpha)  # as a matrix
         else: pi.add_(o.reshape(pi.shape), alpha=alpha)
 

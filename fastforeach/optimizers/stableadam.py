@@ -7,7 +7,7 @@ import torch
 from fastai.optimizer import Optimizer, average_grad, average_sqr_grad, l2_reg, step_stat
 
 from ..fastai import ForEachOptimizer
-from ..ops import debias
+from ..ops import debias, device_tensor
 from ..fused import CompiledStep, PackStep, run_flat
 from ..rules import declare
 from .adam import ADAM, adam_coefficients, adam_direction, average_grads, average_grads_update, debiased_rms
@@ -26,7 +26,7 @@ def stable_adam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, no
     torch._foreach_sqrt_(v_hat)
     scale = norms.rms(torch._foreach_div(g, v_hat)).clamp_min(1).reciprocal()
     if decay is not None and any(decay):
-        wds = torch.tensor(decay, dtype=scale.dtype, device=scale.device)
+        wds = device_tensor(decay, scale.dtype, scale.device)
         torch._foreach_mul_(p, (1 - lr * wds * scale).unbind())
     denom = debiased_rms(sqr_avg, step=step, sqr_mom=sqr_mom, eps=eps)
     update = torch._foreach_div(grad_avg, denom)
