@@ -322,6 +322,29 @@ def test_small_params_are_stepped_as_one_pack(name, monkeypatch):
         assert not (flat.data_ptr() <= big.data_ptr() < flat.data_ptr() + flat.nbytes), key
 
 
+NORMED = [pytest.param(name, options, id=f"{name}-{cfg}") for name in ('Larc', 'Lamb', 'StableAdam')
+          for cfg, options in REGISTRY[name].configs.items()]
+
+
+@pytest.mark.parametrize('name,options', NORMED)
+def test_multi_tensor_pack_norms_equal_fastai(name, options, monkeypatch):
+    """CUDA's way of taking a pack's per-param norms and spreading per-param values (one `_foreach_norm` over
+    views, `repeat_interleave`, a kept scratch buffer), run on CPU over every oracle param packed: equal to
+    fastai in float64, as the CPU's way is (the oracle on CUDA runs it there)."""
+    from fastforeach.fused import packs
+    monkeypatch.setattr(packs, 'MULTI_TENSOR_DEVICES', {'cpu', 'cuda'})
+    monkeypatch.setitem(fused.PACK_MAX_NUMEL, 'cpu', fused.PACK_MAX_NUMEL['cuda'])
+    viewed = []
+    views = packs.Pack._views
+    monkeypatch.setattr(packs.Pack, '_views', lambda self, flat: viewed.append(flat) or views(self, flat))
+    spec = REGISTRY[name]
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64), **options)
+    for t in range(1, 31):
+        twins.step(spec.lr)
+        if t in (1, 2, 30): assert_twins_equal(twins, torch.float64, t)
+    assert viewed
+
+
 @pytest.mark.parametrize('decouple_wd', [True, False])
 def test_larc_pack_phases_and_local_lrs(decouple_wd, monkeypatch):
     """Larc's pack takes its L2 phase only with L2 (decoupled decay rides on the move), and keeps the
@@ -380,7 +403,7 @@ def test_pack_takes_in_state_changed_or_replaced_mid_run():
     assert _state_buffers(twins.opt_b, by_size, 'grad_avg') is not None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize('impl', ['foreach', 'fused'])
 @pytest.mark.parametrize('name', list(REGISTRY))
 def test_cuda_steps_never_wait_for_the_gpu(name, impl):

@@ -9,10 +9,11 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..distributed import LOCAL_NORMS, WholeNorms, root_mean_square
+from ..ops import device_tensor
 from .compile import coefficient_dtype
 from .layout import end_to_end, laid_end_to_end
 
-__all__ = ['PACK_MAX_NUMEL', 'pack_max_numel', 'packs_as_on', 'Pack', 'PackStep']
+__all__ = ['PACK_MAX_NUMEL', 'MULTI_TENSOR_DEVICES', 'pack_max_numel', 'packs_as_on', 'Pack', 'PackStep']
 
 # Params of at most this many elements, per device type, are stepped as one `Pack` by compiled updates.
 # CPU: a compiled loop per tensor costs 5-7 µs below it (RAdam, 2 threads). CUDA: a kernel launch per tensor
@@ -20,6 +21,15 @@ __all__ = ['PACK_MAX_NUMEL', 'pack_max_numel', 'packs_as_on', 'Pack', 'PackStep'
 # xresnet50 RMSProp, when packs copied their params in and out: 4.2 ms per step packing up to 8K elements,
 # 1.7 ms up to 8M, which packs every param).
 PACK_MAX_NUMEL = {'cpu': 1 << 13, 'cuda': 1 << 23}
+
+
+# Device types where a pack's per-param norms and spreads are a few multi-tensor launches (`torch._foreach_norm`,
+# `repeat_interleave`) and its scratch buffer is kept: where each launch costs more than the arithmetic of
+# most params (CUDA). On CPU, one reduction and one copy per run of params of the same size is faster.
+MULTI_TENSOR_DEVICES = {'cuda'}
+
+
+def _multi_tensor(t: torch.Tensor) -> bool: return t.device.type in MULTI_TENSOR_DEVICES
 
 
 def pack_max_numel(device: torch.device) -> int:
@@ -59,7 +69,7 @@ class Pack:
     16-bit params stepped in float32 are stepped in their own dtype by updates that work on float32 values
     inside the compiled loop (see `compile._runner`)."""
     __slots__ = ('params', 'adopted', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'flat_comp', 'moved',
-                 '_cached')
+                 '_cached', '_grads')
 
     def __init__(self, params, states, comps=None, adopt: bool = True):
         self.params, self.adopted = params, adopt and _adoptable(params)
@@ -71,6 +81,7 @@ class Pack:
         else:
             self.flat_p, self.p_views = laid_end_to_end(params)
             self.flat_g, self.g_views = laid_end_to_end(params)
+        self._grads = self.g_views
         self.flat_states, self.moved = [], []
         for ss in [*states, *([comps] if comps else [])]:
             flat, views = _moved(ss)
@@ -92,19 +103,24 @@ class Pack:
             torch._foreach_copy_(self.g_views, grads)
             return
         self.flat_g, views = _moved(grads)
+        self._grads = grads if views is None else views
         # Views of another buffer (DDP's with gradient_as_bucket_view) stay the owner's: copied, not replaced.
         if views is not None and all(g._base is None for g in grads):
             for p, v in zip(self.params, views): p.grad = v
 
     def give_back(self):
         "After the step: the params copied back where they are not the pack's; no gradient buffer kept."
-        if self.adopted: self.flat_g = None
+        if self.adopted: self.flat_g = self._grads = None
         else: torch._foreach_copy_(self.params, self.p_views)
 
     def scratch(self) -> torch.Tensor:
         """A buffer like the pack's params that a phase may write (what is not the params' own): the pack's
-        copy of the gradients when it copies them, else a buffer for this step, not kept."""
-        return torch.empty_like(self.flat_p) if self.adopted else self.flat_g
+        copy of the gradients when it copies them, else a buffer for this step, not kept on CPU; on CUDA
+        kept, with its per-param views (see `_views`), since the caching allocator would hold its memory anyway
+        (see `MULTI_TENSOR_DEVICES`)."""
+        if not self.adopted: return self.flat_g
+        if _multi_tensor(self.flat_p): return self._once('scratch', lambda: torch.empty_like(self.flat_p))
+        return torch.empty_like(self.flat_p)
 
     def buffers(self) -> list:
         "Every tensor the pack holds: its flat params, gradients, state and buffers, and what it keeps for reuse."
@@ -125,17 +141,33 @@ class Pack:
         """For each of `flats` (the pack's params, gradients…), the L2 norm of each param's stretch as a 1-d
         tensor: one reduction per run of params of the same size, not one per param; completed by `whole`
         to the norms of whole params where the pack holds shards of them (one all-reduce for all `flats`)."""
-        local = torch.stack([self._norms_of(flat) for flat in flats]).to(coefficient_dtype(flats[0].dtype))
-        return tuple(whole.complete(local))
+        if _multi_tensor(flats[0]):  # one multi-tensor launch for every param of every flat
+            views = [v for flat in flats for v in self._views(flat)]
+            local = torch.stack(torch._foreach_norm(views)).view(len(flats), -1)
+        else: local = torch.stack([self._norms_of(flat) for flat in flats])
+        return tuple(whole.complete(local.to(coefficient_dtype(flats[0].dtype))))
 
     def rms(self, flat: torch.Tensor, whole: WholeNorms = LOCAL_NORMS) -> torch.Tensor:
         "The root mean square of each param's stretch of `flat`, of whole params as `norms`, as a 1-d tensor."
         norms = self._norms_of(flat).to(coefficient_dtype(flat.dtype))
-        numels = self._once(('numels', norms.dtype), lambda: torch.tensor(
-            [n for k, n in self._runs for _ in range(k)], dtype=norms.dtype, device=norms.device))
+        numels = self._once(('numels', norms.dtype), lambda: device_tensor(self._numels, norms.dtype, norms.device))
         return root_mean_square(whole, norms, numels)
 
+    @property
+    def _numels(self) -> list[int]: return [n for k, n in self._runs for _ in range(k)]
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each param's stretch of `flat`, one of the pack's flat tensors, as a tensor: the params or
+        gradients themselves, or views of the kept scratch buffer made once (a `split` per step would cost
+        a microsecond per param)."""
+        if flat is self.flat_p: return self.params if self.adopted else self.p_views
+        if flat is self.flat_g: return self._grads
+        if flat is self._cached.get('scratch'): return self._once('scratch views', lambda: flat.split(self._numels))
+        return list(flat.split(self._numels))
+
     def _norms_of(self, flat: torch.Tensor) -> torch.Tensor:
+        "The norm of each param's stretch of `flat`: on CPU one reduction per run of params of the same size."
+        if _multi_tensor(flat): return torch.stack(torch._foreach_norm(self._views(flat)))
         rows, at = [], 0
         for k, n in self._runs:
             rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
@@ -159,6 +191,9 @@ class Pack:
         per element kept inductor from vectorising it: 3x slower on the MLP.) A pack that copies its params
         keeps the buffer for the next step, as it keeps its copies; one that steps them in place keeps
         nothing between steps."""
+        if _multi_tensor(values):  # a few launches, not one per run (given the output's size, nothing waits for the GPU)
+            repeats = self._once(('repeats', values.device), lambda: device_tensor(self._numels, torch.int64, values.device))
+            return torch.repeat_interleave(values, repeats, output_size=self.flat_p.numel())
         def make(): return torch.empty(self.flat_p.numel(), dtype=values.dtype, device=values.device)
         out = make() if self.adopted else self._once('spread', make)
         at = first = 0
