@@ -88,6 +88,7 @@ def test_distributed_mode_times_fsdp2_steps_and_halves_the_state(tmp_path, capsy
     (['--threads', '0'], '--threads must be >= 1'),
     (['--device', 'tpu'], "unknown device 'tpu'"),
     (['--distributed', '1'], '--distributed needs 2 ranks or more'),
+    (['--compile-times', 'Adamax'], 'unknown optimizer Adamax'),
 ])
 def test_bad_arguments_exit_with_a_message(args, message, capsys):
     "Refused by the command's parser, with a usage message and no traceback (in this process: the same parser)."

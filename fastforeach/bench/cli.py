@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--out', metavar='PREFIX',
                     help='write PREFIX.json, PREFIX.png, PREFIX.txt (what is printed) and PREFIX.md (the summary table)')
     ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation, and optimizer accumulation against GradientAccumulation')
-    ap.add_argument('--compile-times', action='store_true',
-                    help='also time the first (compiling) fused step in fresh processes, cold and warm cache')
+    ap.add_argument('--compile-times', nargs='*', metavar='OPT',
+                    help='also time the first (compiling) fused step in fresh processes, cold and warm cache: of '
+                         'the optimizers named, or of every one benchmarked when none is')
     ap.add_argument('--memory', action='store_true',
                     help="also count the bytes per param each setup holds (fp32, pure bf16), and time plain passes "
                          "over each model's params beside SGD: the floor of a one-pass step")
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     models = _choose(args.models, MODELS, QUICK_MODELS if args.quick else None, 'model', ap)
     optimizers = _choose(args.optimizers, BENCH, QUICK_OPTIMIZERS if args.quick else None, 'optimizer', ap)
+    if args.compile_times is not None: args.compile_times = _choose(args.compile_times, BENCH, optimizers, 'optimizer', ap)
     if args.threads < 1: ap.error(f"--threads must be >= 1, got {args.threads}")
     if min(args.steps, args.check_steps) < 1 or args.warmup < 0: ap.error("--steps and --check-steps must be >= 1")
     if args.device not in ('cpu', 'cuda'): ap.error(f"unknown device {args.device!r}; choose cpu or cuda")
@@ -92,8 +94,8 @@ def _run(args, models, optimizers, command) -> int:
         result['train'] = train = train_table(device=args.device)
         result['accumulation'] = accumulated = accumulation_table(device=args.device)
         report += [train['table'], accumulated['table']]
-    if args.compile_times:
-        result['compile_times'] = compiled = compile_times(optimizers, threads=args.threads, device=args.device)
+    if args.compile_times is not None:
+        result['compile_times'] = compiled = compile_times(args.compile_times, threads=args.threads, device=args.device)
         report.append(format_compile_times(compiled))
     if args.memory:
         result['memory'] = floor = [r for m in models for r in memory_floor(m, args.threads, args.device, args.steps,

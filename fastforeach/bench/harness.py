@@ -21,7 +21,7 @@ from ..testing.references import REFERENCES
 from .models import MODELS, params_like
 
 __all__ = ['BENCH', 'QUICK_OPTIMIZERS', 'BenchCase', 'Row', 'implementations', 'adamw_builder', 'contenders', 'time_opts',
-           'time_steps', 'device_sync', 'max_difference', 'run_bench', 'REFERENCE', 'FASTAI_ADAM', 'ADAMW', 'torch_adamw',
+           'time_steps', 'cuda_costs', 'device_sync', 'max_difference', 'run_bench', 'REFERENCE', 'FASTAI_ADAM', 'ADAMW', 'torch_adamw',
            'torch_builder']
 
 
@@ -113,6 +113,13 @@ class Row:
     n_tensors: int
     n_elements: int
     adamw_ms: float  # torch's fused AdamW on the same model, timed in the same interleaved rounds
+    # On CUDA (None elsewhere): the median time until `step()` returns, before the device has finished (the
+    # host's share: a step whose host_ms is near its ms is bound by Python and launches, not by memory);
+    # the device operations (kernels, copies, fills) one step runs; and the most memory allocated while the
+    # contender alone exists and steps: its params, gradients, state and temporaries.
+    host_ms: float | None = None
+    kernels: float | None = None
+    peak_mb: float | None = None
 
 
 def contenders(model: nn.Module, impls: dict[str, Callable], lr: float, device, shard: Callable = None) -> dict:
@@ -121,18 +128,19 @@ def contenders(model: nn.Module, impls: dict[str, Callable], lr: float, device, 
     opts = {}
     for impl, build in impls.items():
         params = params_like(model, device)
-        gen = torch.Generator().manual_seed(0)
-        grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in params]
+        gen = torch.Generator(device).manual_seed(0)  # on the device: a large model's take seconds on the CPU
+        grads = [torch.randn(p.shape, generator=gen, device=device) * 1e-3 for p in params]
         if shard is not None: params = [nn.Parameter(shard(p.detach())) for p in params]; grads = list(map(shard, grads))
         for p, g in zip(params, grads): p.grad = g
         opts[impl] = build(params, lr)
     return opts
 
 
-def time_opts(opts: dict, steps: int, warmup: int, sync: Callable = lambda: None) -> dict:
+def time_opts(opts: dict, steps: int, warmup: int, sync: Callable = lambda: None, host: dict | None = None) -> dict:
     """Median seconds per step of each optimizer, interleaved so that they share the machine's moods; `sync`
-    before and after each step (CUDA: wait for the device; several ranks: a barrier)."""
-    times = {impl: [] for impl in opts}
+    before and after each step (CUDA: wait for the device; several ranks: a barrier). `host`, when given,
+    receives each optimizer's median seconds until `step()` returned, before the closing `sync`."""
+    times, returned = {impl: [] for impl in opts}, {impl: [] for impl in opts}
     # A new order every round: in a fixed one, each contender would always find the cache as the same
     # neighbour left it (measured: up to 7% on the MLP between two copies of one optimizer). Seeded, so
     # that every rank of a world steps the same optimizer at the same time.
@@ -142,8 +150,10 @@ def time_opts(opts: dict, steps: int, warmup: int, sync: Callable = lambda: None
         for impl, opt in order:
             sync(); start = time.perf_counter()
             opt.step()
+            back = time.perf_counter() - start
             sync(); elapsed = time.perf_counter() - start
-            if i >= warmup: times[impl].append(elapsed)
+            if i >= warmup: times[impl].append(elapsed); returned[impl].append(back)
+    if host is not None: host.update({impl: statistics.median(t) for impl, t in returned.items()})
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
@@ -152,9 +162,28 @@ def device_sync(device) -> Callable:
     return torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
 
 
-def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: int, warmup: int, device) -> dict:
+def time_steps(model: nn.Module, impls: dict[str, Callable], lr: float, steps: int, warmup: int, device,
+               host: dict | None = None) -> dict:
     "Median seconds per step of each implementation on `model`'s params (see `contenders`, `time_opts`)."
-    return time_opts(contenders(model, impls, lr, device), steps, warmup, device_sync(device))
+    return time_opts(contenders(model, impls, lr, device), steps, warmup, device_sync(device), host)
+
+
+def cuda_costs(model: nn.Module, build: Callable, lr: float, steps: int = 2) -> tuple[float, float]:
+    """(peak MB, device operations per step) of one implementation on CUDA, alone: the most memory allocated
+    while its params, gradients and optimizer exist and step `steps` times (from the allocator's own count),
+    and the kernels, copies and fills its steps run (from the profiler, over `steps` steps after those)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    (opt,) = contenders(model, {'one': build}, lr, 'cuda').values()
+    for _ in range(steps): opt.step()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps): opt.step()
+        torch.cuda.synchronize()
+    on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return peak_mb, len(on_device) / steps
 
 
 def max_difference(model: nn.Module, impl_build: Callable, native_build: Callable, lr, steps, device) -> float:
@@ -174,14 +203,16 @@ def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='
     for model_name, opt_name in (progress_bar(jobs) if progress else jobs):
         if model_name not in built: built = {model_name: MODELS[model_name]()}  # one model in memory at a time
         model, spec = built[model_name], REGISTRY[opt_name]
-        impls = implementations(opt_name)
-        times = time_steps(model, {**impls, ADAMW: adamw_builder()}, spec.lr, steps, warmup, device)
+        impls, host = implementations(opt_name), {}
+        times = time_steps(model, {**impls, ADAMW: adamw_builder()}, spec.lr, steps, warmup, device, host)
         adamw_ms = times.pop(ADAMW) * 1e3
+        on_cuda = torch.device(device).type == 'cuda'
         n_tensors = sum(1 for _ in model.parameters())
         n_elements = sum(p.numel() for p in model.parameters())
         for impl, seconds in times.items():
             diff = 0. if impl == 'native' else None if impl == FASTAI_ADAM else max_difference(
                 model, impls[impl], impls['native'], spec.lr, check_steps, device)
+            peak_mb, kernels = cuda_costs(model, impls[impl], spec.lr) if on_cuda else (None, None)
             rows.append(Row(model_name, opt_name, impl, seconds * 1e3, times['native'] / seconds, diff,
-                            n_tensors, n_elements, adamw_ms))
+                            n_tensors, n_elements, adamw_ms, host[impl] * 1e3 if on_cuda else None, kernels, peak_mb))
     return rows

@@ -13,13 +13,16 @@ __all__ = ['format_table', 'reference_table', 'summary_table', 'SUMMARY_MODELS',
 
 
 def format_table(rows: list[Row]) -> str:
+    "The step times; on CUDA also the host's share, the device operations per step and the peak memory."
+    cuda = any(r.host_ms is not None for r in rows)
     head = (f"{'model':<12} {'optimizer':<16} {'impl':<14} {'ms/step':>9} {'speed-up':>9} {'max rel diff':>13} "
-            f"{'/ AdamW':>8}")
+            f"{'/ AdamW':>8}" + (f" {'host ms':>8} {'kernels':>8} {'peak MB':>8}" if cuda else ''))
     lines = [head, '-' * len(head)]
     for r in rows:
         diff = '-' if r.max_rel_diff is None else f"{r.max_rel_diff:.1e}"
         lines.append(f"{r.model:<12} {r.optimizer:<16} {r.impl:<14} {r.ms:>9.2f} {r.speedup:>8.2f}x "
-                     f"{diff:>13} {r.ms / r.adamw_ms:>7.2f}x")
+                     f"{diff:>13} {r.ms / r.adamw_ms:>7.2f}x"
+                     + (f" {r.host_ms:>8.2f} {r.kernels:>8.0f} {r.peak_mb:>8.0f}" if cuda else ''))
     return '\n'.join(lines)
 
 

@@ -56,7 +56,10 @@ class Twins:
         for opt, params in ((self.opt_a, self.params_a), (self.opt_b, self.params_b)):
             for p in (p for g in params for p in g):
                 if mark_no_wd and p.ndim <= 1: opt.state[p]['do_wd'] = False
-        self.gen = torch.Generator().manual_seed(seed)
+        # Gradients drawn on the first param's device: on CUDA, drawing a large model's on the CPU would take
+        # most of the benchmark's correctness checks.
+        first = next((p for g in groups for p in g), None)
+        self.gen = torch.Generator(first.device if first is not None else 'cpu').manual_seed(seed)
         self.t = 0
 
     def pairs(self) -> Iterator[tuple[tuple[int, int], nn.Parameter, nn.Parameter]]:
@@ -67,7 +70,7 @@ class Twins:
         "Fresh random gradients, a new lr per group (and a new mom when there is one), then step both."
         for where, pa, pb in self.pairs():
             if where == self.no_grad: continue
-            g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64).to(pb) * 0.1
+            g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64, device=self.gen.device).to(pb) * 0.1
             pa.grad, pb.grad = g.to(pa.dtype), g.clone()
         self.t += 1
         lr = base_lr * (1 + 0.5 * math.sin(self.t / 7))

@@ -20,9 +20,11 @@ from fastforeach.registry import REGISTRY
 params = params_like(MODELS[{model!r}](), {device!r})
 for p in params: p.grad = torch.randn_like(p) * 1e-3
 opt = REGISTRY[{name!r}].make('fused', params, **BENCH[{name!r}].options)
+sync = torch.cuda.synchronize if {device!r} == 'cuda' else (lambda: None)
+sync()
 times = []
 for _ in range(2):
-    start = time.perf_counter(); opt.step(); times.append(time.perf_counter() - start)
+    start = time.perf_counter(); opt.step(); sync(); times.append(time.perf_counter() - start)
 print(*times)
 """
 
