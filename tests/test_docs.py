@@ -63,6 +63,13 @@ def test_readme_shows_the_committed_benchmark_run():
     assert (ROOT / 'bench-results' / 'cpu-2threads.png').exists()
 
 
+def test_readme_shows_the_committed_gpu_run():
+    "The README's GPU table is the one the GPU check's benchmark wrote (`bench-results/cuda-h200.md`)."
+    summary = (ROOT / 'bench-results' / 'cuda-h200.md').read_text()
+    assert summary.split('\n\n')[0] in (ROOT / 'README.md').read_text()
+    assert (ROOT / 'scripts' / 'gpu-check.sh').exists()
+
+
 def test_readme_is_short():
     assert len((ROOT / 'README.md').read_text().splitlines()) <= 150
 
