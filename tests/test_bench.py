@@ -142,3 +142,17 @@ def test_newton_schulz_table_times_and_measures_each_method():
     assert abs(standard['median_error'] - torchs['median_error']) < 0.01
     assert gram['median_error'] < torchs['median_error'] + 0.05 and gram['max_error'] < torchs['max_error'] + 0.05
     assert "Muon's orthogonalisation" in bench.format_newton_schulz_table(rows)
+
+
+@pytest.mark.cuda
+def test_cuda_rows_carry_host_time_kernels_and_peak_memory(tmp_path):
+    "On CUDA every row has the host's share of its time, its device operations per step and its peak memory."
+    out_json = tmp_path / 'r.json'
+    assert bench.main(['--device', 'cuda', '--models', 'mlp', '--optimizers', 'SGD', 'Adam', '--steps', '2',
+                       '--warmup', '1', '--check-steps', '2', '--json', str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())['rows']
+    for r in rows:
+        assert 0 < r['host_ms'] <= r['ms'] and r['kernels'] >= 1 and r['peak_mb'] > 0, r
+    fused = next(r for r in rows if (r['optimizer'], r['impl']) == ('Adam', 'fused'))
+    native = next(r for r in rows if (r['optimizer'], r['impl']) == ('Adam', 'native'))
+    assert fused['kernels'] < native['kernels']  # one multi-tensor kernel, not a chain per param
