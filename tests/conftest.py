@@ -1,11 +1,11 @@
+import os
+
 import pytest
 import torch
 
 # One thread, as the spawned ranks have: compiled CPU kernels are specialised to the thread count,
 # so the suite and its ranks then share one compile cache entry per graph.
 torch.set_num_threads(1)
-
-import os
 
 # `@pytest.mark.cuda`: a test that needs a CUDA device, skipped without one, unless FASTFOREACH_REQUIRE_CUDA=1
 # (scripts/gpu-check.sh sets it), where a skip of any kind is a failure: a GPU check must not pass by skipping.

@@ -199,14 +199,13 @@ def max_difference(model: nn.Module, impl_build: Callable, native_build: Callabl
 def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='cpu', progress=True) -> list[Row]:
     from fastprogress.fastprogress import progress_bar
     jobs = [(m, o) for m in models for o in optimizers]
-    rows, built = [], {}
+    rows, built, on_cuda = [], {}, torch.device(device).type == 'cuda'
     for model_name, opt_name in (progress_bar(jobs) if progress else jobs):
         if model_name not in built: built = {model_name: MODELS[model_name]()}  # one model in memory at a time
         model, spec = built[model_name], REGISTRY[opt_name]
         impls, host = implementations(opt_name), {}
         times = time_steps(model, {**impls, ADAMW: adamw_builder()}, spec.lr, steps, warmup, device, host)
         adamw_ms = times.pop(ADAMW) * 1e3
-        on_cuda = torch.device(device).type == 'cuda'
         n_tensors = sum(1 for _ in model.parameters())
         n_elements = sum(p.numel() for p in model.parameters())
         for impl, seconds in times.items():

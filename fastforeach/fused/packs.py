@@ -139,22 +139,20 @@ class Pack:
 
     def norms(self, *flats: torch.Tensor, whole: WholeNorms = LOCAL_NORMS) -> tuple[torch.Tensor, ...]:
         """For each of `flats` (the pack's params, gradients…), the L2 norm of each param's stretch as a 1-d
-        tensor: one reduction per run of params of the same size, not one per param; completed by `whole`
-        to the norms of whole params where the pack holds shards of them (one all-reduce for all `flats`)."""
-        if _multi_tensor(flats[0]):  # one multi-tensor launch for every param of every flat
-            views = [v for flat in flats for v in self._views(flat)]
-            local = torch.stack(torch._foreach_norm(views)).view(len(flats), -1)
-        else: local = torch.stack([self._norms_of(flat) for flat in flats])
-        return tuple(whole.complete(local.to(coefficient_dtype(flats[0].dtype))))
+        tensor (see `_norms_of`); completed by `whole` to the norms of whole params where the pack holds shards
+        of them (one all-reduce for all `flats`)."""
+        return tuple(whole.complete(self._norms_of(*flats).to(coefficient_dtype(flats[0].dtype))))
 
     def rms(self, flat: torch.Tensor, whole: WholeNorms = LOCAL_NORMS) -> torch.Tensor:
         "The root mean square of each param's stretch of `flat`, of whole params as `norms`, as a 1-d tensor."
-        norms = self._norms_of(flat).to(coefficient_dtype(flat.dtype))
+        norms = self._norms_of(flat)[0].to(coefficient_dtype(flat.dtype))
         numels = self._once(('numels', norms.dtype), lambda: device_tensor(self._numels, norms.dtype, norms.device))
         return root_mean_square(whole, norms, numels)
 
     @property
-    def _numels(self) -> list[int]: return [n for k, n in self._runs for _ in range(k)]
+    def _numels(self) -> list[int]:
+        "Each param's number of elements, in the pack's order."
+        return self._once('sizes', lambda: [n for k, n in self._runs for _ in range(k)])
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each param's stretch of `flat`, one of the pack's flat tensors, as a tensor: the params or
@@ -165,14 +163,19 @@ class Pack:
         if flat is self._cached.get('scratch'): return self._once('scratch views', lambda: flat.split(self._numels))
         return list(flat.split(self._numels))
 
-    def _norms_of(self, flat: torch.Tensor) -> torch.Tensor:
-        "The norm of each param's stretch of `flat`: on CPU one reduction per run of params of the same size."
-        if _multi_tensor(flat): return torch.stack(torch._foreach_norm(self._views(flat)))
-        rows, at = [], 0
-        for k, n in self._runs:
-            rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
-            at += k * n
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
+    def _norms_of(self, *flats: torch.Tensor) -> torch.Tensor:
+        """The norm of each param's stretch of each of `flats`, one row per flat: one multi-tensor launch for
+        all of them where `MULTI_TENSOR_DEVICES` says so, else one reduction per run of params of the same size."""
+        if _multi_tensor(flats[0]):
+            views = [v for flat in flats for v in self._views(flat)]
+            return torch.stack(torch._foreach_norm(views)).view(len(flats), -1)
+        def runs_of(flat):
+            rows, at = [], 0
+            for k, n in self._runs:
+                rows.append(torch.linalg.vector_norm(flat[at:at + k * n].view(k, n), dim=1))
+                at += k * n
+            return torch.cat(rows) if len(rows) > 1 else rows[0]
+        return torch.stack([runs_of(flat) for flat in flats])
 
     def per_param(self, key: str, values: torch.Tensor) -> list[torch.Tensor]:
         """`values` (1-d, one per param) as one 0-d tensor per param, to store in the state: views of a buffer

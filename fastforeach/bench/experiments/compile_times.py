@@ -16,11 +16,12 @@ _FIRST_STEPS = """
 import time, torch
 torch.set_num_threads({threads})
 from fastforeach.bench import BENCH, MODELS, params_like
+from fastforeach.bench.harness import device_sync
 from fastforeach.registry import REGISTRY
 params = params_like(MODELS[{model!r}](), {device!r})
 for p in params: p.grad = torch.randn_like(p) * 1e-3
 opt = REGISTRY[{name!r}].make('fused', params, **BENCH[{name!r}].options)
-sync = torch.cuda.synchronize if {device!r} == 'cuda' else (lambda: None)
+sync = device_sync({device!r})
 sync()
 times = []
 for _ in range(2):
