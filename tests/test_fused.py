@@ -329,7 +329,7 @@ NORMED = [pytest.param(name, options, id=f"{name}-{cfg}") for name in ('Larc', '
 @pytest.mark.parametrize('name,options', NORMED)
 def test_multi_tensor_pack_norms_equal_fastai(name, options, monkeypatch):
     """CUDA's way of taking a pack's per-param norms and spreading per-param values (one `_foreach_norm` over
-    views, `repeat_interleave`, a kept scratch buffer), run on CPU over every oracle param packed: equal to
+    views, a gather through a kept index, a kept scratch buffer), run on CPU over every oracle param packed: equal to
     fastai in float64, as the CPU's way is (the oracle on CUDA runs it there)."""
     from fastforeach.fused import packs
     monkeypatch.setattr(packs, 'MULTI_TENSOR_DEVICES', {'cpu', 'cuda'})
@@ -343,6 +343,25 @@ def test_multi_tensor_pack_norms_equal_fastai(name, options, monkeypatch):
         twins.step(spec.lr)
         if t in (1, 2, 30): assert_twins_equal(twins, torch.float64, t)
     assert viewed
+
+
+@pytest.mark.parametrize('name', ['RMSProp', 'QHAdam'])
+def test_multi_tensor_pack_elementwise_graph_of_one(name, monkeypatch):
+    """On CUDA an elementwise update steps a pack in a graph of one tensor per list, not the chunked graph
+    padded with one-element dummies (each a kernel launch): run on CPU, every oracle param packed, equal to
+    fastai in float64, the pack's call given lists of one tensor."""
+    from fastforeach.fused import compiled, packs
+    monkeypatch.setattr(packs, 'MULTI_TENSOR_DEVICES', {'cpu', 'cuda'})
+    monkeypatch.setitem(fused.PACK_MAX_NUMEL, 'cpu', fused.PACK_MAX_NUMEL['cuda'])
+    lengths = []
+    chunked = compiled.chunked
+    monkeypatch.setattr(compiled, 'chunked', lambda lists, *size: lengths.append(size) or chunked(lists, *size))
+    spec = REGISTRY[name]
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64), **spec.configs['wd'])
+    for t in range(1, 31):
+        twins.step(spec.lr)
+        if t in (1, 2, 30): assert_twins_equal(twins, torch.float64, t)
+    assert lengths and all(size == (1,) for size in lengths)
 
 
 @pytest.mark.parametrize('decouple_wd', [True, False])

@@ -68,7 +68,8 @@ def buckets(params, grads, states, rule: StepRule, sharded: bool) -> list[Bucket
     if not rule.counts_steps: return runs
     out, keys = [], ('step', *(rule.scalars.initial if rule.scalars else ()))
     for run in runs:
-        steps = [tuple(state.get(k, 0) for k in keys) for state in run.states]
+        if len(keys) == 1: steps = [state.get('step', 0) for state in run.states]
+        else: steps = [tuple(state.get(k, 0) for k in keys) for state in run.states]
         if steps.count(steps[0]) == len(steps): out.append(run); continue
         by_step = {}
         for i, step in enumerate(steps): by_step.setdefault(step, []).append(i)

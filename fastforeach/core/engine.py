@@ -118,12 +118,11 @@ class Core:
         "Per group: its hypers and its buckets of the route's params with a gradient."
         out = []
         for hyper, pg in groups:
-            params, grads = [], []
-            for p in pg:
-                g = p.grad
-                if g is not None and (only is None or id(p) in only) and (route.takes is None or route.takes(p, state[p])):
-                    params.append(p); grads.append(g)
+            params = [p for p in pg if p.grad is not None]  # comprehensions: this runs for every param at every step
+            if only is not None: params = [p for p in params if id(p) in only]
+            if route.takes is not None: params = [p for p in params if route.takes(p, state[p])]
             if not params: continue
+            grads = [p.grad for p in params]
             for p, g in zip(params, grads):
                 if g.is_sparse:
                     raise RuntimeError(f"fastforeach does not support sparse gradients (param of shape {tuple(p.shape)})")

@@ -13,7 +13,7 @@ from ..rules import StepRule
 from .coefficients import Coefficients
 from .compile import CHUNK, DECAY, PLAIN, chunked, coefficient_dtype, compiles, flat_compiles, run_chunks
 from .layout import flat_alias
-from .packs import Pack, PackStep, pack_max_numel
+from .packs import Pack, PackStep, pack_chunk, pack_max_numel
 from .steps import PLAIN_CONTEXT, FusedStep, split_by_wd
 
 __all__ = ['CompiledStep']
@@ -74,14 +74,14 @@ class CompiledStep(FusedStep):
     def ready(self, p, hypers, rounding: Rounding | None = None) -> bool:
         "Whether every phase compiled for params like `p` (written back as `rounding` says, for 16-bit params)."
         n_coefficients = len(self.layout)
+        # Packs stepped by the update run it on flat tensors, in a graph of `pack_chunk` tensors per list.
+        chunks = {self.chunk, pack_chunk(p.device)} if self.packs and self.pack_step is None else {self.chunk}
         if rounding is None:
-            return (compiles(self._phases(hypers), p, self._n_lists, n_coefficients, self.chunk) and
+            return (all(compiles(self._phases(hypers), p, self._n_lists, n_coefficients, chunk) for chunk in chunks) and
                     all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
-        # Packs run the same graphs on flat tensors (elementwise updates: in chunks of CHUNK).
         comps = (rounding.kahan_dtype,) if rounding.kahan else ()
         # Weight-like state of 16-bit params is float32 (ScheduleFreeAdam's z: see `StateSpec.weight`).
         states = tuple(torch.float32 if k in self._rule.weight_state else p.dtype for k in self._state_keys)
-        chunks = {self.chunk, CHUNK} if self.packs and self.pack_step is None else {self.chunk}
         return (all(compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, chunk, rounding.mode,
                              (p.dtype, p.dtype, *states, *comps)) for chunk in chunks) and
                 all(flat_compiles(phase, p, n_coefficients, None, rounding.mode, rounding.kahan_dtype)
@@ -127,7 +127,7 @@ class CompiledStep(FusedStep):
         nothing)."""
         pack.take_grads([grads[i] for i in idx])
         if self.pack_step: outs = self.pack_step.run(pack, c, l2, norms, rounding)
-        else: outs = run_chunks(phases, chunked(pack.lists), c, 1, rounding)[0]
+        else: outs = run_chunks(phases, chunked(pack.lists, pack_chunk(pack.flat_p.device)), c, 1, rounding)[0]
         pack.give_back()
         keys, lists = (*self._state_keys, *((COMP,) if comps else ())), (*states, *((comps,) if comps else ()))
         for key, ss, views in zip(keys, lists, pack.moved):

@@ -63,9 +63,20 @@ ADAM_AVERAGES = (Average('grad_avg', 'mom'), Average('sqr_avg', 'sqr_mom', power
 declare(accumulation=Accumulation(ADAM_AVERAGES, adam_move))(adam_step)
 
 
+_STEP_TENSORS: dict = {}  # device -> (step, the step count there): one copy per step, not one per kernel call
+
+
+def _step_tensor(step: int, device: torch.device) -> torch.Tensor:
+    "The step count as a float32 tensor on `device`, made once per step (the kernels only read it)."
+    held = _STEP_TENSORS.get(device)
+    if held is None or held[0] != step:
+        held = _STEP_TENSORS[device] = (step, device_tensor(float(step), torch.float32, device))
+    return held[1]
+
+
 def _torch_fused_adam(p, g, states, hypers, *, wd, decouple_wd):
     "PyTorch's fused AdamW (decoupled) or Adam (L2) kernel: fastai's update, √(v/debias2) taken as √v/√debias2."
-    step = device_tensor(float(hypers['step']), torch.float32, p[0].device)
+    step = _step_tensor(hypers['step'], p[0].device)
     kernel = torch._fused_adamw_ if decouple_wd else torch._fused_adam_
     kernel(p, g, *states, [], [step] * len(p), lr=hypers['lr'], beta1=hypers['mom'], beta2=hypers['sqr_mom'],
            weight_decay=wd, eps=hypers['eps'], amsgrad=False, maximize=False)
