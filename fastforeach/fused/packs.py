@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-
 import itertools
+import operator
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -76,7 +77,7 @@ class Pack:
     16-bit params stepped in float32 are stepped in their own dtype by updates that work on float32 values
     inside the compiled loop (see `compile._runner`)."""
     __slots__ = ('params', 'adopted', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'flat_comp', 'moved',
-                 '_cached', '_grads')
+                 '_cached', '_grads', '_laid')
 
     def __init__(self, params, states, comps=None, adopt: bool = True):
         self.params, self.adopted = params, adopt and _adoptable(params)
@@ -88,7 +89,7 @@ class Pack:
         else:
             self.flat_p, self.p_views = laid_end_to_end(params)
             self.flat_g, self.g_views = laid_end_to_end(params)
-        self._grads = self.g_views
+        self._grads, self._laid = self.g_views, None
         self.flat_states, self.moved = [], []
         for ss in [*states, *([comps] if comps else [])]:
             flat, views = _moved(ss)
@@ -109,11 +110,28 @@ class Pack:
             torch._foreach_copy_(self.p_views, self.params)
             torch._foreach_copy_(self.g_views, grads)
             return
+        if self._laid_as_before(grads):
+            first = grads[self._laid[2]]
+            self.flat_g, self._grads = _alias(first, self.flat_p.numel()), grads
+            return
         self.flat_g, views = _moved(grads)
         self._grads = grads if views is None else views
         # Views of another buffer (DDP's with gradient_as_bucket_view) stay the owner's: copied, not replaced.
-        if views is not None and all(g._base is None for g in grads):
+        swapped = views is not None and all(g._base is None for g in grads)
+        if swapped:
             for p, v in zip(self.params, views): p.grad = v
+        laid = grads if views is None else views if swapped else None
+        first = None if laid is None else next((i for i, g in enumerate(laid) if g.numel()), None)
+        self._laid = None if first is None else (list(map(weakref.ref, laid)), list(map(torch.Tensor.data_ptr, laid)),
+                                                 first)
+
+    def _laid_as_before(self, grads) -> bool:
+        """Whether `grads` are the tensors that lay end to end in the last step, at the same addresses: then they
+        still do, and are not checked one by one again (fastai zeroes gradients in place; the check costs a
+        few microseconds a tensor, more than the step on a slow host). The pack keeps them only weakly."""
+        if self._laid is None or len(self._laid[0]) != len(grads): return False
+        refs, ptrs, _ = self._laid
+        return all(map(operator.is_, map(weakref.ref.__call__, refs), grads)) and list(map(torch.Tensor.data_ptr, grads)) == ptrs
 
     def give_back(self):
         "After the step: the params copied back where they are not the pack's; no gradient buffer kept."
@@ -218,6 +236,12 @@ class Pack:
             out[at:at + k * n].view(k, n).copy_(values[first:first + k, None])
             at, first = at + k * n, first + k
         return out
+
+
+def _alias(first: torch.Tensor, numel: int) -> torch.Tensor:
+    "A 1-d alias of `numel` elements of `first`'s storage, from where `first` starts."
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage(), first.storage_offset(),
+                                                                      (numel,), (1,))
 
 
 def _moved(tensors) -> tuple[torch.Tensor, list | None]:
