@@ -14,7 +14,7 @@ from .fastai import ForEachOptimizer
 from .lookahead import Lookahead, RangerForEachOptimizer
 from .registry import REGISTRY, make_factory
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 # One factory per registry row, under its name (`fastforeach.Adam`), and the classes behind them.
 FACTORIES = {name: make_factory(spec) for name, spec in REGISTRY.items() if spec.factory}

@@ -83,3 +83,11 @@ DIARY = re.compile(r"\bissue \d+|\bissue #?\d+|#\d{1,3}\b|\b(this|last|earlier|p
 def test_docs_tell_no_history(page):
     found = [m[0] for m in DIARY.finditer(page.read_text())]
     assert not found, found
+
+
+def test_changelog_and_version_agree():
+    "The version is the same in pyproject.toml and the package, the CHANGELOG has its section, and types ship."
+    version = re.search(r'^version = "([^"]+)"', (ROOT / 'pyproject.toml').read_text(), re.MULTILINE)[1]
+    assert version == fastforeach.__version__
+    assert f"\n## {version}\n" in (ROOT / 'CHANGELOG.md').read_text()
+    assert (ROOT / 'fastforeach' / 'py.typed').exists()

@@ -47,13 +47,16 @@ class Core:
 
     `steppers`: fastai-style per-param steppers of the same optimizer, for 16-bit params with
     `rounding='nearest'` (bit for bit as fastai); `accumulation`: (micro-batch index, number of micro-batches)
-    while optimizer accumulation is on. `plans` is what fused steps keep between steps."""
+    while optimizer accumulation is on. `plans` is what fused steps keep between steps. `l2_into_grads`:
+    the foreach rules' L2 goes into the gradients themselves, as fastai's does; False: into new tensors,
+    the gradients left as they were, as torch.optim's (fused steps never write the gradients)."""
     def __init__(self, opt_step: Callable, decouple_wd: bool = True, rounding: str = 'kahan',
                  kahan_dtype: torch.dtype = torch.float32,
-                 steppers: list | None = None):
+                 steppers: list | None = None, l2_into_grads: bool = True):
         self.rounding = Rounding(rounding, kahan_dtype)
         self.routes = [Route.of(opt_step)]  # sets `checks` too
         self.decouple_wd, self.steppers, self.accumulation = decouple_wd, steppers, None
+        self.l2_into_grads = l2_into_grads
         self.plans, self.sharded = Plans(), False
 
     def __getstate__(self):

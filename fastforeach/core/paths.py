@@ -58,7 +58,9 @@ def weight_decay(core, rule, chunk: Bucket, hyper: dict) -> dict:
     if not idx: return {}
     params = [chunk.params[i] for i in idx]
     if core.decouple_wd: mul_scalar_(params, 1 - lr * wd)
-    else: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
+    elif core.l2_into_grads: torch._foreach_add_([chunk.grads[i] for i in idx], params, alpha=wd)
+    else:  # into new tensors, the gradients left as they were
+        for i, g in zip(idx, torch._foreach_add([chunk.grads[i] for i in idx], params, alpha=wd)): chunk.grads[i] = g
     return {}
 
 

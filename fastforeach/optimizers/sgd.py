@@ -8,7 +8,8 @@ from ..fastai import ForEachOptimizer
 from ..fused import Coefficients, CompiledStep, EitherStep, KernelStep
 from ..rules import declare
 
-__all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step', 'fused_sgd_step', 'fused_momentum_sgd_step']
+__all__ = ['SGDForEachOptimizer', 'sgd_step', 'momentum_sgd_step', 'fused_sgd_step', 'fused_momentum_sgd_step',
+           'torch_sgd_step', 'fused_torch_sgd_step']
 
 
 def sgd_step(p, g, *, lr):
@@ -33,11 +34,36 @@ declare(accumulation="plain SGD keeps no average to fold gradients into (use mom
                      "GradientAccumulation)")(sgd_step)
 
 
+def torch_sgd_step(p, g, grad_avg, *, step, lr, mom, dampening=0., nesterov=False):
+    """torch.optim.SGD's momentum: grad_avg ← g on the first step, then mom·grad_avg + (1 − dampening)·g;
+    p ← p − lr·(g + mom·grad_avg) with nesterov, else p − lr·grad_avg. With dampening 0 and without nesterov,
+    `momentum_sgd_step` exactly."""
+    if step == 1: torch._foreach_copy_(grad_avg, g)
+    else:
+        mul_scalar_(grad_avg, mom)
+        torch._foreach_add_(grad_avg, g, alpha=1 - dampening)
+    torch._foreach_add_(p, torch._foreach_add(g, grad_avg, alpha=mom) if nesterov else grad_avg, alpha=-lr)
+
+
+declare(accumulation="torch.optim.SGD's momentum starts from the first gradient, which optimizer accumulation "
+                     "would fold into a zero buffer")(torch_sgd_step)
+
+
 def _torch_fused_sgd(p, g, states, hypers, *, wd, decouple_wd):
     "PyTorch's fused SGD: with dampening 0 and buffers that start at zero, fastai's update exactly."
     torch._fused_sgd_(p, g, states[0] if states else [], weight_decay=0. if decouple_wd else wd,
                       momentum=hypers.get('mom', 0.), lr=hypers['lr'], dampening=0., nesterov=False, maximize=False,
                       is_first_step=False)
+
+
+def _torch_sgd_kernel(p, g, states, hypers, *, wd, decouple_wd):
+    "PyTorch's fused SGD with its own dampening, nesterov and first step: torch.optim.SGD's update."
+    torch._fused_sgd_(p, g, states[0], weight_decay=0. if decouple_wd else wd, momentum=hypers['mom'], lr=hypers['lr'],
+                      dampening=hypers.get('dampening', 0.), nesterov=hypers.get('nesterov', False), maximize=False,
+                      is_first_step=hypers['step'] == 1)
+
+
+fused_torch_sgd_step = KernelStep(torch_sgd_step, _torch_sgd_kernel)
 
 
 SGD = Coefficients('lr', 'mom')

@@ -1,0 +1,193 @@
+"""The torch.optim face of the core: `TorchForEachOptimizer`, a `torch.optim.Optimizer` whose `step` is the core's.
+
+torch's `Optimizer` keeps the param groups (dicts with torch's hyper names), the per-param state and the
+hooks that LR schedulers, `GradScaler` and checkpointing rely on; the core (`core/`) steps them. What this
+face adds: each optimizer's translation from torch's names to the core's (fastai's vocabulary), the checks
+of torch's hypers, the options it does not do refused by name, per-param weight-decay exclusion inside a
+group (`no_wd`), and state dicts in torch's format and key names, checked before anything is loaded.
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Callable
+
+import torch
+
+from ..core import Core
+from ..core.engine import Route
+from ..rules import AT_LEAST_ZERO, FRACTION, Check
+
+__all__ = ['TorchForEachOptimizer', 'bias_and_norm', 'FLAGS']
+
+FLAGS = ('do_wd', 'force_train')  # per-param marks that are configuration, not state: never saved
+
+
+def bias_and_norm(name: str | None, p: torch.Tensor) -> bool:
+    "The params fastai's Learner exempts from weight decay: biases and norm weights (tensors of one dimension)."
+    return p.ndim <= 1
+
+
+def _betas(name, value, where):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a pair of numbers in [0, 1))")
+    for v in value: FRACTION(name, v, where)
+
+
+def _float(check: Check) -> Callable:
+    "`check` for a Python number: a tensor is refused (the face takes plain numbers)."
+    def run(name, value, where):
+        if isinstance(value, torch.Tensor):
+            raise ValueError(f"Invalid {name}{where}: a Tensor (fastforeach's torch face takes a Python float)")
+        check(name, value, where)
+    return run
+
+
+def _flag(name, value, where):
+    if not isinstance(value, bool): raise ValueError(f"Invalid {name}{where}: {value!r} (must be True or False)")
+
+
+# torch's hyper names and their checks, shared by the optimizers that take them.
+CHECKS = {'lr': _float(AT_LEAST_ZERO), 'eps': _float(AT_LEAST_ZERO), 'weight_decay': _float(AT_LEAST_ZERO),
+          'momentum': _float(AT_LEAST_ZERO), 'dampening': _float(Check(lambda v: True, '')), 'betas': _betas,
+          'nesterov': _flag}
+
+
+class TorchForEachOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` stepped by the core (see `core/`): torch's param groups, hyper names,
+    defaults and state dicts outside; a step rule over whole lists of tensors inside.
+
+    A subclass declares `defaults` (torch's names), `hypers(group)`: the core's hypers (fastai's names)
+    from a group's, `state_names`: the core's state key -> torch's (None: not saved), `refused`: torch's
+    options the face does not do, with the only value each may take, and `rule(groups, fused)`.
+
+    `no_wd(name, param)`: params for which it is true take no weight decay, inside any group (`name` is
+    the param's name where `params` came from `named_parameters()`, else None; `bias_and_norm` is what
+    fastai's Learner does). `foreach`/`fused`: the foreach rule or its fused form; both None: fused where
+    every param is on CUDA, foreach elsewhere (on CPU the first fused step compiles for seconds).
+    16-bit params are written back with `rounding` ('kahan', 'stochastic' or 'nearest'; see `precision.py`)."""
+    state_names: dict[str, str | None] = {}
+    refused: dict[str, object] = {}
+    decouple_wd: bool = False
+
+    def __init__(self, params, defaults: dict, *, foreach: bool | None = None, fused: bool | None = None,
+                 no_wd: Callable | None = None, rounding: str = 'kahan', kahan_dtype: torch.dtype = torch.float32):
+        if foreach and fused: raise ValueError("Invalid foreach and fused: both True (choose one)")
+        if foreach is False and not fused:
+            raise ValueError("Invalid foreach: False (fastforeach steps whole lists of tensors and has no per-tensor "
+                             "loop; leave it None, or use torch.optim's own optimizer)")
+        self.no_wd, self.core = no_wd, None
+        super().__init__(params, defaults)  # each group through `add_param_group`: checked, then marked
+        every = [p for g in self.param_groups for p in g['params']]
+        self.fused = bool(fused) if fused is not None or foreach else all(p.device.type == 'cuda' for p in every)
+        self.core = Core(self.rule(self.param_groups, self.fused), self.decouple_wd, rounding, kahan_dtype,
+                         l2_into_grads=False)
+        self.core.hold(every)
+
+    # --- what each optimizer declares ------------------------------------------------------------------
+    def hypers(self, group: dict) -> dict:
+        "The core's hypers for `group`."
+        raise NotImplementedError
+
+    def rule(self, groups: list[dict], fused: bool) -> Callable:
+        "The core's step rule (or its fused form) for these groups."
+        raise NotImplementedError
+
+    # --- groups --------------------------------------------------------------------------------------
+    def check_group(self, group: dict, where: str = '') -> None:
+        "Raise `ValueError` naming the hyper and value of `group` (torch's names) that this optimizer refuses."
+        for name, value in group.items():
+            if name in CHECKS: CHECKS[name](name, value, where)
+            if name in self.refused and value != self.refused[name]:
+                raise ValueError(f"Invalid {name}{where}: {value!r} (fastforeach's {type(self).__name__} does not "
+                                 f"do it: only {self.refused[name]!r})")
+
+    def add_param_group(self, param_group: dict) -> None:
+        "torch's `add_param_group`, checked before anything changes; its params marked as `no_wd` says."
+        filled = {**self.defaults, **{k: v for k, v in param_group.items() if k not in ('params', 'param_names')}}
+        self.check_group(filled, f" for param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self.no_wd is not None:
+            names = group.get('param_names', [None] * len(group['params']))
+            for name, p in zip(names, group['params']):
+                if self.no_wd(name, p): self.state[p]['do_wd'] = False
+        if self.core is not None:  # a group added after construction
+            rule = self.rule(self.param_groups, self.fused)
+            if Route.of(rule).rule.fn is not self.core.rule.fn: self.core.routes = [Route.of(rule)]
+            self.core.hold([p for g in self.param_groups for p in g['params']])
+
+    # --- step ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        "One step of every param with a gradient; `closure`, when given, recomputes the loss first (and is returned)."
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for i, group in enumerate(self.param_groups): self.check_group(group, self._where(i))
+        hypers = [self.hypers(group) for group in self.param_groups]
+        self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state)
+        return loss
+
+    def _where(self, i: int) -> str: return f" for param group {i}" if len(self.param_groups) > 1 else ''
+
+    # --- state dicts ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        "torch's format and key names: state by param index (params that never stepped left out), then the groups."
+        sd = super().state_dict()
+        state = {}
+        for i, s in sd['state'].items():
+            out = {}
+            for key, value in s.items():
+                name = self.state_names.get(key, key)
+                if key in FLAGS or name is None: continue
+                out[name] = torch.tensor(float(value)) if key == 'step' else value
+            if out: state[i] = out
+        return {'state': state, 'param_groups': sd['param_groups']}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict in torch's format: this face's, or torch.optim's own optimizer's of the same math
+        (its key names); checked whole first (groups, hypers, each param's state), nothing changed if it fails."""
+        internal = self._checked(state_dict)
+        flags = {p: {k: s[k] for k in FLAGS if k in s} for p, s in self.state.items()}
+        super().load_state_dict(internal)
+        for p, kept in flags.items():
+            if kept: self.state[p].update(kept)
+
+    def _checked(self, sd) -> dict:
+        "`sd` with the core's state keys, after checking that it fits; `ValueError` naming what does not."
+        if not isinstance(sd, dict) or 'state' not in sd or 'param_groups' not in sd:
+            raise ValueError("Invalid state dict: expected a dict with 'state' and 'param_groups' (torch.optim's format)")
+        groups, saved = self.param_groups, sd['param_groups']
+        if len(saved) != len(groups):
+            raise ValueError(f"Invalid state dict: {len(saved)} param groups, the optimizer has {len(groups)}")
+        for i, (group, got) in enumerate(zip(groups, saved)):
+            if len(got['params']) != len(group['params']):
+                raise ValueError(f"Invalid state dict: param group {i} has {len(got['params'])} params, the "
+                                 f"optimizer's has {len(group['params'])}")
+            self.check_group({k: v for k, v in got.items() if k not in ('params', 'param_names')},
+                             f" in the state dict's param group {i}")
+        to_core = {name: key for key, name in self.state_names.items() if name is not None}
+        states, by_id = {}, {}
+        for group, got in zip(groups, saved): by_id.update(zip(got['params'], group['params']))
+        for i, s in sd['state'].items():
+            if i not in by_id: raise ValueError(f"Invalid state dict: state for param {i!r}, which no param group holds")
+            if not isinstance(s, dict): raise ValueError(f"Invalid state dict: param {i}: state is not a dict")
+            states[i] = self.imported({to_core.get(k, k): v for k, v in s.items() if v is not None}, i)
+        ordered = [states.get(i, {}) for got in saved for i in got['params']]
+        try:
+            self.core.check_state([g['params'] for g in groups], ordered,
+                                  [self.hypers({**self.defaults, **got}) for got in saved])
+        except ValueError as e:
+            message = str(e)
+            for key, name in self.state_names.items():
+                if name is not None: message = message.replace(repr(key), repr(name))
+            raise ValueError(message) from None
+        return {'state': states, 'param_groups': saved}
+
+    def imported(self, state: dict, i) -> dict:
+        "A saved param's state with the core's keys, made what the core keeps: the step count an int."
+        step = state.get('step')
+        if isinstance(step, torch.Tensor) and step.numel() == 1: step = step.item()
+        if isinstance(step, Real) and not isinstance(step, bool) and float(step).is_integer():
+            state['step'] = int(step)
+        return state

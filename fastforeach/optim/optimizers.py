@@ -1,0 +1,113 @@
+"""torch.optim's optimizers, with torch's names, defaults and state keys, stepped by fastforeach's core."""
+from __future__ import annotations
+
+import torch
+
+from ..optimizers.adam import adam_step, fused_adam_step
+from ..optimizers.sgd import fused_sgd_step, fused_torch_sgd_step, sgd_step, torch_sgd_step
+from .base import TorchForEachOptimizer
+
+__all__ = ['Adam', 'AdamW', 'SGD', 'TORCH_EQUIVALENTS']
+
+
+class Adam(TorchForEachOptimizer):
+    """torch.optim.Adam: m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;
+    p ← p − lr·(m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + eps), after L2 weight decay (g ← g + wd·p), or after
+    decoupled weight decay (p ← p·(1 − lr·wd)) with `decoupled_weight_decay=True`, as `AdamW` does.
+    Options torch has and this face does not do (`amsgrad`, `maximize`, `capturable`, `differentiable`)
+    are refused when set."""
+    state_names = {'grad_avg': 'exp_avg', 'sqr_avg': 'exp_avg_sq'}
+    refused = {'amsgrad': False, 'maximize': False, 'capturable': False, 'differentiable': False}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., amsgrad=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
+                 no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+        if not isinstance(decoupled_weight_decay, bool):
+            raise ValueError(f"Invalid decoupled_weight_decay: {decoupled_weight_decay!r} (must be True or False)")
+        self.decouple_wd = decoupled_weight_decay
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype)
+
+    def check_group(self, group, where=''):
+        super().check_group(group, where)
+        decoupled = group.get('decoupled_weight_decay', self.decouple_wd)
+        if decoupled != self.decouple_wd:
+            raise ValueError(f"Invalid decoupled_weight_decay{where}: {decoupled!r} (this optimizer's groups all take "
+                             f"{self.decouple_wd}: it is one way of weight decay for every group)")
+
+    def hypers(self, group):
+        mom, sqr_mom = group['betas']
+        return {'lr': group['lr'], 'mom': mom, 'sqr_mom': sqr_mom, 'eps': group['eps'], 'wd': group['weight_decay']}
+
+    def rule(self, groups, fused): return fused_adam_step if fused else adam_step
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: `Adam` with decoupled weight decay, p ← p·(1 − lr·wd), and weight_decay 0.01."""
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False,
+                 foreach=None, capturable=False, differentiable=False, fused=None, no_wd=None, rounding='kahan',
+                 kahan_dtype=torch.float32):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+
+
+class SGD(TorchForEachOptimizer):
+    """torch.optim.SGD: g ← g + wd·p;  with momentum, buf ← g on the first step, then
+    momentum·buf + (1 − dampening)·g, and p ← p − lr·(g + momentum·buf) with nesterov, else p − lr·buf;
+    without, p ← p − lr·g. `maximize` and `differentiable` are refused when set."""
+    state_names = {'grad_avg': 'momentum_buffer', 'step': None}  # torch keeps no step count for SGD
+    refused = {'maximize': False, 'differentiable': False}
+
+    def __init__(self, params, lr=1e-3, momentum=0., dampening=0., weight_decay=0., nesterov=False, *, maximize=False,
+                 foreach=None, differentiable=False, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype)
+
+    def check_group(self, group, where=''):
+        super().check_group(group, where)
+        if group.get('nesterov') and (group.get('momentum', 0) <= 0 or group.get('dampening', 0) != 0):
+            raise ValueError(f"Invalid nesterov{where}: True with momentum {group.get('momentum')!r} and dampening "
+                             f"{group.get('dampening')!r} (Nesterov momentum needs a momentum and zero dampening)")
+
+    def hypers(self, group):
+        momentum = group['momentum']
+        return {'lr': group['lr'], 'mom': momentum, 'dampening': group['dampening'] if momentum else 0.,
+                'nesterov': group['nesterov'], 'wd': group['weight_decay']}
+
+    def rule(self, groups, fused):
+        if any(group['momentum'] for group in groups): return fused_torch_sgd_step if fused else torch_sgd_step
+        return fused_sgd_step if fused else sgd_step
+
+    def state_dict(self):
+        "torch's SGD state dict: a group without momentum saves no buffer (its params' `momentum_buffer` is None)."
+        sd = super().state_dict()
+        for group in sd['param_groups']:
+            if group['momentum']: continue
+            for i in group['params']:
+                if i in sd['state']: sd['state'][i] = {'momentum_buffer': None}
+        return sd
+
+    def imported(self, state, i):
+        "A saved momentum buffer with a step count (torch's SGD keeps none): past the first step, whatever it was."
+        state = super().imported(state, i)
+        if 'grad_avg' in state and 'step' not in state: state['step'] = 1
+        return state
+
+
+# Each class beside torch.optim's own optimizer of the same math, with configs (torch's keywords) that
+# cover its options: what the tests hold the torch face to.
+TORCH_EQUIVALENTS = {
+    'SGD': (SGD, torch.optim.SGD, {'plain': {}, 'l2': {'weight_decay': 0.01}, 'momentum': {'momentum': 0.9},
+                                   'dampening': {'momentum': 0.9, 'dampening': 0.1, 'weight_decay': 0.01},
+                                   'nesterov': {'momentum': 0.8, 'nesterov': True, 'weight_decay': 0.01}}),
+    'Adam': (Adam, torch.optim.Adam, {'default': {}, 'l2': {'weight_decay': 0.1},
+                                      'betas_eps': {'betas': (0.8, 0.9), 'eps': 1e-3},
+                                      'decoupled': {'weight_decay': 0.1, 'decoupled_weight_decay': True}}),
+    'AdamW': (AdamW, torch.optim.AdamW, {'default': {}, 'wd': {'weight_decay': 0.1}}),
+}

@@ -1,0 +1,299 @@
+"""The torch.optim face (`fastforeach.optim`) against torch.optim's own optimizers, and with what torch users
+plug optimizers into: LR schedulers, GradScaler, checkpoints, named params."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastforeach.optim import TORCH_EQUIVALENTS, SGD, Adam, AdamW, TorchForEachOptimizer, bias_and_norm
+from fastforeach.testing.oracle import oracle_layers
+
+CASES = [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, (_, _, configs) in TORCH_EQUIVALENTS.items()
+         for cfg in configs]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+class Pair:
+    """The face's optimizer and torch's on identical copies of the oracle's two param groups (the second at a
+    tenth of the lr), given identical fresh gradients, a new lr every step, and a param that never gets one."""
+    def __init__(self, build_ours, build_torch, dtype=torch.float64, seed=0):
+        groups = oracle_layers(dtype)
+        self.ours = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
+        self.theirs = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
+        self.opt = build_ours([{'params': g} for g in self.ours])
+        self.ref = build_torch([{'params': g} for g in self.theirs])
+        self.gen, self.t = torch.Generator().manual_seed(seed), 0
+        self.no_grad = (len(groups) - 1, len(groups[-1]) - 1)
+
+    def pairs(self):
+        for gi, (ga, gb) in enumerate(zip(self.ours, self.theirs)):
+            for pi, (pa, pb) in enumerate(zip(ga, gb)): yield (gi, pi), pa, pb
+
+    def grads(self):
+        for where, pa, pb in self.pairs():
+            if where == self.no_grad: continue
+            g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64) * 0.1
+            pa.grad, pb.grad = g.to(pa.dtype, copy=True), g.to(pb.dtype, copy=True)
+
+    def step(self, base_lr, vary_lr=True):
+        self.grads()
+        self.t += 1
+        if vary_lr:
+            lr = base_lr * (1 + 0.5 * math.sin(self.t / 7))
+            for opt in (self.opt, self.ref):
+                for i, group in enumerate(opt.param_groups): group['lr'] = lr / 10 ** (len(opt.param_groups) - 1 - i)
+        self.opt.step(); self.ref.step()
+
+    def assert_equal(self, dtype=torch.float64, when=''):
+        tol = TOLERANCE[dtype]
+        for where, pa, pb in self.pairs():
+            assert torch.allclose(pa, pb, rtol=tol, atol=tol), (where, when, (pa - pb).abs().max().item())
+        def held(sd): return {i: s for i, s in sd['state'].items() if any(v is not None for v in s.values())}
+        ours, theirs = held(self.opt.state_dict()), held(self.ref.state_dict())
+        assert ours.keys() == theirs.keys(), when
+        for i, s in ours.items():
+            for key, value in s.items():
+                ref = theirs[i][key]
+                if key == 'step': assert float(value) == float(ref), (i, key, when)
+                else: assert torch.allclose(value, ref, rtol=tol, atol=tol), (i, key, when)
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
+@pytest.mark.parametrize('name,cfg', CASES)
+def test_equals_torch(name, cfg, dtype, fused):
+    """100 steps beside torch.optim's own optimizer (its per-tensor loop): every param and state tensor, in
+    torch's key names, within 1e-10 in float64 (1e-5 in float32: torch's loop and the face's lists round
+    in different orders)."""
+    ours, theirs, configs = TORCH_EQUIVALENTS[name]
+    options = configs[cfg]
+    pair = Pair(lambda g: ours(g, lr=1e-2, fused=fused, **options),
+                lambda g: theirs(g, lr=1e-2, foreach=False, **options), dtype)
+    for t in range(1, 101):
+        pair.step(1e-2)
+        if t in (1, 2, 50, 100): pair.assert_equal(dtype, t)
+    gi, pi = pair.no_grad
+    assert torch.equal(pair.ours[gi][pi], oracle_layers(dtype)[gi][pi])
+    # As torch's, the step leaves the gradients as they were (L2 goes into copies).
+    for where, pa, pb in pair.pairs():
+        if where != pair.no_grad: assert torch.equal(pa.grad, pb.grad.to(pa.dtype)), where
+
+
+def test_is_a_torch_optimizer_with_torch_defaults():
+    "A real `torch.optim.Optimizer`, whose groups carry torch's hyper names and defaults."
+    params = [nn.Parameter(torch.randn(3))]
+    for ours, theirs, _ in TORCH_EQUIVALENTS.values():
+        opt, ref = ours(params), theirs([nn.Parameter(torch.randn(3))])
+        assert isinstance(opt, torch.optim.Optimizer)
+        for key in ref.defaults:
+            assert opt.defaults[key] == ref.defaults[key], (ours.__name__, key)
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+def test_no_wd_inside_one_group_equals_two_torch_groups(fused):
+    """`no_wd=bias_and_norm` over `named_parameters()` (one group) equals torch's AdamW given the same params
+    in two groups, the biases and norm weights at weight decay 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+    twin = copy.deepcopy(model)
+    opt = AdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1, no_wd=bias_and_norm, fused=fused)
+    decay = [p for p in twin.parameters() if p.ndim > 1]
+    ref = torch.optim.AdamW([{'params': decay}, {'params': [p for p in twin.parameters() if p.ndim <= 1],
+                                                 'weight_decay': 0.}], lr=1e-2, weight_decay=0.1, foreach=False)
+    names = [n for n, p in model.named_parameters() if p.ndim <= 1]
+    assert opt.param_groups[0]['param_names'] == [n for n, _ in model.named_parameters()] and names
+    for _ in range(20):
+        x = torch.randn(4, 6, dtype=torch.float64)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters()): torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+    assert 'do_wd' not in str(opt.state_dict())
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+@pytest.mark.parametrize('name', ['AdamW', 'SGD'])
+@pytest.mark.parametrize('direction', ['torch_to_face', 'face_to_torch'])
+def test_checkpoints_move_to_and_from_torch(direction, name, fused):
+    """Seven steps on one side, its state dict through `torch.save` into a fresh optimizer of the other, then
+    thirteen more beside an uninterrupted optimizer of the loading side's kind: equal."""
+    ours, theirs, configs = TORCH_EQUIVALENTS[name]
+    options = configs['dampening' if name == 'SGD' else 'wd']
+    face = lambda g: ours(g, lr=1e-2, fused=fused, **options)
+    torch_opt = lambda g: theirs(g, lr=1e-2, foreach=False, **options)
+    saver, loader = (torch_opt, face) if direction == 'torch_to_face' else (face, torch_opt)
+    pair = Pair(saver, loader)  # `opt` saves; `ref` is the uninterrupted loader
+    for _ in range(7): pair.step(1e-2)
+    for _, pa, pb in pair.pairs(): pb.data.copy_(pa.data)
+    buffer = io.BytesIO()
+    torch.save(pair.opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = loader([{'params': g} for g in pair.ours])
+    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    # The resumed side continues on the saver's params; the uninterrupted loader is what it must equal.
+    pair.ref.load_state_dict(copy.deepcopy(fresh.state_dict()))
+    pair.opt = fresh
+    for _ in range(13): pair.step(1e-2)
+    pair.assert_equal(torch.float64, 'a checkpoint and 13')
+
+
+def _state_snapshot(opt):
+    return copy.deepcopy({id(p): {k: v for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].keys() == b[k].keys()
+        for key in a[k]:
+            va, vb = a[k][key], b[k][key]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+
+
+@pytest.mark.parametrize('break_it,message', [
+    (lambda sd: sd.pop('param_groups'), "expected a dict with 'state' and 'param_groups'"),
+    (lambda sd: sd['param_groups'].pop(), "1 param groups, the optimizer has 2"),
+    (lambda sd: sd['param_groups'][1]['params'].pop(), "param group 1 has"),
+    (lambda sd: sd['param_groups'][0].update(amsgrad=True), "Invalid amsgrad in the state dict's param group 0: True"),
+    (lambda sd: sd['param_groups'][1].update(betas=(1.5, 0.9)), "Invalid betas in the state dict's param group 1"),
+    (lambda sd: sd['state'][3].pop('exp_avg_sq'), "param group 0, param 3 (shape (16,)): missing state 'exp_avg_sq'"),
+    (lambda sd: sd['state'][2].update(exp_avg=torch.zeros(5)), "param group 0, param 2 (shape (16,)): state 'exp_avg'"),
+    (lambda sd: sd['state'][0].update(step=torch.tensor(-1.)), "state 'step' is -1"),
+    (lambda sd: sd['state'].update({99: {}}), "state for param 99"),
+])
+def test_bad_state_dicts_are_refused_and_change_nothing(break_it, message):
+    pair = Pair(lambda g: AdamW(g, lr=1e-2), lambda g: AdamW(g, lr=1e-2))
+    for _ in range(3): pair.step(1e-2)
+    sd = copy.deepcopy(pair.opt.state_dict())
+    break_it(sd)
+    before, groups = _state_snapshot(pair.opt), copy.deepcopy([{k: v for k, v in g.items() if k != 'params'}
+                                                               for g in pair.opt.param_groups])
+    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        pair.opt.load_state_dict(sd)
+    _assert_same_state(before, _state_snapshot(pair.opt))
+    assert groups == [{k: v for k, v in g.items() if k != 'params'} for g in pair.opt.param_groups]
+
+
+@pytest.mark.parametrize('build,message', [
+    (lambda ps: AdamW(ps, lr=-1.), "Invalid lr for param group 0: -1.0"),
+    (lambda ps: AdamW(ps, lr=torch.tensor(1e-3)), "Invalid lr for param group 0: a Tensor"),
+    (lambda ps: Adam(ps, betas=(0.9, 1.0)), r"Invalid betas for param group 0: 1.0"),
+    (lambda ps: Adam(ps, eps=-1e-8), "Invalid eps for param group 0: -1e-08"),
+    (lambda ps: AdamW(ps, weight_decay=float('nan')), "Invalid weight_decay for param group 0: nan"),
+    (lambda ps: AdamW(ps, amsgrad=True), "Invalid amsgrad for param group 0: True"),
+    (lambda ps: Adam(ps, maximize=True), "Invalid maximize for param group 0: True"),
+    (lambda ps: Adam(ps, capturable=True), "Invalid capturable for param group 0: True"),
+    (lambda ps: SGD(ps, differentiable=True), "Invalid differentiable for param group 0: True"),
+    (lambda ps: SGD(ps, momentum=-0.1), "Invalid momentum for param group 0: -0.1"),
+    (lambda ps: SGD(ps, nesterov=True), "Invalid nesterov for param group 0: True with momentum 0.0"),
+    (lambda ps: SGD(ps, momentum=0.9, dampening=0.1, nesterov=True), "Invalid nesterov for param group 0: True with momentum 0.9"),
+    (lambda ps: SGD(ps, foreach=False), "Invalid foreach: False"),
+    (lambda ps: SGD(ps, foreach=True, fused=True), "Invalid foreach and fused: both True"),
+    (lambda ps: Adam([{'params': ps[:1]}, {'params': ps[1:], 'decoupled_weight_decay': True}]),
+     "Invalid decoupled_weight_decay for param group 1: True"),
+])
+def test_bad_hypers_are_refused_by_name(build, message):
+    with pytest.raises(ValueError, match=message):
+        build([nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))])
+
+
+def test_bad_hypers_later_change_nothing():
+    "A group added with a bad hyper is not added; a bad lr set later is refused at the step, before any param moves."
+    params = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))]
+    opt = AdamW(params[:1], lr=1e-2)
+    with pytest.raises(ValueError, match="Invalid betas for param group 1"):
+        opt.add_param_group({'params': params[1:], 'betas': (0.9, 2.0)})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({'params': params[1:], 'lr': 1e-3})
+    for p in params: p.grad = torch.ones_like(p)
+    opt.param_groups[1]['lr'] = -1.
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="Invalid lr for param group 1: -1.0"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not opt.state
+
+
+def test_sgd_takes_momentum_from_a_group_added_later():
+    "A group with momentum added to an SGD built without: from then on, torch's momentum for that group."
+    pair = Pair(lambda g: SGD(g[:1], lr=1e-2), lambda g: torch.optim.SGD(g[:1], lr=1e-2))
+    for opt, params in ((pair.opt, pair.ours), (pair.ref, pair.theirs)):
+        opt.add_param_group({'params': params[1], 'momentum': 0.9, 'dampening': 0.2})
+    for t in range(10): pair.step(1e-2)
+    pair.assert_equal()
+
+
+SCHEDULERS = {
+    'StepLR': lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
+    'OneCycleLR': lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[1e-2, 1e-3], total_steps=30),
+    'CosineAnnealingWarmRestarts': lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=7),
+    'LambdaLR': lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 / (1 + t)),
+    'ReduceLROnPlateau': lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1, factor=0.5),
+    'SequentialLR': lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=5),
+        torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9)], milestones=[5]),
+}
+
+
+@pytest.mark.parametrize('name', SCHEDULERS)
+def test_lr_schedulers_drive_it_as_they_drive_torch(name):
+    "Each scheduler gives the face the lrs it gives torch's AdamW, and the params follow: equal over 30 steps."
+    pair = Pair(lambda g: AdamW(g, lr=1e-2, weight_decay=0.1), lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.1))
+    scheds = [SCHEDULERS[name](pair.opt), SCHEDULERS[name](pair.ref)]
+    for t in range(30):
+        pair.step(1e-2, vary_lr=False)
+        for sched in scheds:
+            if name == 'ReduceLROnPlateau': sched.step(1.0)  # a loss that never improves
+            else: sched.step()
+        assert [g['lr'] for g in pair.opt.param_groups] == [g['lr'] for g in pair.ref.param_groups], t
+    pair.assert_equal()
+
+
+def test_grad_scaler_skips_a_step_with_an_inf_gradient():
+    """`GradScaler.step` skips a step whose gradients hold an inf: params and state untouched (as torch's AdamW
+    under the same scaler); the next finite step goes on equal to torch."""
+    pair = Pair(lambda g: AdamW(g, lr=1e-2), lambda g: torch.optim.AdamW(g, lr=1e-2), torch.float32)
+    scalers = [torch.amp.GradScaler('cpu', init_scale=4.), torch.amp.GradScaler('cpu', init_scale=4.)]
+    for scaler in scalers: scaler.scale(torch.ones(()))  # as a scaled loss would: the scale is made
+    for t in range(6):
+        pair.grads()
+        for _, pa, pb in pair.pairs():  # gradients of the scaled loss
+            if pa.grad is not None: pa.grad *= scalers[0].get_scale(); pb.grad *= scalers[1].get_scale()
+        if t == 3:
+            for _, pa, pb in pair.pairs():
+                if pa.grad is not None: pa.grad[0] = pb.grad[0] = float('inf'); break
+            before = [p.detach().clone() for _, p, _ in pair.pairs()], _state_snapshot(pair.opt)
+        for scaler, opt in zip(scalers, (pair.opt, pair.ref)):
+            scaler.step(opt)
+            scaler.update()
+        if t == 3:
+            assert all(torch.equal(a, p) for a, (_, p, _) in zip(before[0], pair.pairs()))
+            _assert_same_state(before[1], _state_snapshot(pair.opt))
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.
+    pair.assert_equal(torch.float32)
+
+
+def test_closure_and_zero_grad():
+    "`step(closure)` evaluates the closure with gradients on and returns its loss; `zero_grad` both ways, packs too."
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    for fused in (False, True):
+        opt = SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+        x = torch.randn(8, 4)
+        def closure():
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return loss
+        losses = [opt.step(closure).item() for _ in range(5)]
+        assert losses[-1] < losses[0]
+        opt.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_base_is_exported():
+    assert issubclass(AdamW, TorchForEachOptimizer) and issubclass(SGD, TorchForEachOptimizer)
