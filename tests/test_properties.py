@@ -5,7 +5,7 @@ padded); gradients that come and go make packs change members from step to step.
 import inspect
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -35,6 +35,11 @@ def cases(draw):
         draw(st.lists(st.booleans(), min_size=12, max_size=12)), draw(st.floats(1e-4, 0.1))
 
 
+# LAMB with sqr_mom 0: the Adam direction is g/|g|, and an ulp of a near-zero gradient grows several
+# hundredfold per step through the trust ratio and L2 (fused, whose compiled loop rounds in its own order:
+# 1.7e-9 after 6 steps; foreach, in fastai's order: 9e-15).
+@example(case=('Lamb', {'mom': 0.125, 'sqr_mom': 0.0, 'eps': 1e-08, 'wd': 0.5, 'decouple_wd': False}, [(1, 8193)],
+               [True, True, True, False, True] + [False] * 7, [True] + [False] * 11, 0.09765625))
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_any_hypers_and_shapes(case):
@@ -53,6 +58,6 @@ def test_any_hypers_and_shapes(case):
         for ps in params:
             for i, (p, g) in enumerate(zip(ps, grads)): p.grad = g.clone() if has_grad[(i + step) % 12] else None
         for opt in opts: opt.step()
-    native, *others = params
-    for ps in others:
-        for a, b in zip(native, ps): torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    native, foreach, fused = params
+    for ps, rtol in ((foreach, 1e-9), (fused, 1e-7)):  # fused: its own rounding order, amplified (see the example)
+        for a, b in zip(native, ps): torch.testing.assert_close(b, a, rtol=rtol, atol=1e-12)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastforeach.optim import TORCH_EQUIVALENTS, SGD, Adam, AdamW, TorchForEachOptimizer, bias_and_norm
+import fastforeach.optim as fastforeach_optim
+from fastforeach.optim import (FASTAI_EQUIVALENTS, OPTIMI_EQUIVALENTS, TORCH_EQUIVALENTS, SGD, Adam, AdamW,
+                               TorchForEachOptimizer, bias_and_norm)
 from fastforeach.testing.oracle import oracle_layers
 
 CASES = [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, (_, _, configs) in TORCH_EQUIVALENTS.items()
@@ -193,6 +195,13 @@ def test_bad_state_dicts_are_refused_and_change_nothing(break_it, message):
     (lambda ps: SGD(ps, momentum=0.9, dampening=0.1, nesterov=True), "Invalid nesterov for param group 0: True with momentum 0.9"),
     (lambda ps: SGD(ps, foreach=False), "Invalid foreach: False"),
     (lambda ps: SGD(ps, foreach=True, fused=True), "Invalid foreach and fused: both True"),
+    (lambda ps: fastforeach_optim.Adan(ps, betas=(0.9, 0.9)), r"Invalid betas for param group 0: \(0.9, 0.9\) \(must be 3"),
+    (lambda ps: fastforeach_optim.QHAdam(ps, nus=(0.7, 1.5)), "Invalid nus for param group 0: 1.5"),
+    (lambda ps: fastforeach_optim.Lion(ps, decoupled_weight_decay=1), "Invalid decoupled_weight_decay: 1"),
+    (lambda ps: fastforeach_optim.RMSprop([{'params': ps[:1]}, {'params': ps[1:], 'centered': True}]),
+     "Invalid centered: True for some param groups"),
+    (lambda ps: fastforeach_optim.RMSprop(ps, alpha=1.5), "Invalid alpha for param group 0: 1.5"),
+    (lambda ps: fastforeach_optim.RMSprop(ps, capturable=True), "Invalid capturable for param group 0: True"),
     (lambda ps: Adam([{'params': ps[:1]}, {'params': ps[1:], 'decoupled_weight_decay': True}]),
      "Invalid decoupled_weight_decay for param group 1: True"),
 ])
@@ -297,3 +306,129 @@ def test_closure_and_zero_grad():
 
 def test_the_base_is_exported():
     assert issubclass(AdamW, TorchForEachOptimizer) and issubclass(SGD, TorchForEachOptimizer)
+
+
+FASTAI_CASES = [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, (_, configs) in FASTAI_EQUIVALENTS.items()
+                for cfg in configs]
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+@pytest.mark.parametrize('name,cfg', FASTAI_CASES)
+def test_equals_the_fastai_face(name, cfg, fused):
+    """Given torch's keywords, the torch face's optimizer steps as the fastai face's of the same rule given the
+    hypers they name (fastai's vocabulary, including the defaults): 30 steps in float64, to 1e-10, two
+    groups, a new lr every step; every param and the state each keeps."""
+    import inspect
+    from fastforeach.registry import REGISTRY
+    registry_name, configs = FASTAI_EQUIVALENTS[name]
+    cls, spec = getattr(fastforeach_optim, name), REGISTRY[registry_name]
+    groups = oracle_layers(torch.float64)
+    ours = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
+    theirs = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
+    opt = cls([{'params': g} for g in ours], lr=1e-3, fused=fused, **configs[cfg])
+    hypers = {k: v for k, v in opt.hypers(opt.param_groups[0]).items() if k != 'lr'}
+    accepted = inspect.signature(spec.foreach).parameters
+    ref = spec.make('fused' if fused else 'foreach', theirs, lr=1e-3, decouple_wd=opt.decouple_wd,
+                    **{k: v for k, v in hypers.items() if k in accepted})
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 31):
+        for ga, gb in zip(ours, theirs):
+            for pa, pb in zip(ga, gb):
+                g = torch.randn(pa.shape, generator=gen, dtype=torch.float64) * 0.1
+                pa.grad, pb.grad = g.clone(), g.clone()
+        lrs = [1e-3 * (1 + 0.5 * math.sin(t / 7)) / 10 ** (1 - i) for i in range(2)]
+        for group, lr in zip(opt.param_groups, lrs): group['lr'] = lr
+        ref.set_hyper('lr', lrs)
+        opt.step(); ref.step()
+    for ga, gb in zip(ours, theirs):
+        for pa, pb in zip(ga, gb):
+            torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)
+            for key in opt.core.rule.state_keys:
+                torch.testing.assert_close(opt.state[pa][key], ref.state[pb][key], rtol=1e-10, atol=1e-10)
+
+
+OPTIMI_CASES = [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, (_, configs) in OPTIMI_EQUIVALENTS.items()
+                for cfg in configs]
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+@pytest.mark.parametrize('name,cfg', OPTIMI_CASES)
+def test_equals_torch_optimi(name, cfg, fused):
+    "Given the same keywords as torch-optimi's optimizer of the same name, the same params over 100 steps (float64)."
+    optimi = pytest.importorskip('optimi')
+    ref_name, configs = OPTIMI_EQUIVALENTS[name]
+    options = configs[cfg]
+    pair = Pair(lambda g: getattr(fastforeach_optim, name)(g, lr=1e-3, fused=fused, **options),
+                lambda g: getattr(optimi, ref_name)(g, lr=1e-3, foreach=False, **options))
+    for t in range(100): pair.step(1e-3)
+    for where, pa, pb in pair.pairs(): torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)
+
+
+def _train_pair(steps, build, step_fn=None):
+    "Two copies of a small model, one stepped by `build`'s optimizer through `step_fn` (eager by default), one eagerly."
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    opts = build(model), build(twin)
+    def train(m, opt, x):
+        loss = m(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+    run = step_fn(train) if step_fn else train
+    for _ in range(steps):
+        x = torch.randn(5, 6)
+        run(model, opts[0], x); train(twin, opts[1], x)
+    return model, twin, opts
+
+
+def test_dcp_state_dict_functions_take_it():
+    """torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` take the face's
+    optimizers directly: saved by param name with torch's keys, loaded into a fresh one that goes on equal."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    model, twin, (opt, ref) = _train_pair(3, lambda m: AdamW(m.parameters(), lr=1e-2, weight_decay=0.1))
+    saved = get_optimizer_state_dict(model, opt)
+    assert set(saved['state']['0.weight']) == {'step', 'exp_avg', 'exp_avg_sq'}
+    fresh = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    set_optimizer_state_dict(model, fresh, saved)
+    for _ in range(3):
+        x = torch.randn(5, 6)
+        for m, o in ((model, fresh), (twin, ref)):
+            m(x).pow(2).mean().backward(); o.step(); o.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()): torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_compiled_training_step_calls_it():
+    """`torch.compile` of a training step that calls `opt.step()`: dynamo breaks the graph at the step (a Python
+    loop over the param groups) and runs it eagerly; the result equals the eager loop's."""
+    model, twin, _ = _train_pair(3, lambda m: SGD(m.parameters(), lr=0.1, momentum=0.9), torch.compile)
+    for p, q in zip(model.parameters(), twin.parameters()): torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+def test_gradient_release_in_a_plain_loop(fused):
+    """Backward inside `GradientRelease(opt)` steps the params bucket by bucket and frees every gradient: the
+    params and state equal `opt.step()`'s, and at most a bucket and a layer of gradients are alive at once."""
+    from fastforeach.memory import PeakGradBytes
+    from fastforeach.optim import GradientRelease
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(8)]).double()
+    twin = copy.deepcopy(model)
+    layer = sum(p.nbytes for p in model[0].parameters())
+    build = lambda m: AdamW(m.named_parameters(), lr=1e-2, weight_decay=0.1, no_wd=bias_and_norm, fused=fused)
+    opt, ref = build(model), build(twin)
+    tracker = PeakGradBytes(model.parameters())
+    release = GradientRelease(opt, bucket_bytes=2 * layer)
+    for _ in range(4):
+        x = torch.randn(4, 32, dtype=torch.float64)
+        with release: model(x).pow(2).mean().backward()
+        assert all(p.grad is None for p in model.parameters())
+        twin(x).pow(2).mean().backward(); ref.step(); ref.zero_grad()
+    release.remove()
+    assert tracker.peak <= 3 * layer
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]['grad_avg'], ref.state[q]['grad_avg'], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs a fastforeach.optim optimizer, not AdamW"):
+        GradientRelease(torch.optim.AdamW(twin.parameters()))

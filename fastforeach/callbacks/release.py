@@ -1,23 +1,19 @@
 """Gradient release: a Learner's optimizer steps during the backward pass, and gradients are freed early.
 
 A training step usually holds every gradient until `opt.step()`. With `GradientRelease`, each bucket of
-params (consecutive params in backward order, about `bucket_bytes` of them) is stepped as soon as backward
-has completed their gradients, in a hook (`register_post_accumulate_grad_hook`), and their gradients are
-freed at once: at most a bucket's gradients, plus the layer backward is computing, are alive at a time.
-Each bucket is one foreach or fused step of the optimizer, and the params end where a normal step would
-have taken them.
+params is stepped as soon as backward has completed their gradients, and their gradients are freed at once
+(see `releasing.py`).
 
 fastai's own `opt.step()` is skipped while the callback is on; `zero_grad()` finds no gradient left.
 """
 from __future__ import annotations
-
-import time
 
 from fastai.callback.core import Callback, CancelStepException
 
 from ..rules import check_int
 from ..core import inner_optimizer
 from ..fastai import ForEachOptimizer
+from ..releasing import Release
 
 __all__ = ['GradientRelease', 'OptimizerAccumulation']
 
@@ -45,72 +41,36 @@ def check_releasable(learn) -> None:
 
 class GradientRelease(Callback):
     """Step each bucket of params during backward, as soon as its gradients are complete, and free them
-    (see the module docstring). `bucket_bytes`: how many bytes of params a bucket holds, at least one
-    param. `step_seconds` holds the time the last batch spent stepping (for the benchmark)."""
+    (see the module docstring and `releasing.Release`). `bucket_bytes`: how many bytes of params a bucket
+    holds, at least one param. `step_seconds` holds the time the last batch spent stepping (for the benchmark)."""
     order = 90  # before_step: after the callbacks that run there, so that they see the cancel last
 
     def __init__(self, bucket_bytes: int = 25 << 20):
-        self.bucket_bytes = bucket_bytes
-        self.hooks, self.active = [], False
-        self.silent = set()   # ids of params that expected a gradient and got none in the last batch
-        self._plan = None
+        self.bucket_bytes, self.release = bucket_bytes, None
+
+    step_seconds = property(lambda self: self.release.step_seconds if self.release else 0.)
 
     # --- fit ----------------------------------------------------------------------------------------
     def before_fit(self):
         check_releasable(self.learn)
-        self.params = [p for pg in self.opt.param_lists for p in pg][::-1]  # about the order backward completes them
-        # Params frozen for this fit (requires_grad off) get no gradient and take no hook.
-        self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params if p.requires_grad]
+        self.release = Release([p for pg in self.opt.param_lists for p in pg], self.opt.step_params, self.bucket_bytes)
+        self.release.attach()
 
     def after_fit(self): self._remove_hooks()
     def after_cancel_fit(self): self._remove_hooks()
 
     def _remove_hooks(self):
-        for h in self.hooks: h.remove()
-        self.hooks, self.active = [], False
+        if self.release is not None: self.release.detach()
 
     # --- batch --------------------------------------------------------------------------------------
     def before_backward(self):
-        if not self.training: return
-        expected = [p for p in self.params if p.requires_grad and id(p) not in self.silent]
-        key = tuple(map(id, expected))
-        if self._plan is None or self._plan[0] != key: self._plan = (key, *self._buckets(expected))
-        _, self.bucket_of, buckets = self._plan
-        self.pending = [len(b) for b in buckets]
-        self.buckets, self.fired, self.active, self.step_seconds = buckets, set(), True, 0.
-
-    def _buckets(self, expected):
-        "Consecutive params of about `bucket_bytes` each; and each param's bucket."
-        buckets, size = [[]], 0
-        for p in expected:
-            if buckets[-1] and size + p.nbytes > self.bucket_bytes: buckets.append([]); size = 0
-            buckets[-1].append(p)
-            size += p.nbytes
-        return {id(p): i for i, b in enumerate(buckets) for p in b}, [b for b in buckets if b]
-
-    def _on_grad(self, p):
-        if not self.active: return
-        self.fired.add(id(p))
-        i = self.bucket_of.get(id(p))
-        if i is None: return  # not expected: stepped after backward, with what is left
-        self.pending[i] -= 1
-        if self.pending[i] == 0: self._step(self.buckets[i])
-
-    def _step(self, params):
-        start = time.perf_counter()
-        self.opt.step_params(params)
-        self.step_seconds += time.perf_counter() - start
-        for p in params: p.grad = None
+        if self.training: self.release.begin()
 
     def after_backward(self):
         "Step what backward left (params expected to get a gradient and not, or not expected and did); free it."
-        if not self.active: return
-        self.active = False
-        left = [p for p in self.params if p.grad is not None]
-        if left: self._step(left)
+        if not self.release.active: return
+        self.release.end()
         self.opt.finish_step()
-        expected = {id(p) for b in self.buckets for p in b}
-        self.silent = (self.silent | (expected - self.fired)) - self.fired
 
     def before_step(self): raise CancelStepException
 

@@ -15,9 +15,9 @@ import torch
 
 from ..core import Core
 from ..core.engine import Route
-from ..rules import AT_LEAST_ZERO, FRACTION, Check
+from ..rules import AT_LEAST_ZERO, CLOSED_FRACTION, FRACTION, Check
 
-__all__ = ['TorchForEachOptimizer', 'bias_and_norm', 'FLAGS']
+__all__ = ['TorchForEachOptimizer', 'GradientRelease', 'bias_and_norm', 'FLAGS']
 
 FLAGS = ('do_wd', 'force_train')  # per-param marks that are configuration, not state: never saved
 
@@ -28,9 +28,15 @@ def bias_and_norm(name: str | None, p: torch.Tensor) -> bool:
 
 
 def _betas(name, value, where):
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a pair of numbers in [0, 1))")
+    if not isinstance(value, (tuple, list)) or not value:
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a tuple of numbers in [0, 1))")
     for v in value: FRACTION(name, v, where)
+
+
+def _nus(name, value, where):
+    if not isinstance(value, (tuple, list)) or not value:
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a tuple of numbers in [0, 1])")
+    for v in value: CLOSED_FRACTION(name, v, where)
 
 
 def _float(check: Check) -> Callable:
@@ -49,22 +55,26 @@ def _flag(name, value, where):
 # torch's hyper names and their checks, shared by the optimizers that take them.
 CHECKS = {'lr': _float(AT_LEAST_ZERO), 'eps': _float(AT_LEAST_ZERO), 'weight_decay': _float(AT_LEAST_ZERO),
           'momentum': _float(AT_LEAST_ZERO), 'dampening': _float(Check(lambda v: True, '')), 'betas': _betas,
-          'nesterov': _flag}
+          'nus': _nus, 'nesterov': _flag}
 
 
 class TorchForEachOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` stepped by the core (see `core/`): torch's param groups, hyper names,
     defaults and state dicts outside; a step rule over whole lists of tensors inside.
 
-    A subclass declares `defaults` (torch's names), `hypers(group)`: the core's hypers (fastai's names)
-    from a group's, `state_names`: the core's state key -> torch's (None: not saved), `refused`: torch's
-    options the face does not do, with the only value each may take, and `rule(groups, fused)`.
+    A subclass declares `defaults` (torch's names); `names`: each torch hyper's name in the core (fastai's
+    vocabulary; a tuple for a tuple of hypers, as `betas` -> `mom`, `sqr_mom`), which `hypers(group)`
+    translates by; `rules`: the foreach rule and its fused form, which `rule(groups, fused)` picks from;
+    `state_names`: the core's state key -> torch's (None: not saved); `refused`: torch's options the face
+    does not do, with the only value each may take.
 
     `no_wd(name, param)`: params for which it is true take no weight decay, inside any group (`name` is
     the param's name where `params` came from `named_parameters()`, else None; `bias_and_norm` is what
     fastai's Learner does). `foreach`/`fused`: the foreach rule or its fused form; both None: fused where
     every param is on CUDA, foreach elsewhere (on CPU the first fused step compiles for seconds).
     16-bit params are written back with `rounding` ('kahan', 'stochastic' or 'nearest'; see `precision.py`)."""
+    names: dict[str, str | tuple[str, ...]] = {}
+    rules: tuple = ()
     state_names: dict[str, str | None] = {}
     refused: dict[str, object] = {}
     decouple_wd: bool = False
@@ -85,18 +95,25 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
 
     # --- what each optimizer declares ------------------------------------------------------------------
     def hypers(self, group: dict) -> dict:
-        "The core's hypers for `group`."
-        raise NotImplementedError
+        "The core's hypers for `group`, named as `names` says."
+        out = {}
+        for name, core in self.names.items():
+            if isinstance(core, tuple): out.update(zip(core, group[name]))
+            else: out[core] = group[name]
+        return out
 
     def rule(self, groups: list[dict], fused: bool) -> Callable:
         "The core's step rule (or its fused form) for these groups."
-        raise NotImplementedError
+        return self.rules[1] if fused else self.rules[0]
 
     # --- groups --------------------------------------------------------------------------------------
     def check_group(self, group: dict, where: str = '') -> None:
         "Raise `ValueError` naming the hyper and value of `group` (torch's names) that this optimizer refuses."
         for name, value in group.items():
             if name in CHECKS: CHECKS[name](name, value, where)
+            core = self.names.get(name)
+            if isinstance(core, tuple) and (not isinstance(value, (tuple, list)) or len(value) != len(core)):
+                raise ValueError(f"Invalid {name}{where}: {value!r} (must be {len(core)} numbers: {', '.join(core)})")
             if name in self.refused and value != self.refused[name]:
                 raise ValueError(f"Invalid {name}{where}: {value!r} (fastforeach's {type(self).__name__} does not "
                                  f"do it: only {self.refused[name]!r})")
@@ -127,6 +144,13 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         hypers = [self.hypers(group) for group in self.param_groups]
         self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state)
         return loss
+
+    @torch.no_grad()
+    def step_params(self, params) -> None:
+        "A step of only `params` (those of them with a gradient): one bucket of a gradient release (see `GradientRelease`)."
+        for i, group in enumerate(self.param_groups): self.check_group(group, self._where(i))
+        hypers = [self.hypers(group) for group in self.param_groups]
+        self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state, {id(p) for p in params})
 
     def _where(self, i: int) -> str: return f" for param group {i}" if len(self.param_groups) > 1 else ''
 
@@ -191,3 +215,36 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         if isinstance(step, Real) and not isinstance(step, bool) and float(step).is_integer():
             state['step'] = int(step)
         return state
+
+
+class GradientRelease:
+    """Gradient release for a plain loop: `opt`'s params stepped during backward, each bucket of about
+    `bucket_bytes` as soon as backward has completed its gradients, which are then freed (see
+    `releasing.py`); the params end where `opt.step()` would take them. Run each backward inside it, in
+    place of `opt.step()` and `opt.zero_grad()`; `remove()` its hooks when done:
+
+        release = GradientRelease(opt)
+        for x, y in batches:
+            with release: loss_fn(model(x), y).backward()
+
+    Gradients are gone when `step()` would run: clipping by their total norm and `GradScaler` (which
+    unscales and checks every gradient first) cannot be used with it."""
+    def __init__(self, opt: TorchForEachOptimizer, bucket_bytes: int = 25 << 20):
+        if not isinstance(opt, TorchForEachOptimizer):
+            raise ValueError(f"GradientRelease needs a fastforeach.optim optimizer, not {type(opt).__name__}: it steps "
+                             "buckets of params during backward")
+        from ..releasing import Release
+        self.release = Release([p for g in opt.param_groups for p in g['params']], opt.step_params, bucket_bytes)
+        self.release.attach()
+
+    def __enter__(self):
+        self.release.begin()
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None: self.release.end()
+        else: self.release.active = False  # backward failed: nothing more is stepped
+
+    def remove(self) -> None:
+        "Take the hooks off the params: later backward passes keep their gradients for `opt.step()`."
+        self.release.detach()

@@ -4,10 +4,13 @@ from __future__ import annotations
 import torch
 
 from ..optimizers.adam import adam_step, fused_adam_step
+from ..optimizers.radam import fused_torch_radam_step, torch_radam_step
+from ..optimizers.rmsprop import torch_rmsprop_steps
 from ..optimizers.sgd import fused_sgd_step, fused_torch_sgd_step, sgd_step, torch_sgd_step
+from ..rules import FRACTION
 from .base import TorchForEachOptimizer
 
-__all__ = ['Adam', 'AdamW', 'SGD', 'TORCH_EQUIVALENTS']
+__all__ = ['Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'TORCH_EQUIVALENTS']
 
 
 class Adam(TorchForEachOptimizer):
@@ -16,6 +19,8 @@ class Adam(TorchForEachOptimizer):
     decoupled weight decay (p ← p·(1 − lr·wd)) with `decoupled_weight_decay=True`, as `AdamW` does.
     Options torch has and this face does not do (`amsgrad`, `maximize`, `capturable`, `differentiable`)
     are refused when set."""
+    names = {'lr': 'lr', 'betas': ('mom', 'sqr_mom'), 'eps': 'eps', 'weight_decay': 'wd'}
+    rules = (adam_step, fused_adam_step)
     state_names = {'grad_avg': 'exp_avg', 'sqr_avg': 'exp_avg_sq'}
     refused = {'amsgrad': False, 'maximize': False, 'capturable': False, 'differentiable': False}
 
@@ -38,11 +43,6 @@ class Adam(TorchForEachOptimizer):
             raise ValueError(f"Invalid decoupled_weight_decay{where}: {decoupled!r} (this optimizer's groups all take "
                              f"{self.decouple_wd}: it is one way of weight decay for every group)")
 
-    def hypers(self, group):
-        mom, sqr_mom = group['betas']
-        return {'lr': group['lr'], 'mom': mom, 'sqr_mom': sqr_mom, 'eps': group['eps'], 'wd': group['weight_decay']}
-
-    def rule(self, groups, fused): return fused_adam_step if fused else adam_step
 
 
 class AdamW(Adam):
@@ -54,6 +54,26 @@ class AdamW(Adam):
                          capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
                          no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
+
+
+class RAdam(Adam):
+    """torch.optim.RAdam: Adam's averages; once the variance estimate is past its first steps (ρₜ > 5),
+    p ← p − lr·r·(m / (1 − β1ᵗ))·√(1 − β2ᵗ) / (√v + eps), r the rectification, before that
+    p ← p − lr·m / (1 − β1ᵗ); L2 weight decay, or decoupled with `decoupled_weight_decay=True`.
+    fastai's RAdam adds eps after debiasing v (√(v / (1 − β2ᵗ)) + eps)."""
+    rules = (torch_radam_step, fused_torch_radam_step)
+    refused = {'maximize': False, 'capturable': False, 'differentiable': False}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., decoupled_weight_decay=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None, no_wd=None,
+                 rounding='kahan', kahan_dtype=torch.float32):
+        if not isinstance(decoupled_weight_decay, bool):
+            raise ValueError(f"Invalid decoupled_weight_decay: {decoupled_weight_decay!r} (must be True or False)")
+        self.decouple_wd = decoupled_weight_decay
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+                        capturable=capturable, differentiable=differentiable, decoupled_weight_decay=decoupled_weight_decay)
+        TorchForEachOptimizer.__init__(self, params, defaults, foreach=foreach, fused=fused, no_wd=no_wd,
+                                       rounding=rounding, kahan_dtype=kahan_dtype)
 
 class SGD(TorchForEachOptimizer):
     """torch.optim.SGD: g ← g + wd·p;  with momentum, buf ← g on the first step, then
@@ -100,6 +120,42 @@ class SGD(TorchForEachOptimizer):
         return state
 
 
+
+class RMSprop(TorchForEachOptimizer):
+    """torch.optim.RMSprop: g ← g + wd·p;  v ← α·v + (1 − α)·g²;  with `centered`, ḡ ← α·ḡ + (1 − α)·g and
+    d = √(v − ḡ²) + eps, else d = √v + eps;  with momentum, buf ← momentum·buf + g/d and p ← p − lr·buf,
+    else p ← p − lr·g/d. (fastai's RMSProp averages the gradient itself for its momentum.) `centered` is
+    one choice for every group. `capturable`, `maximize` and `differentiable` are refused when set."""
+    names = {'lr': 'lr', 'alpha': 'sqr_mom', 'eps': 'eps', 'weight_decay': 'wd', 'momentum': 'mom'}
+    state_names = {'sqr_avg': 'square_avg', 'grad_avg': 'grad_avg', 'momentum_buffer': 'momentum_buffer'}
+    refused = {'capturable': False, 'maximize': False, 'differentiable': False}
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0., momentum=0., centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None, no_wd=None,
+                 rounding='kahan', kahan_dtype=torch.float32):
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+                        capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
+        self.centered = None  # every group's, once built
+        super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype)
+
+    def check_group(self, group, where=''):
+        super().check_group(group, where)
+        centered = group.get('centered', False)
+        if not isinstance(centered, bool): raise ValueError(f"Invalid centered{where}: {centered!r} (must be True or False)")
+        FRACTION('alpha', group.get('alpha', 0.), where)
+        if self.centered is not None and centered != self.centered:
+            raise ValueError(f"Invalid centered{where}: {centered!r} (this RMSprop's groups are all "
+                             f"centered={self.centered}: one choice for every group)")
+
+    def rule(self, groups, fused):
+        centered = {g['centered'] for g in groups}
+        if len(centered) > 1:
+            raise ValueError("Invalid centered: True for some param groups and False for others (one choice for every group)")
+        self.centered = centered.pop()
+        foreach_rule, fused_rule = torch_rmsprop_steps[self.centered, any(g['momentum'] for g in groups)]
+        return fused_rule if fused else foreach_rule
+
 # Each class beside torch.optim's own optimizer of the same math, with configs (torch's keywords) that
 # cover its options: what the tests hold the torch face to.
 TORCH_EQUIVALENTS = {
@@ -110,4 +166,11 @@ TORCH_EQUIVALENTS = {
                                       'betas_eps': {'betas': (0.8, 0.9), 'eps': 1e-3},
                                       'decoupled': {'weight_decay': 0.1, 'decoupled_weight_decay': True}}),
     'AdamW': (AdamW, torch.optim.AdamW, {'default': {}, 'wd': {'weight_decay': 0.1}}),
+    'RAdam': (RAdam, torch.optim.RAdam, {'default': {}, 'l2': {'weight_decay': 0.1, 'eps': 1e-3},
+                                         'decoupled': {'weight_decay': 0.1, 'decoupled_weight_decay': True,
+                                                       'betas': (0.8, 0.9)}}),
+    'RMSprop': (RMSprop, torch.optim.RMSprop, {'default': {}, 'l2': {'weight_decay': 0.01, 'eps': 1e-3},
+                                               'momentum': {'momentum': 0.9, 'alpha': 0.9},
+                                               'centered': {'centered': True, 'weight_decay': 0.01},
+                                               'centered_momentum': {'centered': True, 'momentum': 0.8}}),
 }

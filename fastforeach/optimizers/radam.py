@@ -12,7 +12,8 @@ from ..accumulation import Accumulation
 from ..rules import AT_LEAST_ZERO, declare
 from .adam import ADAM_AVERAGES, AVERAGING, average_grads, average_grads_update, averaging_coefficients, debiased_rms
 
-__all__ = ['RAdamForEachOptimizer', 'radam_step', 'rectification', 'fused_radam_step']
+__all__ = ['RAdamForEachOptimizer', 'radam_step', 'rectification', 'fused_radam_step', 'torch_radam_step',
+           'fused_torch_radam_step']
 
 
 def rectification(sqr_mom: float, step: int):
@@ -43,6 +44,21 @@ def radam_move(p, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps, beta):
 
 
 declare(hypers={'beta': AT_LEAST_ZERO}, accumulation=Accumulation(ADAM_AVERAGES, radam_move))(radam_step)
+
+
+def _torch_eps(eps, sqr_mom, step):
+    "torch.optim.RAdam's eps in fastai's form: torch adds eps to √sqr_avg before debiasing, fastai after."
+    return eps / math.sqrt(1 - sqr_mom**step) if sqr_mom else eps
+
+
+def torch_radam_step(p, g, grad_avg, sqr_avg, *, step, lr, mom, sqr_mom, eps):
+    """torch.optim.RAdam: `radam_step` with the rectified denominator (√sqr_avg + eps) / √debias2, that is
+    eps / √debias2 in fastai's √(sqr_avg / debias2) + eps."""
+    radam_step(p, g, grad_avg, sqr_avg, step=step, lr=lr, mom=mom, sqr_mom=sqr_mom,
+               eps=_torch_eps(eps, sqr_mom, step), beta=0.)
+
+
+declare(accumulation="torch's RAdam is held to torch.optim.RAdam, which has no optimizer accumulation")(torch_radam_step)
 
 
 def softplus(x, beta, threshold=20.):
@@ -84,6 +100,13 @@ def _choose_update(hypers):
 
 
 fused_radam_step = CompiledStep(radam_step, radam_update, _coefficients, RADAM, choose=_choose_update)
+
+
+def _torch_coefficients(*, step, lr, mom, sqr_mom, eps):
+    return _coefficients(step=step, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=_torch_eps(eps, sqr_mom, step), beta=0.)
+
+
+fused_torch_radam_step = CompiledStep(torch_radam_step, radam_update, _torch_coefficients, RADAM)
 
 
 class RAdamForEachOptimizer(ForEachOptimizer):
