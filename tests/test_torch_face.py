@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastforeach.optim as fastforeach_optim
-from fastforeach.optim import (FASTAI_EQUIVALENTS, OPTIMI_EQUIVALENTS, TORCH_EQUIVALENTS, SGD, Adam, AdamW,
+from fastforeach.optim import (FASTAI_EQUIVALENTS, REFERENCE_EQUIVALENTS, TORCH_EQUIVALENTS, SGD, Adam, AdamW,
                                TorchForEachOptimizer, bias_and_norm)
 from fastforeach.testing.oracle import oracle_layers
 
@@ -328,6 +328,7 @@ def test_equals_the_fastai_face(name, cfg, fused):
     opt = cls([{'params': g} for g in ours], lr=1e-3, fused=fused, **configs[cfg])
     hypers = {k: v for k, v in opt.hypers(opt.param_groups[0]).items() if k != 'lr'}
     accepted = inspect.signature(spec.foreach).parameters
+    if 'clip' in accepted: hypers['clip'] = opt.clip
     ref = spec.make('fused' if fused else 'foreach', theirs, lr=1e-3, decouple_wd=opt.decouple_wd,
                     **{k: v for k, v in hypers.items() if k in accepted})
     gen = torch.Generator().manual_seed(0)
@@ -347,19 +348,23 @@ def test_equals_the_fastai_face(name, cfg, fused):
                 torch.testing.assert_close(opt.state[pa][key], ref.state[pb][key], rtol=1e-10, atol=1e-10)
 
 
-OPTIMI_CASES = [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, (_, configs) in OPTIMI_EQUIVALENTS.items()
-                for cfg in configs]
+REFERENCE_CASES = [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, (_, _, configs) in REFERENCE_EQUIVALENTS.items()
+                   for cfg in configs]
 
 
 @pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
-@pytest.mark.parametrize('name,cfg', OPTIMI_CASES)
-def test_equals_torch_optimi(name, cfg, fused):
-    "Given the same keywords as torch-optimi's optimizer of the same name, the same params over 100 steps (float64)."
-    optimi = pytest.importorskip('optimi')
-    ref_name, configs = OPTIMI_EQUIVALENTS[name]
+@pytest.mark.parametrize('name,cfg', REFERENCE_CASES)
+def test_equals_the_published_implementation(name, cfg, fused):
+    """Given the same keywords as the published optimizer of the same math (torch-optimi's, schedulefree's),
+    the same params over 100 steps (float64)."""
+    package, ref_name, configs = REFERENCE_EQUIVALENTS[name]
+    module = pytest.importorskip(package)
     options = configs[cfg]
-    pair = Pair(lambda g: getattr(fastforeach_optim, name)(g, lr=1e-3, fused=fused, **options),
-                lambda g: getattr(optimi, ref_name)(g, lr=1e-3, foreach=False, **options))
+    def reference(groups):
+        opt = getattr(module, ref_name)(groups, lr=1e-3, foreach=False, **options)
+        if hasattr(opt, 'train'): opt.train()
+        return opt
+    pair = Pair(lambda g: getattr(fastforeach_optim, name)(g, lr=1e-3, fused=fused, **options), reference)
     for t in range(100): pair.step(1e-3)
     for where, pa, pb in pair.pairs(): torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)
 
@@ -432,3 +437,27 @@ def test_gradient_release_in_a_plain_loop(fused):
         torch.testing.assert_close(opt.state[p]['grad_avg'], ref.state[q]['grad_avg'], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="needs a fastforeach.optim optimizer, not AdamW"):
         GradientRelease(torch.optim.AdamW(twin.parameters()))
+
+
+def test_schedule_free_train_and_eval_modes():
+    """`eval()` puts the averaged weights x in the params and `train()` takes them back to y, as schedulefree's
+    AdamWScheduleFree does; a step in eval mode is refused, changing nothing; the mode is saved with the state."""
+    schedulefree = pytest.importorskip('schedulefree')
+    def reference(groups):
+        opt = schedulefree.AdamWScheduleFree(groups, lr=1e-3, foreach=False, weight_decay=0.01)
+        opt.train()
+        return opt
+    pair = Pair(lambda g: fastforeach_optim.ScheduleFreeAdamW(g, lr=1e-3, weight_decay=0.01), reference)
+    for _ in range(5): pair.step(1e-3)
+    for mode in ('eval', 'train', 'eval'):
+        getattr(pair.opt, mode)(); getattr(pair.ref, mode)()
+        for _, pa, pb in pair.pairs(): torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)
+    assert [g['train_mode'] for g in pair.opt.state_dict()['param_groups']] == [False, False]
+    before = [p.detach().clone() for _, p, _ in pair.pairs()]
+    pair.grads()
+    with pytest.raises(ValueError, match="ScheduleFreeAdamW is in eval mode"):
+        pair.opt.step()
+    assert all(torch.equal(a, p) for a, (_, p, _) in zip(before, pair.pairs()))
+    pair.opt.train(); pair.ref.train()
+    pair.step(1e-3)
+    for _, pa, pb in pair.pairs(): torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)

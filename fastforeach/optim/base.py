@@ -93,6 +93,8 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
                          l2_into_grads=False)
         self.core.hold(every)
 
+    rounding = property(lambda self: self.core.rounding, doc="How 16-bit params are written back (see `precision.py`).")
+
     # --- what each optimizer declares ------------------------------------------------------------------
     def hypers(self, group: dict) -> dict:
         "The core's hypers for `group`, named as `names` says."

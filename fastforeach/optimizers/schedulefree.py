@@ -114,11 +114,15 @@ class ScheduleFreeModes:
     def train(self): self._switch(True)
     def eval(self): self._switch(False)
 
+    def _mode_groups(self) -> list:
+        "Each param group as (its params, the dict that keeps its `train_mode`, its beta1)."
+        return [(params, hyper, hyper['beta1']) for params, hyper in zip(self.param_lists, self.hypers)]
+
     @torch.no_grad()
     def _switch(self, train: bool):
-        for params, hyper in zip(self.param_lists, self.hypers):
+        for params, hyper, beta1 in self._mode_groups():
             if hyper.get('train_mode', True) == train: continue
-            weight = 1 - hyper['beta1'] if train else 1 - 1 / hyper['beta1']
+            weight = 1 - beta1 if train else 1 - 1 / beta1
             pairs = [(p, self.state[p]['z']) for p in params if 'z' in self.state[p]]
             plain = [(p, z) for p, z in pairs if p.dtype == z.dtype]
             if plain: torch._foreach_lerp_(*map(list, zip(*plain)), weight)
@@ -133,10 +137,10 @@ class ScheduleFreeModes:
         self.rounding.update_in_float32([p], comps, lambda w: torch._foreach_lerp_(w, [z], weight))
 
     def _start_in_train_mode(self):
-        for hyper in self.hypers: hyper.setdefault('train_mode', True)
+        for _, hyper, _ in self._mode_groups(): hyper.setdefault('train_mode', True)
 
     def check_train_mode(self):
-        if not all(hyper.get('train_mode', True) for hyper in self.hypers):
+        if not all(hyper.get('train_mode', True) for _, hyper, _ in self._mode_groups()):
             raise ValueError(f"{type(self).__name__} is in eval mode (its params hold the averaged weights x): "
                              "call opt.train() before a step, or train with the ScheduleFree callback")
 
