@@ -21,8 +21,8 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 class Pair:
     """The face's optimizer and torch's on identical copies of the oracle's two param groups (the second at a
     tenth of the lr), given identical fresh gradients, a new lr every step, and a param that never gets one."""
-    def __init__(self, build_ours, build_torch, dtype=torch.float64, seed=0):
-        groups = oracle_layers(dtype)
+    def __init__(self, build_ours, build_torch, dtype=torch.float64, seed=0, device='cpu'):
+        groups = oracle_layers(dtype, device)
         self.ours = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
         self.theirs = [[nn.Parameter(p.detach().clone()) for p in g] for g in groups]
         self.opt = build_ours([{'params': g} for g in self.ours])
@@ -38,7 +38,7 @@ class Pair:
         for where, pa, pb in self.pairs():
             if where == self.no_grad: continue
             g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64) * 0.1
-            pa.grad, pb.grad = g.to(pa.dtype, copy=True), g.to(pb.dtype, copy=True)
+            pa.grad, pb.grad = g.to(pa, copy=True), g.to(pb, copy=True)
 
     def step(self, base_lr, vary_lr=True):
         self.grads()
@@ -82,6 +82,19 @@ def test_equals_torch(name, cfg, dtype, fused):
     # As torch's, the step leaves the gradients as they were (L2 goes into copies).
     for where, pa, pb in pair.pairs():
         if where != pair.no_grad: assert torch.equal(pa.grad, pb.grad.to(pa.dtype)), where
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name,cfg', CASES)
+def test_equals_torch_on_cuda(name, cfg):
+    """On CUDA, with `fused` and `foreach` left None (the face's fused step there), 30 steps beside
+    torch.optim's own in float32."""
+    ours, theirs, configs = TORCH_EQUIVALENTS[name]
+    pair = Pair(lambda g: ours(g, lr=1e-2, **configs[cfg]), lambda g: theirs(g, lr=1e-2, foreach=False, **configs[cfg]),
+                torch.float32, device='cuda')
+    assert pair.opt.fused
+    for t in range(1, 31): pair.step(1e-2)
+    pair.assert_equal(torch.float32, 30)
 
 
 def test_is_a_torch_optimizer_with_torch_defaults():
@@ -461,3 +474,46 @@ def test_schedule_free_train_and_eval_modes():
     pair.opt.train(); pair.ref.train()
     pair.step(1e-3)
     for _, pa, pb in pair.pairs(): torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('name,cfg', [(name, cfg) for name, (_, configs) in FASTAI_EQUIVALENTS.items()
+                                      for cfg in list(configs)[:1]])
+@pytest.mark.parametrize('direction', ['fastai_to_torch', 'torch_to_fastai'])
+def test_checkpoints_move_between_the_faces(direction, name, cfg):
+    """Seven steps on one face, its state into a fresh optimizer of the other face (the fastai face's format:
+    `fastai_state_dict()` one way, `load_state_dict` of it the other), then thirteen more beside an
+    uninterrupted optimizer of the loading face: equal in float64."""
+    import inspect
+    from fastforeach.registry import REGISTRY
+    registry_name, configs = FASTAI_EQUIVALENTS[name]
+    cls, spec = getattr(fastforeach_optim, name), REGISTRY[registry_name]
+    probe = cls([nn.Parameter(torch.zeros(1))], lr=1e-3, **configs[cfg])
+    hypers = {k: v for k, v in probe.hypers(probe.param_groups[0]).items() if k != 'lr'}
+    accepted = inspect.signature(spec.foreach).parameters
+    if 'clip' in accepted: hypers['clip'] = probe.clip
+    fastai_options = {'decouple_wd': probe.decouple_wd, **{k: v for k, v in hypers.items() if k in accepted}}
+    torch_face = lambda groups: cls([{'params': g} for g in groups], lr=1e-3, **configs[cfg])
+    fastai_face = lambda groups: spec.make('foreach', groups, lr=1e-3, **fastai_options)
+    saver, loader = (fastai_face, torch_face) if direction == 'fastai_to_torch' else (torch_face, fastai_face)
+    groups = oracle_layers(torch.float64)
+    copies = [[[nn.Parameter(p.detach().clone()) for p in g] for g in groups] for _ in range(3)]
+    saving, resumed, straight = saver(copies[0]), None, loader(copies[2])
+    gen = torch.Generator().manual_seed(0)
+    def step(opts, sets, t):
+        g = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in grp] for grp in groups]
+        for opt, params in zip(opts, sets):
+            for grads, ps in zip(g, params):
+                for gr, p in zip(grads, ps): p.grad = gr.clone()
+            opt.step()
+    for t in range(7): step([saving, straight], [copies[0], copies[2]], t)
+    for a, b in zip(copies[0], copies[1]):
+        for p, q in zip(a, b): q.data.copy_(p.data)
+    sd = saving.fastai_state_dict() if direction == 'torch_to_fastai' else saving.state_dict()
+    resumed = loader(copies[1])
+    resumed.load_state_dict(copy.deepcopy(sd))
+    straight.load_state_dict(copy.deepcopy(resumed.state_dict()))
+    for a, b in zip(copies[1], copies[2]):
+        for p, q in zip(a, b): q.data.copy_(p.data)
+    for t in range(13): step([resumed, straight], [copies[1], copies[2]], t)
+    for a, b in zip(copies[1], copies[2]):
+        for p, q in zip(a, b): torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)

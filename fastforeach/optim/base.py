@@ -170,9 +170,41 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
             if out: state[i] = out
         return {'state': state, 'param_groups': sd['param_groups']}
 
+    def fastai_state_dict(self) -> dict:
+        """This optimizer's state dict in the fastai face's format (per-param state in param order, hypers in
+        fastai's names): what the fastai face's optimizer of the same rule loads (`load_state_dict` here
+        takes that format too)."""
+        params = [p for group in self.param_groups for p in group['params']]
+        return {'state': [dict(self.state[p]) if p in self.state else {} for p in params],
+                'hypers': [self.hypers(group) for group in self.param_groups]}
+
+    def _from_fastai(self, sd: dict) -> dict:
+        "A fastai-face state dict (see `fastai_state_dict`) in torch's format, this optimizer's groups with its hypers."
+        if len(sd['hypers']) != len(self.param_groups):
+            raise ValueError(f"Invalid state dict: {len(sd['hypers'])} param groups, the optimizer has {len(self.param_groups)}")
+        n_params = sum(len(g['params']) for g in self.param_groups)
+        if len(sd['state']) != n_params:
+            raise ValueError(f"Invalid state dict: {len(sd['state'])} params, the optimizer has {n_params}")
+        groups, at = [], 0
+        for i, (group, hyper) in enumerate(zip(self.param_groups, sd['hypers'])):
+            saved = {k: v for k, v in group.items() if k != 'params'}
+            for name, core in self.names.items():
+                missing = [c for c in (core if isinstance(core, tuple) else (core,)) if c not in hyper]
+                if missing: raise ValueError(f"Invalid state dict: param group {i} lacks hypers {missing}")
+                saved[name] = tuple(hyper[c] for c in core) if isinstance(core, tuple) else hyper[core]
+            groups.append({**saved, 'params': list(range(at, at + len(group['params'])))})
+            at += len(group['params'])
+        to_torch = {k: v for k, v in self.state_names.items() if v is not None}
+        state = {i: {to_torch.get(k, k): v for k, v in s.items() if k not in FLAGS}
+                 for i, s in enumerate(sd['state']) if isinstance(s, dict) and any(k not in FLAGS for k in s)}
+        return {'state': state, 'param_groups': groups}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict in torch's format: this face's, or torch.optim's own optimizer's of the same math
-        (its key names); checked whole first (groups, hypers, each param's state), nothing changed if it fails."""
+        (its key names); or one of the fastai face's optimizer of the same rule (see `fastai_state_dict`).
+        Checked whole first (groups, hypers, each param's state), nothing changed if it fails."""
+        if isinstance(state_dict, dict) and 'hypers' in state_dict and isinstance(state_dict.get('state'), list):
+            state_dict = self._from_fastai(state_dict)
         internal = self._checked(state_dict)
         flags = {p: {k: s[k] for k in FLAGS if k in s} for p, s in self.state.items()}
         super().load_state_dict(internal)

@@ -148,6 +148,12 @@ class RMSprop(TorchForEachOptimizer):
             raise ValueError(f"Invalid centered{where}: {centered!r} (this RMSprop's groups are all "
                              f"centered={self.centered}: one choice for every group)")
 
+    def imported(self, state, i):
+        "A saved state without a step count (the fastai face's RMSProp keeps none; the update does not use it) counts from 1."
+        state = super().imported(state, i)
+        if 'sqr_avg' in state and 'step' not in state: state['step'] = 1
+        return state
+
     def rule(self, groups, fused):
         centered = {g['centered'] for g in groups}
         if len(centered) > 1:
