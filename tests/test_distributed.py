@@ -325,3 +325,59 @@ def test_unsupported_layouts_are_refused_before_a_step():
     for results in spawn(_unsupported_layouts):
         for key, (error, unchanged) in results.items():
             assert error and 'Invalid' in error and unchanged, (key, error)
+
+
+# --- the torch.optim face under FSDP2 ----------------------------------------------------------------
+
+def _torch_face_fsdp2(rank, world, directory, fused):
+    """The torch face's AdamW (`no_wd` inside its groups) on an FSDP2 model: 10 steps, a checkpoint with
+    torch.distributed.checkpoint, 10 more; the same checkpoint resumed in a fresh FSDP2 model; and one
+    process stepping the whole batches (every rank alone)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from fastforeach.optim import AdamW, bias_and_norm
+
+    def build(model):
+        groups = [{'params': [p for n, p in model.named_parameters() if n.startswith(('inp', 'norm'))]},
+                  {'params': [p for n, p in model.named_parameters() if not n.startswith(('inp', 'norm'))]}]
+        return AdamW(groups, lr=1e-3, weight_decay=0.01, no_wd=bias_and_norm, fused=fused)
+
+    def run(model, opt, xs, first, shard):
+        for i, x in enumerate(xs, first):
+            if shard: x = x.chunk(world)[rank]
+            model(x).pow(2).mean().backward()
+            for j, group in enumerate(opt.param_groups): group['lr'] = 1e-3 * 0.5 ** j * 0.97 ** i
+            opt.step()
+            opt.zero_grad()
+
+    first, rest, result = batches(10), batches(10, start=10), {}
+    model = fsdp2(net()); opt = build(model)
+    run(model, opt, first, 0, True)
+    dcp.save({'model': get_model_state_dict(model), 'optim': get_optimizer_state_dict(model, opt)},
+             checkpoint_id=f"{directory}/torch-face")
+    run(model, opt, rest, 10, True)
+    result['straight'] = _params(model)
+
+    resumed = fsdp2(net()); ropt = build(resumed)
+    template = {'model': get_model_state_dict(resumed), 'optim': get_optimizer_state_dict(resumed, ropt)}
+    dcp.load(template, checkpoint_id=f"{directory}/torch-face", planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(resumed, template['model'])
+    set_optimizer_state_dict(resumed, ropt, template['optim'], options=StateDictOptions(strict=False))
+    run(resumed, ropt, rest, 10, True)
+    result['resumed'] = _params(resumed)
+
+    single = net(); sopt = build(single)
+    run(single, sopt, first + rest, 0, False)
+    result['one process'] = _params(single)
+    return result
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+def test_torch_face_under_fsdp2_with_checkpoints(fused, tmp_path):
+    for rank, r in enumerate(spawn(_torch_face_fsdp2, str(tmp_path), fused)):
+        assert max_rel_diff(r['resumed'], r['straight']) == 0, rank
+        assert max_rel_diff(r['straight'], r['one process']) < TOL, rank

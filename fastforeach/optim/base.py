@@ -85,8 +85,8 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         if foreach is False and not fused:
             raise ValueError("Invalid foreach: False (fastforeach steps whole lists of tensors and has no per-tensor "
                              "loop; leave it None, or use torch.optim's own optimizer)")
-        self.no_wd, self.core = no_wd, None
-        super().__init__(params, defaults)  # each group through `add_param_group`: checked, then marked
+        self.no_wd, self.core, self._exempt = no_wd, None, []
+        super().__init__(params, defaults)  # each group through `add_param_group`: checked, its exemptions noted
         every = [p for g in self.param_groups for p in g['params']]
         self.fused = bool(fused) if fused is not None or foreach else all(p.device.type == 'cuda' for p in every)
         self.core = Core(self.rule(self.param_groups, self.fused), self.decouple_wd, rounding, kahan_dtype,
@@ -128,8 +128,8 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         if self.no_wd is not None:
             names = group.get('param_names', [None] * len(group['params']))
-            for name, p in zip(names, group['params']):
-                if self.no_wd(name, p): self.state[p]['do_wd'] = False
+            self._exempt += [p for name, p in zip(names, group['params']) if self.no_wd(name, p)]
+            self._marked = False
         if self.core is not None:  # a group added after construction
             rule = self.rule(self.param_groups, self.fused)
             if Route.of(rule).rule.fn is not self.core.rule.fn: self.core.routes = [Route.of(rule)]
@@ -144,14 +144,25 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
             with torch.enable_grad(): loss = closure()
         for i, group in enumerate(self.param_groups): self.check_group(group, self._where(i))
         hypers = [self.hypers(group) for group in self.param_groups]
+        self._mark_exempt()
         self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state)
         return loss
+
+    def _mark_exempt(self):
+        """The `do_wd=False` flags of the params `no_wd` exempts, in their state (where the core reads them),
+        set at the first step rather than at construction: until a step, `state` stays empty, as
+        torch.distributed.checkpoint expects of an optimizer that has not stepped (it then steps it once,
+        with lr 0, to create the state it loads into)."""
+        if getattr(self, '_marked', True): return
+        for p in self._exempt: self.state[p]['do_wd'] = False
+        self._marked = True
 
     @torch.no_grad()
     def step_params(self, params) -> None:
         "A step of only `params` (those of them with a gradient): one bucket of a gradient release (see `GradientRelease`)."
         for i, group in enumerate(self.param_groups): self.check_group(group, self._where(i))
         hypers = [self.hypers(group) for group in self.param_groups]
+        self._mark_exempt()
         self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state, {id(p) for p in params})
 
     def _where(self, i: int) -> str: return f" for param group {i}" if len(self.param_groups) > 1 else ''
@@ -206,10 +217,8 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         if isinstance(state_dict, dict) and 'hypers' in state_dict and isinstance(state_dict.get('state'), list):
             state_dict = self._from_fastai(state_dict)
         internal = self._checked(state_dict)
-        flags = {p: {k: s[k] for k in FLAGS if k in s} for p, s in self.state.items()}
         super().load_state_dict(internal)
-        for p, kept in flags.items():
-            if kept: self.state[p].update(kept)
+        self._marked = False  # the exemptions, marked again at the next step
 
     def _checked(self, sd) -> dict:
         "`sd` with the core's state keys, after checking that it fits; `ValueError` naming what does not."
