@@ -15,7 +15,8 @@ from .fused import (PLAIN, Coefficients, Plans, chunked, coefficient_dtype, comp
                     run_chunks)
 from .optimizers.radam import RAdamForEachOptimizer
 
-__all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update', 'inner_optimizer']
+__all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update', 'inner_optimizer', 'check_lookahead',
+           'slow_dtype', 'slow_weight', 'sync_16_bit']
 
 
 SYNC = Coefficients('alpha', decay=False)
@@ -30,10 +31,42 @@ def lookahead_update(slow, fast, c):
 _SYNC = ((lookahead_update, PLAIN),)
 
 
-def check_lookahead(k, alpha) -> None:
-    check_int('k', k, 1)
+def check_lookahead(k, alpha, prefix: str = '', where: str = '') -> None:
+    "Raise `ValueError` naming `k` or `alpha` (as `prefix`k, `prefix`alpha, `where` they are) when out of range."
+    check_int(f'{prefix}k', k, 1, where=where)
     if not isinstance(alpha, Real) or isinstance(alpha, bool) or not 0 < alpha <= 1:
-        raise ValueError(f"Invalid alpha: {alpha!r} (must be a real number in (0, 1])")
+        raise ValueError(f"Invalid {prefix}alpha{where}: {alpha!r} (must be a real number in (0, 1])")
+
+
+def slow_dtype(inner, p) -> torch.dtype:
+    "float32 for the slow weights of 16-bit params stepped in float32 (see `sync_16_bit`), else `p`'s dtype."
+    rounding = getattr(inner, 'rounding', None)
+    return torch.float32 if rounding is not None and rounding.in_float32(p) else p.dtype
+
+
+def slow_weight(inner, p) -> torch.Tensor:
+    "`p`'s slow weight: the weight `inner`'s steps see (with its Kahan buffer), in `slow_dtype`."
+    comp = inner.state[p].get(COMP) if hasattr(inner, 'rounding') and p in inner.state else None
+    w = p.detach().to(slow_dtype(inner, p))
+    return w + comp if comp is not None and w.dtype == torch.float32 else w.clone()
+
+
+def sync_16_bit(inner, alpha, slow, fast, params):
+    """The sync of 16-bit params, as `inner`'s `rounding` says: with Kahan summation or stochastic rounding,
+    the slow weights are float32 (their moves are as small as the steps') and the fast ones are written back
+    from them as the steps write them; with 'nearest', or a fastai optimizer inside, fastai's own sync, op by op."""
+    rounding = getattr(inner, 'rounding', None)
+    if rounding is None or not rounding.in_float32(fast[0]):
+        for s, f in zip(slow, fast):
+            s.add_(f - s, alpha=alpha)
+            f.copy_(s)
+        return
+    comps = rounding.compensations(params, [inner.state[p] for p in params])
+    if comps is not None: comps = [local(c) for c in comps]
+    def sync(w):
+        torch._foreach_lerp_(slow, w, alpha)
+        torch._foreach_copy_(w, slow)
+    rounding.update_in_float32(fast, comps, sync)
 
 
 class Lookahead(_FastaiLookahead):
@@ -96,37 +129,13 @@ class Lookahead(_FastaiLookahead):
         for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
             yield [local(s) for s in slow_pg], [local(p) for p in fast_pg], list(fast_pg)
 
-    def _sync_16_bit(self, slow, fast, params):
-        """The sync of 16-bit params, as the inner optimizer's `rounding` says: with Kahan summation or
-        stochastic rounding, the slow weights are float32 (their moves are as small as the steps') and the
-        fast ones are written back from them as the steps write them; with 'nearest', or a fastai optimizer
-        inside, fastai's own sync, op by op."""
-        rounding = getattr(self.opt, 'rounding', None)
-        if rounding is None or not rounding.in_float32(fast[0]):
-            for s, f in zip(slow, fast):
-                s.add_(f - s, alpha=self.alpha)
-                f.copy_(s)
-            return
-        comps = rounding.compensations(params, [self.opt.state[p] for p in params])
-        if comps is not None: comps = [local(c) for c in comps]
-        def sync(w):
-            torch._foreach_lerp_(slow, w, self.alpha)
-            torch._foreach_copy_(w, slow)
-        rounding.update_in_float32(fast, comps, sync)
+    def _sync_16_bit(self, slow, fast, params): sync_16_bit(self.opt, self.alpha, slow, fast, params)
 
-    def _slow_dtype(self, p) -> torch.dtype:
-        "float32 for the slow weights of 16-bit params stepped in float32 (see `_sync_16_bit`), else `p`'s dtype."
-        rounding = getattr(self.opt, 'rounding', None)
-        return torch.float32 if rounding is not None and rounding.in_float32(p) else p.dtype
+    def _slow_dtype(self, p) -> torch.dtype: return slow_dtype(self.opt, p)
 
     def _copy_weights(self):
         "The slow weights: the weights the steps see (with their Kahan buffers), in `_slow_dtype`."
-        inner = self.opt
-        def slow(p):
-            comp = inner.state[p].get(COMP) if hasattr(inner, 'rounding') else None
-            w = p.detach().to(self._slow_dtype(p))
-            return w + comp if comp is not None and w.dtype == torch.float32 else w.clone()
-        self.slow_weights = L(L(slow(p) for p in pg) for pg in self.param_lists)
+        self.slow_weights = L(L(slow_weight(self.opt, p) for p in pg) for pg in self.param_lists)
 
     def _sync(self, slow, fast):
         """With `fused`, params above the pack threshold sync in one compiled pass each; smaller ones, for

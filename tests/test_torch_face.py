@@ -517,3 +517,56 @@ def test_checkpoints_move_between_the_faces(direction, name, cfg):
     for t in range(13): step([resumed, straight], [copies[1], copies[2]], t)
     for a, b in zip(copies[1], copies[2]):
         for p, q in zip(a, b): torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+def test_lookahead_equals_the_fastai_face_and_resumes(fused):
+    """`Lookahead(SGD(...), k=3)` steps as the fastai face's Lookahead over its SGD (float64, 1e-10, a new lr
+    every step), and its state dict (the inner's, slow weights and counts included) resumes exactly."""
+    import fastforeach
+    from fastforeach.optim import Lookahead
+    groups = oracle_layers(torch.float64)
+    sets = [[[nn.Parameter(p.detach().clone()) for p in g] for g in groups] for _ in range(3)]
+    face = lambda params: Lookahead(SGD([{'params': g} for g in params], lr=1e-2, momentum=0.9, weight_decay=0.01,
+                                        fused=fused), k=3, alpha=0.4)
+    ours, resumed = face(sets[0]), None
+    theirs = fastforeach.Lookahead(fastforeach.SGD(sets[1], 1e-2, mom=0.9, wd=0.01, decouple_wd=False, fused=fused),
+                                   k=3, alpha=0.4, fused=fused)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 21):
+        g = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in grp] for grp in groups]
+        lrs = [1e-2 * (1 + 0.5 * math.sin(t / 7)) / 10 ** (1 - i) for i in range(2)]
+        opts = [(ours, sets[0]), (theirs, sets[1])] + ([(resumed, sets[2])] if resumed else [])
+        for opt, params in opts:
+            for grads, ps in zip(g, params):
+                for gr, p in zip(grads, ps): p.grad = gr.clone()
+            if opt is theirs: opt.set_hyper('lr', lrs)
+            else:
+                for group, lr in zip(opt.param_groups, lrs): group['lr'] = lr
+            opt.step()
+        if t == 7:  # mid-cycle: a checkpoint of the first resumed by a fresh one from its params
+            for a, b in zip(sets[0], sets[2]):
+                for p, q in zip(a, b): q.data.copy_(p.data)
+            resumed = face(sets[2])
+            resumed.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for params in (sets[1], sets[2]):
+        for a, b in zip(sets[0], params):
+            for p, q in zip(a, b): torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+    assert ours.param_groups[0]['lookahead_count'] == 20 and 'slow_weight' in ours.state_dict()['state'][0]
+
+
+def test_lookahead_refuses_bad_input_changing_nothing():
+    from fastforeach.optim import Lookahead
+    params = [nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="Invalid k: 0"): Lookahead(SGD(params), k=0)
+    with pytest.raises(ValueError, match="Invalid optimizer: SGD"): Lookahead(torch.optim.SGD(params))
+    opt = Lookahead(SGD(params, lr=0.1), k=2)
+    params[0].grad = torch.ones(3)
+    opt.param_groups[0]['lookahead_alpha'] = 2.
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match="Invalid lookahead_alpha for param group 0: 2.0"): opt.step()
+    assert torch.equal(params[0], before) and not opt.state
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # schedulers take it, and set the inner's lrs
+    opt.param_groups[0]['lookahead_alpha'] = 0.5
+    opt.step(); sched.step()
+    assert opt.optimizer.param_groups[0]['lr'] == 0.05
