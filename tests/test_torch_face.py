@@ -570,3 +570,61 @@ def test_lookahead_refuses_bad_input_changing_nothing():
     opt.param_groups[0]['lookahead_alpha'] = 0.5
     opt.step(); sched.step()
     assert opt.optimizer.param_groups[0]['lr'] == 0.05
+
+
+@pytest.fixture
+def torch_muon_in_float64(monkeypatch):
+    "torch.optim.Muon with its Newton-Schulz iteration in float64 (its cast to bf16 made a float64 copy): exact."
+    import torch.optim._muon as torch_muon
+    iterate = torch_muon._zeropower_via_newtonschulz
+    def in_float64(grad, *args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, 'bfloat16', lambda t: t.to(torch.float64, copy=True))
+            return iterate(grad, *args, **kwargs)
+    monkeypatch.setattr(torch_muon, '_zeropower_via_newtonschulz', in_float64)
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+@pytest.mark.parametrize('options', [{}, {'nesterov': False, 'momentum': 0.9, 'ns_steps': 3, 'weight_decay': 0.01},
+                                     {'adjust_lr_fn': 'match_rms_adamw'}], ids=['default', 'plain', 'match_rms'])
+@pytest.mark.parametrize('method', ['standard', 'gram'])
+def test_muon_equals_torch(options, method, fused, torch_muon_in_float64):
+    """100 steps beside torch.optim.Muon, both iterating in float64 (the Gram iteration is the same polynomial):
+    two groups of matrices (two of one shape, batched), a new lr every step, one without a gradient."""
+    torch.manual_seed(0)
+    shapes = [[(24, 10), (10, 24), (24, 10)], [(5, 24), (16, 16), (3, 4)]]
+    groups = [[torch.randn(s, dtype=torch.float64) * 0.1 for s in g] for g in shapes]
+    ours = [[nn.Parameter(t.clone()) for t in g] for g in groups]
+    theirs = [[nn.Parameter(t.clone()) for t in g] for g in groups]
+    opt = fastforeach_optim.Muon([{'params': g} for g in ours], lr=1e-2, ns_dtype=torch.float64, ns_method=method,
+                                 fused=fused, **options)
+    ref = torch.optim.Muon([{'params': g} for g in theirs], lr=1e-2, **options)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(1, 101):
+        for gi, (ga, gb) in enumerate(zip(ours, theirs)):
+            for pi, (pa, pb) in enumerate(zip(ga, gb)):
+                if (gi, pi) == (1, 2): continue
+                g = torch.randn(pa.shape, generator=gen, dtype=torch.float64)
+                pa.grad, pb.grad = g.clone(), g.clone()
+        for o in (opt, ref):
+            for i, group in enumerate(o.param_groups): group['lr'] = 1e-2 * (1 + 0.5 * math.sin(t / 7)) / 10 ** (1 - i)
+        opt.step(); ref.step()
+    for ga, gb in zip(ours, theirs):
+        for pa, pb in zip(ga, gb): torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-10)
+    ours_sd, theirs_sd = opt.state_dict()['state'], ref.state_dict()['state']
+    assert ours_sd.keys() == theirs_sd.keys()
+    for i in ours_sd:
+        torch.testing.assert_close(ours_sd[i]['momentum_buffer'], theirs_sd[i]['momentum_buffer'], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('build,message', [
+    (lambda: fastforeach_optim.Muon([nn.Parameter(torch.randn(3))]), r"Invalid params for param group 0: a param of shape \(3,\)"),
+    (lambda: fastforeach_optim.Muon([nn.Parameter(torch.randn(3, 3))], ns_coefficients=(3., -4., 2.)), "Invalid ns_coefficients"),
+    (lambda: fastforeach_optim.Muon([nn.Parameter(torch.randn(3, 3))], eps=1e-5), "Invalid eps for param group 0: 1e-05"),
+    (lambda: fastforeach_optim.Muon([nn.Parameter(torch.randn(3, 3))], adjust_lr_fn='spectral_unclamped'),
+     "Invalid adjust_lr_fn for param group 0: 'spectral_unclamped'"),
+    (lambda: fastforeach_optim.Muon([nn.Parameter(torch.randn(3, 3))], ns_method='svd'), "Invalid ns_method for param group 0"),
+    (lambda: fastforeach_optim.Muon([nn.Parameter(torch.randn(3, 3))], ns_steps=0), "Invalid ns_steps for param group 0: 0"),
+])
+def test_muon_refuses_what_it_does_not_do(build, message):
+    with pytest.raises(ValueError, match=message): build()

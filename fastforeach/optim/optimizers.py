@@ -4,14 +4,18 @@ from __future__ import annotations
 import torch
 
 from ..optimizers.adam import adam_step, fused_adam_step
+from ..optimizers.muon import NS_COEFFICIENTS, NS_EPS, NS_METHODS, fused_muon_step, muon_step
 from ..optimizers.radam import fused_torch_radam_step, torch_radam_step
 from ..optimizers.rmsprop import torch_rmsprop_steps
 from ..optimizers.sgd import fused_sgd_step, fused_torch_sgd_step, sgd_step, torch_sgd_step
-from ..rules import FRACTION
+from ..rules import FRACTION, choice, count
 from .base import TorchForEachOptimizer
 
-__all__ = ['Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'TORCH_EQUIVALENTS']
+__all__ = ['Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'Muon', 'TORCH_EQUIVALENTS']
 
+
+# torch.optim.Muon's `adjust_lr_fn` and the core's `adjust_lr` for each.
+MUON_LR_ADJUSTMENTS = {None: 'original', 'original': 'original', 'match_rms_adamw': 'match_rms_adamw'}
 
 class Adam(TorchForEachOptimizer):
     """torch.optim.Adam: m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;
@@ -180,3 +184,51 @@ TORCH_EQUIVALENTS = {
                                                'centered': {'centered': True, 'weight_decay': 0.01},
                                                'centered_momentum': {'centered': True, 'momentum': 0.8}}),
 }
+
+
+class Muon(TorchForEachOptimizer):
+    """torch.optim.Muon: buf ← momentum·buf + (1 − momentum)·g;  u = (1 − momentum)·g + momentum·buf with
+    `nesterov`, else buf;  p ← p·(1 − lr·wd) − adjusted_lr·NS(u), NS the Newton-Schulz orthogonalisation
+    (torch's quintic, `ns_steps` iterations) and adjusted_lr as `adjust_lr_fn` says (None: 'original',
+    lr·√max(1, rows/cols); 'match_rms_adamw': lr·0.2·√max(rows, cols)). Like torch's, it takes 2-d params
+    only (the fastai face's `Muon` routes the others to AdamW). Matrices of one shape are orthogonalised
+    together; `ns_dtype` (bf16, as torch) and `ns_method` ('standard', torch's iteration on X; 'gram', the
+    same polynomial in XXᵀ where that saves arithmetic) say how. torch's coefficients and eps only."""
+    names = {'lr': 'lr', 'momentum': 'mom', 'nesterov': 'nesterov', 'ns_steps': 'ns_steps', 'weight_decay': 'wd'}
+    rules = (muon_step, fused_muon_step)
+    state_names = {'grad_avg': 'momentum_buffer'}
+    refused = {'ns_coefficients': NS_COEFFICIENTS, 'eps': NS_EPS}
+    decouple_wd = True
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFICIENTS,
+                 eps=NS_EPS, ns_steps=5, adjust_lr_fn=None, *, ns_dtype=torch.bfloat16, ns_method='standard',
+                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+        self.ns_dtype, self.ns_method = ns_dtype, ns_method
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype)
+
+    def check_group(self, group, where=''):
+        super().check_group(group, where)
+        fn = group.get('adjust_lr_fn')
+        if fn not in MUON_LR_ADJUSTMENTS:
+            raise ValueError(f"Invalid adjust_lr_fn{where}: {fn!r} (must be one of {tuple(MUON_LR_ADJUSTMENTS)})")
+        if 'momentum' in group: FRACTION('momentum', group['momentum'], where)
+        if 'ns_steps' in group: count(1, 100)('ns_steps', group['ns_steps'], where)
+        choice(*NS_METHODS)('ns_method', self.ns_method, where)
+        for p in group.get('params', ()):
+            if p.ndim != 2:
+                raise ValueError(f"Invalid params{where}: a param of shape {tuple(p.shape)} (Muon takes 2-d matrices, "
+                                 "as torch.optim.Muon; fastforeach.Muon routes the others to AdamW)")
+
+    def add_param_group(self, param_group):
+        params = param_group['params']
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        self.check_group({'params': [p[1] if isinstance(p, tuple) else p for p in params]},
+                         f" for param group {len(self.param_groups)}")
+        super().add_param_group({**param_group, 'params': params})
+
+    def hypers(self, group):
+        return {**super().hypers(group), 'adjust_lr': MUON_LR_ADJUSTMENTS[group['adjust_lr_fn']],
+                'ns_dtype': self.ns_dtype, 'ns_method': self.ns_method}
