@@ -37,18 +37,34 @@ def torch_adamw(impl):
     return build
 
 
+def _face_sgd(impl):
+    def build(params, lr, mom, wd):
+        from ..optim import SGD
+        return SGD(params, lr, momentum=mom, weight_decay=wd, fused=impl == 'fused')
+    return build
+
+
+def _face_adamw(impl):
+    def build(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01):
+        from ..optim import AdamW
+        return AdamW(params, lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, fused=impl == 'fused')
+    return build
+
+
 @dataclass(frozen=True)
 class BenchCase:
-    "What the benchmark runs for one optimizer: its options and torch.optim's equal, if it has one."
+    """What the benchmark runs for one optimizer: its options, torch.optim's equal if it has one, and the
+    torch face's class of the same update (`fastforeach.optim`, rows `optim_foreach` and `optim_fused`)."""
     options: dict
     torch_equal: Callable | None = None   # (impl) -> builder with the same options
     callbacks: Callable = list            # () -> the Learner callbacks it trains with
+    face_equal: Callable | None = None    # (impl) -> builder of the torch face's optimizer, the same options
 
 # SGD with momentum and L2 is exactly torch's SGD; fastai's Adam with decoupled wd is exactly AdamW.
 BENCH: dict[str, BenchCase] = {
-    'SGD': BenchCase({'mom': 0.9, 'wd': 0.01, 'decouple_wd': False}, _torch_sgd),
+    'SGD': BenchCase({'mom': 0.9, 'wd': 0.01, 'decouple_wd': False}, _torch_sgd, face_equal=_face_sgd),
     'RMSProp': BenchCase({'mom': 0.9, 'wd': 0.01}),
-    'Adam': BenchCase({}, torch_adamw),
+    'Adam': BenchCase({}, torch_adamw, face_equal=_face_adamw),
     'RAdam': BenchCase({'wd': 0.01}),
     'QHAdam': BenchCase({'wd': 0.01}),
     'Larc': BenchCase({'wd': 0.01}),
@@ -75,6 +91,9 @@ def implementations(name: str) -> dict[str, Callable]:
     if case.torch_equal is not None:
         for impl in ('foreach', 'fused'):
             impls[f'torch_{impl}'] = torch_builder(case.torch_equal(impl), spec, case.options)
+    if case.face_equal is not None:
+        for impl in ('foreach', 'fused'):
+            impls[f'optim_{impl}'] = torch_builder(case.face_equal(impl), spec, case.options)
     if name in REFERENCES:
         build = REFERENCES[name].build
         impls[REFERENCE] = lambda params, lr: build([{'params': list(params), 'do_wd': True, 'fastai_group': 0}], lr,

@@ -88,7 +88,8 @@ class Twins:
     def compared(self) -> Iterator[tuple[str, object, object]]:
         "Every param and every state value of both, labelled."
         for where, pa, pb in self.pairs(): yield f"param {where}", pa.detach(), pb.detach()
-        if all(hasattr(o, 'hypers') for o in (self.opt_a, self.opt_b)):
+        # fastai-style optimizers (fastai's and fastforeach's fastai face) keep fastai's state dicts; others' differ.
+        if all(hasattr(o, 'hypers') and not isinstance(o, torch.optim.Optimizer) for o in (self.opt_a, self.opt_b)):
             yield from compare_states(self.opt_a.state_dict(), self.opt_b.state_dict())
 
 
