@@ -195,7 +195,8 @@ def test_bad_state_dicts_are_refused_and_change_nothing(break_it, message):
 
 @pytest.mark.parametrize('build,message', [
     (lambda ps: AdamW(ps, lr=-1.), "Invalid lr for param group 0: -1.0"),
-    (lambda ps: AdamW(ps, lr=torch.tensor(1e-3)), "Invalid lr for param group 0: a Tensor"),
+    (lambda ps: AdamW(ps, lr=torch.tensor([1e-3, 1e-2])), "Invalid lr for param group 0: a Tensor of 2 elements"),
+    (lambda ps: AdamW(ps, lr=torch.tensor(-1e-3)), "Invalid lr for param group 0: -0.001"),
     (lambda ps: Adam(ps, betas=(0.9, 1.0)), r"Invalid betas for param group 0: 1.0"),
     (lambda ps: Adam(ps, eps=-1e-8), "Invalid eps for param group 0: -1e-08"),
     (lambda ps: AdamW(ps, weight_decay=float('nan')), "Invalid weight_decay for param group 0: nan"),
@@ -628,3 +629,17 @@ def test_muon_equals_torch(options, method, fused, torch_muon_in_float64):
 ])
 def test_muon_refuses_what_it_does_not_do(build, message):
     with pytest.raises(ValueError, match=message): build()
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
+def test_a_tensor_lr_steps_as_its_value(fused):
+    "A one-element tensor lr (as compiled training loops keep it), scheduled in place, steps as the float lr does."
+    # float64, as the float lr: a float32 tensor would round every lr to float32's precision
+    pair = Pair(lambda g: AdamW(g, lr=torch.tensor(1e-2, dtype=torch.float64), fused=fused),
+                lambda g: AdamW(g, lr=1e-2, fused=fused))
+    scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9) for o in (pair.opt, pair.ref)]
+    for _ in range(10):
+        pair.step(1e-2, vary_lr=False)
+        for sched in scheds: sched.step()
+    assert isinstance(pair.opt.param_groups[0]['lr'], torch.Tensor)
+    pair.assert_equal(torch.float64)

@@ -53,7 +53,14 @@ def _flag(name, value, where):
 
 
 # torch's hyper names and their checks, shared by the optimizers that take them.
-CHECKS = {'lr': _float(AT_LEAST_ZERO), 'eps': _float(AT_LEAST_ZERO), 'weight_decay': _float(AT_LEAST_ZERO),
+def _lr(name, value, where):
+    "A number, or a tensor of one element (as torch's compiled loops keep it), that is >= 0."
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"Invalid {name}{where}: a Tensor of {value.numel()} elements (must be one number)")
+    AT_LEAST_ZERO(name, value, where)
+
+
+CHECKS = {'lr': _lr, 'eps': _float(AT_LEAST_ZERO), 'weight_decay': _float(AT_LEAST_ZERO),
           'momentum': _float(AT_LEAST_ZERO), 'dampening': _float(Check(lambda v: True, '')), 'betas': _betas,
           'nus': _nus, 'nesterov': _flag}
 
@@ -97,11 +104,13 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
 
     # --- what each optimizer declares ------------------------------------------------------------------
     def hypers(self, group: dict) -> dict:
-        "The core's hypers for `group`, named as `names` says."
+        """The core's hypers for `group`, named as `names` says. A tensor lr is read as a number (`.item()`:
+        on CUDA the host waits for the device there), since the core's steps take their lr on the host."""
         out = {}
         for name, core in self.names.items():
             if isinstance(core, tuple): out.update(zip(core, group[name]))
             else: out[core] = group[name]
+        if isinstance(out.get('lr'), torch.Tensor): out['lr'] = out['lr'].item()
         return out
 
     def rule(self, groups: list[dict], fused: bool) -> Callable:
