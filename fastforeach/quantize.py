@@ -1,0 +1,77 @@
+"""Blockwise 8-bit quantization of optimizer state: the formats of bitsandbytes, code for code.
+
+A tensor is cut, in flat order, into blocks of `blocksize` elements (the last may be short); each block
+keeps its absolute maximum (`absmax`, float32) and each element one byte: the index of a 256-entry `map`'s
+value nearest to element / absmax, found as bitsandbytes' CPU kernel finds it (so that the codes are its
+own): [-1, 1] is cut into 65,536 even bins, each bin's centre given its nearest map entry once, and each
+element takes the entry of the bin it rounds to (within half a bin, 1.5e-5, of nearest). A block of zeros
+keeps code 0. The dynamic maps (Dettmers 2015, "8-bit approximations for
+parallelism in deep learning") spread their values over seven decades: for each decade 10⁻⁶…10⁰, the
+midpoints of an even split of [0.1, 1] into 2ᵉ parts (signed map, mirrored for negatives) or 2ᵉ⁺¹
+parts (unsigned map, for second moments), plus 0 and 1.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ['dynamic_map', 'quantize_blockwise', 'dequantize_blockwise', 'BLOCKSIZE']
+
+BLOCKSIZE = 256  # elements per block of 8-bit state (bitsandbytes' optimizers')
+_DECADES = 7
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    "The 256 values of the dynamic 8-bit map, ascending, in float32 (see the module docstring)."
+    values = [0., 1.]
+    for e in range(_DECADES):
+        parts = 2 ** e if signed else 2 ** (e + 1)
+        edges = torch.linspace(0.1, 1, parts + 1, dtype=torch.float32)
+        level = (edges[:-1] + edges[1:]) / 2 * (10. ** (e - _DECADES + 1))
+        values += level.tolist() + ((-level).tolist() if signed else [])
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    "`x` flat, zero-padded to whole blocks, as rows of `blocksize`; and its number of elements."
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    pad = -n % blocksize
+    if pad: flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, blocksize), n
+
+
+_BINS = 65536
+_TABLES: dict = {}  # a map's values (as a tuple) -> its bin table
+
+
+def _bin_table(map: torch.Tensor) -> torch.Tensor:
+    """For each of `_BINS` even bins over [-1, 1], the index of the map entry nearest its centre: the number of
+    midpoints between consecutive entries below it (all in float32, as bitsandbytes computes it)."""
+    key = tuple(map.tolist())
+    if key not in _TABLES:
+        m = map.float().cpu()
+        midpoints = 0.5 * (m[:-1] + m[1:])
+        centres = -1. + (2. * torch.arange(_BINS, dtype=torch.float32)) / (_BINS - 1)
+        _TABLES[key] = torch.searchsorted(midpoints, centres).to(torch.uint8)
+    return _TABLES[key]
+
+
+def quantize_blockwise(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax): one uint8 per element of `x`, in its shape (see the module docstring); one float32
+    absmax per block."""
+    rows, n = _blocks(x, blocksize)
+    absmax = rows.abs().amax(dim=1)
+    scaled = (rows * (1. / absmax)[:, None]).reshape(-1)[:n]  # a block of zeros gives NaN here: code 0 below
+    bins = ((scaled.clamp(-1., 1.) + 1.) * 0.5 * (_BINS - 1) + 0.5).nan_to_num_(0.).long()
+    codes = _bin_table(map).to(x.device)[bins]
+    return codes.view(x.shape), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.Tensor,
+                         blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    "The float32 values `codes` stand for: map[code] · its block's absmax, in the codes' shape."
+    n = codes.numel()
+    values = map.to(absmax.device)[codes.reshape(-1).long()]
+    pad = -n % blocksize
+    if pad: values = torch.cat([values, values.new_zeros(pad)])
+    return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n].view(codes.shape)

@@ -1,0 +1,67 @@
+"""Blockwise 8-bit quantization (`fastforeach.quantize`): bitsandbytes' maps, codes and absmax exactly, and a
+bound on every round trip's error (hypothesis)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastforeach.quantize import BLOCKSIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
+
+
+def bitsandbytes():
+    return pytest.importorskip('bitsandbytes.functional', reason="bitsandbytes (its CPU backend) is not installed")
+
+
+def cases():
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda n: torch.randn(n, generator=gen)
+    return {'normal': (randn(70_000), True), 'short tail': (randn(4096 + 17), True),
+            'second moments': (randn(5000).pow(2) * 1e-4, False), 'a block of zeros': (torch.cat([torch.zeros(256), randn(600)]), True),
+            'tiny': (randn(3000) * 1e-30, True), 'ties': (torch.randint(-3, 4, (2000,), generator=gen).float(), True),
+            'matrix': (randn(96 * 80).view(96, 80), True), 'bf16': (randn(5000).bfloat16(), True)}
+
+
+@pytest.mark.parametrize('signed', [True, False], ids=['signed', 'unsigned'])
+def test_dynamic_maps_are_bitsandbytes(signed):
+    F = bitsandbytes()
+    assert torch.equal(dynamic_map(signed), F.create_dynamic_map(signed=signed))
+
+
+@pytest.mark.parametrize('blocksize', [BLOCKSIZE, 128])
+@pytest.mark.parametrize('case', list(cases()))
+def test_codes_and_absmax_are_bitsandbytes(case, blocksize):
+    "Codes, absmax and dequantized values equal bitsandbytes' CPU `quantize_blockwise` / `dequantize_blockwise`."
+    F = bitsandbytes()
+    x, signed = cases()[case]
+    codes, absmax = quantize_blockwise(x, dynamic_map(signed), blocksize)
+    theirs, state = F.quantize_blockwise(x, code=F.create_dynamic_map(signed=signed), blocksize=blocksize)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert torch.equal(codes.reshape(-1), theirs.reshape(-1))
+    assert torch.equal(absmax, state.absmax)
+    # bitsandbytes gives the values in the input's dtype
+    assert torch.equal(dequantize_blockwise(codes, absmax, dynamic_map(signed), blocksize).to(x.dtype).reshape(-1),
+                       F.dequantize_blockwise(theirs, state).reshape(-1))
+
+
+def worst_error(map: torch.Tensor) -> float:
+    """The most a value in [-1, 1] (in [0, 1] for an unsigned map) can be from the entry it is coded as: half
+    the widest gap between entries, or the way from an end of the range to the entry nearest it, and half
+    a bin of the table the codes are found by."""
+    low = -1. if map.min() < 0 else 0.
+    gaps = [(map[1:] - map[:-1]).max().item() / 2, map.min().item() - low, 1. - map.max().item()]
+    return max(gaps) + 1 / 65535
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=700),
+       signed=st.booleans(), blocksize=st.sampled_from([64, 128, 256]))
+def test_round_trip_error_is_bounded(values, signed, blocksize):
+    "Every element comes back within `worst_error` of the map times its block's absmax."
+    x = torch.tensor(values)
+    if not signed: x = x.abs()
+    map = dynamic_map(signed)
+    codes, absmax = quantize_blockwise(x, map, blocksize)
+    back = dequantize_blockwise(codes, absmax, map, blocksize)
+    scale = absmax.repeat_interleave(blocksize)[:x.numel()]
+    assert torch.all((back - x).abs() <= worst_error(map) * scale * (1 + 1e-6) + 1e-38)
+    assert absmax.numel() == -(-x.numel() // blocksize)
