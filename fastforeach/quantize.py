@@ -1,4 +1,5 @@
-"""Blockwise 8-bit quantization of optimizer state: the formats of bitsandbytes, code for code.
+"""Blockwise 8-bit and 4-bit quantization of optimizer state: bitsandbytes' 8-bit format and torchao's 4-bit
+format, code for code.
 
 A tensor is cut, in flat order, into blocks of `blocksize` elements (the last may be short); each block
 keeps its absolute maximum (`absmax`, float32) and each element one byte: the index of a 256-entry `map`'s
@@ -9,26 +10,39 @@ keeps code 0. The dynamic maps (Dettmers 2015, "8-bit approximations for
 parallelism in deep learning") spread their values over seven decades: for each decade 10⁻⁶…10⁰, the
 midpoints of an even split of [0.1, 1] into 2ᵉ parts (signed map, mirrored for negatives) or 2ᵉ⁺¹
 parts (unsigned map, for second moments), plus 0 and 1.
+
+4 bits (`quantize_4bit`, torchao's optimizer state): blocks of 128 elements whose scale is their absmax
+(at least 1e-12), codes into a 16-entry map, two to a byte (the first element in the high nibble): the
+signed dynamic map with three decades (1e-2, 1e-1, 1e0) for first moments, and for second moments the
+linear map 1/16, 2/16, ..., 1 (no zero, so that a second moment never rounds to nothing); each element
+takes the largest entry at most its value, or the next one up from halfway (a tie goes up).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ['dynamic_map', 'quantize_blockwise', 'dequantize_blockwise', 'BLOCKSIZE']
+__all__ = ['dynamic_map', 'linear_map', 'quantize_blockwise', 'dequantize_blockwise', 'quantize_4bit',
+           'dequantize_4bit', 'BLOCKSIZE', 'BLOCKSIZE_4BIT']
 
 BLOCKSIZE = 256  # elements per block of 8-bit state (bitsandbytes' optimizers')
-_DECADES = 7
+BLOCKSIZE_4BIT = 128  # and of 4-bit state (torchao's)
+_DECADES = {8: 7, 4: 3}
 
 
-def dynamic_map(signed: bool = True) -> torch.Tensor:
-    "The 256 values of the dynamic 8-bit map, ascending, in float32 (see the module docstring)."
-    values = [0., 1.]
-    for e in range(_DECADES):
+def dynamic_map(signed: bool = True, bits: int = 8) -> torch.Tensor:
+    "The 2**bits values of the dynamic map (8 or 4 bits), ascending, in float32 (see the module docstring)."
+    decades, values = _DECADES[bits], [0., 1.]
+    for e in range(decades):
         parts = 2 ** e if signed else 2 ** (e + 1)
         edges = torch.linspace(0.1, 1, parts + 1, dtype=torch.float32)
-        level = (edges[:-1] + edges[1:]) / 2 * (10. ** (e - _DECADES + 1))
+        level = (edges[:-1] + edges[1:]) / 2 * (10. ** (e - decades + 1))
         values += level.tolist() + ((-level).tolist() if signed else [])
     return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def linear_map(bits: int = 4) -> torch.Tensor:
+    "1/2**bits, 2/2**bits, ..., 1: the 4-bit map of second moments (no zero), in float32."
+    return torch.linspace(0, 1, 2 ** bits + 1, dtype=torch.float32)[1:]
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
@@ -75,3 +89,25 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.T
     pad = -n % blocksize
     if pad: values = torch.cat([values, values.new_zeros(pad)])
     return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
+
+
+def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE_4BIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales): `x`'s elements (a multiple of `blocksize` of them, an even number) as 4-bit indices
+    into the 16-entry `map`, two to a byte, flat; one float32 scale per block (see the module docstring)."""
+    n = x.numel()
+    if n % blocksize or n % 2:
+        raise ValueError(f"Invalid tensor for 4-bit state: {n} elements (must be a multiple of {blocksize}, and even)")
+    rows = x.reshape(-1, blocksize).float()
+    scale = rows.abs().amax(dim=1).clamp_min(1e-12)
+    scaled = (rows / scale[:, None]).reshape(-1)
+    map = map.to(scaled.device)
+    below = (torch.searchsorted(map, scaled, right=True) - 1).clamp_(0, map.numel() - 1)  # largest entry <= value
+    up = (below + 1).clamp_(max=map.numel() - 1)
+    codes = torch.where(scaled - map[below] >= (map[up] - map[below]) * 0.5, up, below).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], scale
+
+
+def dequantize_4bit(codes: torch.Tensor, scale: torch.Tensor, map: torch.Tensor, shape) -> torch.Tensor:
+    "The float32 values, in `shape`, of 4-bit `codes` (two to a byte) with their blocks' `scale`."
+    indices = torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1).long()
+    return (map.to(scale.device)[indices].view(scale.numel(), -1) * scale[:, None]).view(shape)

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastforeach.quantize import BLOCKSIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
+from fastforeach.quantize import (BLOCKSIZE, dequantize_4bit, dequantize_blockwise, dynamic_map, linear_map, quantize_4bit,
+                                   quantize_blockwise)
 
 
 def bitsandbytes():
@@ -65,3 +66,48 @@ def test_round_trip_error_is_bounded(values, signed, blocksize):
     scale = absmax.repeat_interleave(blocksize)[:x.numel()]
     assert torch.all((back - x).abs() <= worst_error(map) * scale * (1 + 1e-6) + 1e-38)
     assert absmax.numel() == -(-x.numel() // blocksize)
+
+
+def torchao_4bit():
+    return pytest.importorskip('torchao.optim.subclass_4bit', reason="torchao is not installed")
+
+
+def test_4bit_maps_are_torchao():
+    ao = torchao_4bit()
+    assert torch.equal(dynamic_map(True, bits=4), torch.tensor(ao.get_qmap_signed()))
+    assert torch.equal(linear_map(4), torch.tensor(ao.get_qmap_unsigned()))
+
+
+@pytest.mark.parametrize('signed', [True, False], ids=['signed', 'unsigned'])
+@pytest.mark.parametrize('case', ['normal', 'small matrix', 'zeros', 'ties'])
+def test_4bit_codes_and_scales_are_torchao(case, signed):
+    "Packed codes, scales and dequantized values equal torchao's `OptimState4bit` given the same tensor."
+    ao = torchao_4bit()
+    gen = torch.Generator().manual_seed(0)
+    x = {'normal': torch.randn(128 * 40, generator=gen), 'small matrix': torch.randn(64, 256, generator=gen) * 1e-3,
+         'zeros': torch.zeros(256), 'ties': torch.randint(-2, 3, (512,), generator=gen).float()}[case]
+    if not signed: x = x.abs()
+    theirs = ao.OptimState4bit.zeros(x.shape, signed=signed)
+    theirs.copy_(x)
+    map = dynamic_map(True, bits=4) if signed else linear_map(4)
+    codes, scale = quantize_4bit(x, map)
+    assert torch.equal(codes, theirs.codes) and torch.equal(scale, theirs.scale)
+    assert torch.equal(dequantize_4bit(codes, scale, map, x.shape), theirs.dequantize())
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=128, max_size=128 * 4),
+       signed=st.booleans())
+def test_4bit_round_trip_error_is_bounded(values, signed):
+    "Every element comes back within half the widest gap of its map (or its distance to the map's ends) times its block's scale."
+    x = torch.tensor(values[:len(values) // 128 * 128])
+    map = dynamic_map(True, bits=4) if signed else linear_map(4)
+    if not signed: x = x.abs()
+    codes, scale = quantize_4bit(x, map)
+    back = dequantize_4bit(codes, scale, map, x.shape)
+    assert torch.all((back - x).abs() <= (worst_error(map) - 1 / 65535) * scale.repeat_interleave(128) * (1 + 1e-6))
+
+
+def test_4bit_needs_whole_blocks():
+    with pytest.raises(ValueError, match="Invalid tensor for 4-bit state: 100 elements"):
+        quantize_4bit(torch.randn(100), linear_map(4))
