@@ -111,3 +111,40 @@ def test_4bit_round_trip_error_is_bounded(values, signed):
 def test_4bit_needs_whole_blocks():
     with pytest.raises(ValueError, match="Invalid tensor for 4-bit state: 100 elements"):
         quantize_4bit(torch.randn(100), linear_map(4))
+
+
+def test_stochastic_codes_are_unbiased():
+    """Stochastic rounding: each code is one of the two entries around the scaled value, and the mean of many
+    roundings is the value (within 4 standard errors of a draw between the two)."""
+    from fastforeach.quantize import quantize_stochastic
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, generator=gen)
+    map, draws = dynamic_map(True), 4000
+    nearest, absmax = quantize_blockwise(x, map)
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        codes, same_absmax = quantize_stochastic(x, map, generator=gen)
+        assert torch.equal(same_absmax, absmax) and ((codes.long() - nearest.long()).abs() <= 1).all()
+        total += dequantize_blockwise(codes, absmax, map)
+    gap = (map[1:] - map[:-1]).max() * absmax.max()
+    assert ((total / draws - x).abs() <= 4 * gap / 2 / draws ** 0.5).all()
+
+
+def test_stochastic_codes_keep_small_increments_of_an_average():
+    """An exponential average with β = 0.999 of gradients 1 ± 0.5, kept in 8-bit codes and rewritten at every
+    step: rounding to nearest drops each 0.1% increment, stochastic rounding keeps it in expectation."""
+    from fastforeach.quantize import quantize_stochastic
+    gen = torch.Generator().manual_seed(0)
+    map, n, beta = dynamic_map(False), 4096, 0.999
+    exact = torch.full((n,), 0.5, dtype=torch.float64)
+    kept = {k: quantize_blockwise(exact.float(), map) for k in ('nearest', 'stochastic')}
+    for _ in range(1000):
+        g = 1 + 0.5 * (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)
+        exact = beta * exact + (1 - beta) * g
+        for kind, (codes, absmax) in kept.items():
+            value = beta * dequantize_blockwise(codes, absmax, map) + (1 - beta) * g.float()
+            kept[kind] = quantize_blockwise(value, map) if kind == 'nearest' else quantize_stochastic(value, map, generator=gen)
+    means = {k: dequantize_blockwise(c, a, map).double().mean().item() for k, (c, a) in kept.items()}
+    target = exact.mean().item()
+    assert abs(means['stochastic'] - target) < 0.01 * target
+    assert abs(means['nearest'] - target) > 0.05 * target  # stuck near where it started
