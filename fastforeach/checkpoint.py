@@ -21,12 +21,11 @@ from collections.abc import MutableMapping
 
 import torch
 
-from .core.state import inner_optimizer
+from .core.state import FLAGS, inner_optimizer
 
 __all__ = ['TorchOptimizerView', 'as_torch_optimizer']
 
 SLOW_WEIGHT, LOOKAHEAD_COUNT = 'slow_weight', 'lookahead_count'
-FLAGS = ('do_wd', 'force_train')  # set by fastai's Learner, not by a step
 
 
 def _is_lookahead(opt) -> bool: return inner_optimizer(opt) is not opt

@@ -1,5 +1,6 @@
 "Lookahead, which wraps any optimizer, and ranger (RAdam inside Lookahead)."
 from numbers import Integral, Real
+from typing import Callable
 
 import torch
 from fastai.optimizer import Lookahead as _FastaiLookahead
@@ -16,7 +17,7 @@ from .fused import (PLAIN, Coefficients, Plans, chunked, coefficient_dtype, comp
 from .optimizers.radam import RAdamForEachOptimizer
 
 __all__ = ['Lookahead', 'RangerForEachOptimizer', 'lookahead_update', 'inner_optimizer', 'check_lookahead',
-           'slow_dtype', 'slow_weight', 'sync_16_bit']
+           'slow_dtype', 'slow_weight', 'sync_16_bit', 'sync_slow_weights']
 
 
 SYNC = Coefficients('alpha', decay=False)
@@ -69,6 +70,18 @@ def sync_16_bit(inner, alpha, slow, fast, params):
     rounding.update_in_float32(fast, comps, sync)
 
 
+def sync_slow_weights(inner, alpha, slow, fast, params, sync: Callable) -> None:
+    """One group's sync: 16-bit params as `sync_16_bit` says, the others by `sync(slow, fast)` (slow ← slow +
+    alpha·(fast − slow), then fast ← slow). `slow`, `fast`: the slow weights and the params as this rank's
+    shards; `params`: the params themselves."""
+    low = [i for i, f in enumerate(fast) if is_low_precision(f.dtype)]
+    if low:
+        sync_16_bit(inner, alpha, *([xs[i] for i in low] for xs in (slow, fast, params)))
+        rest = [i for i in range(len(fast)) if i not in set(low)]
+        slow, fast = [slow[i] for i in rest], [fast[i] for i in rest]
+    if slow: sync(slow, fast)
+
+
 class Lookahead(_FastaiLookahead):
     """fastai's `Lookahead` with foreach slow-weight updates: every `k` steps of `opt`,
     slow ← slow + alpha·(fast − slow), then fast ← slow. Wraps fastforeach and fastai optimizers alike;
@@ -117,19 +130,12 @@ class Lookahead(_FastaiLookahead):
         if self.count % self.k == 0:
             with torch.no_grad():
                 for slow, fast, params in self._weight_lists():
-                    low = [i for i, f in enumerate(fast) if is_low_precision(f.dtype)]
-                    if low:
-                        self._sync_16_bit(*([xs[i] for i in low] for xs in (slow, fast, params)))
-                        rest = [i for i in range(len(fast)) if i not in set(low)]
-                        slow, fast = [slow[i] for i in rest], [fast[i] for i in rest]
-                    self._sync(slow, fast)
+                    sync_slow_weights(self.opt, self.alpha, slow, fast, params, self._sync)
 
     def _weight_lists(self):
         "Per param group: the slow weights and the params, as this rank's shards where they are DTensors; the params."
         for slow_pg, fast_pg in zip(self.slow_weights, self.param_lists):
             yield [local(s) for s in slow_pg], [local(p) for p in fast_pg], list(fast_pg)
-
-    def _sync_16_bit(self, slow, fast, params): sync_16_bit(self.opt, self.alpha, slow, fast, params)
 
     def _slow_dtype(self, p) -> torch.dtype: return slow_dtype(self.opt, p)
 

@@ -54,6 +54,14 @@ def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
     return flat.view(-1, blocksize), n
 
 
+def _scaled(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` flat, each element times its block's 1 / absmax (as bitsandbytes scales: NaN in a block of zeros),
+    and the absmax of each block."""
+    rows, n = _blocks(x, blocksize)
+    absmax = rows.abs().amax(dim=1)
+    return (rows * (1. / absmax)[:, None]).reshape(-1)[:n], absmax
+
+
 _BINS = 65536
 _TABLES: dict = {}  # a map's values (as a tuple) -> its bin table
 
@@ -73,9 +81,7 @@ def _bin_table(map: torch.Tensor) -> torch.Tensor:
 def quantize_blockwise(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, absmax): one uint8 per element of `x`, in its shape (see the module docstring); one float32
     absmax per block."""
-    rows, n = _blocks(x, blocksize)
-    absmax = rows.abs().amax(dim=1)
-    scaled = (rows * (1. / absmax)[:, None]).reshape(-1)[:n]  # a block of zeros gives NaN here: code 0 below
+    scaled, absmax = _scaled(x, blocksize)  # a block of zeros gives NaN here: code 0 below
     bins = ((scaled.clamp(-1., 1.) + 1.) * 0.5 * (_BINS - 1) + 0.5).nan_to_num_(0.).long()
     codes = _bin_table(map).to(x.device)[bins]
     return codes.view(x.shape), absmax
@@ -88,9 +94,8 @@ def quantize_stochastic(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLO
     dequantized value is the value in expectation. An exponential average written back this way keeps
     increments far below the map's spacing, which rounding to nearest would drop (β = 0.999: 0.1% of the
     average)."""
-    rows, n = _blocks(x, blocksize)
-    absmax = rows.abs().amax(dim=1)
-    scaled = (rows / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-1, 1).reshape(-1)[:n]
+    scaled, absmax = _scaled(x, blocksize)
+    scaled = scaled.nan_to_num_(0.).clamp_(-1, 1)  # a block of zeros: the zero entry
     map = map.to(scaled.device)
     below = (torch.searchsorted(map, scaled, right=True) - 1).clamp_(0, map.numel() - 2)
     lo, hi = map[below], map[below + 1]

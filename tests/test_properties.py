@@ -3,6 +3,7 @@ and the foreach and fused steps still equal fastai's (float64, tight tolerance).
 ones (packed by compiled steps) and large ones (stepped per tensor, in chunks sometimes full and sometimes
 padded); gradients that come and go make packs change members from step to step."""
 import inspect
+import math
 
 import torch
 from hypothesis import example, given, settings
@@ -36,19 +37,31 @@ def cases(draw):
 
 
 # LAMB with sqr_mom 0: the Adam direction is g/|g|, and an ulp of a near-zero gradient grows several
-# hundredfold per step through the trust ratio and L2 (fused, whose compiled loop rounds in its own order:
-# 1.7e-9 after 6 steps; foreach, in fastai's order: 9e-15).
+# hundredfold per step through the trust ratio and L2: fused (whose compiled loop rounds in its own order)
+# ends 2.1e-10 (of its largest weight) from fastai after 6 steps, some elements 1.7e-9 of their own size;
+# fastai's own run ends 8e-11 from itself with its weights one ulp apart.
 @example(case=('Lamb', {'mom': 0.125, 'sqr_mom': 0.0, 'eps': 1e-08, 'wd': 0.5, 'decouple_wd': False}, [(1, 8193)],
                [True, True, True, False, True] + [False] * 7, [True] + [False] * 11, 0.09765625))
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_any_hypers_and_shapes(case):
-    name, options, shapes, has_grad, do_wd, lr = case
-    spec = REGISTRY[name]
-    gen = torch.Generator().manual_seed(0)
+    """Each impl ends within 1e-9 (relative) of fastai's native run; or, where fastai's own run is more
+    sensitive than that, within twice the distance a one-ulp nudge of the initial weights puts between two
+    native runs (as the Learner tests allow)."""
+    native, foreach, fused = run(*case, ('native', 'foreach', 'fused'))
+    for ps in (foreach, fused):
+        if all(torch.allclose(b, a, rtol=1e-9, atol=1e-12) for a, b in zip(native, ps)): continue
+        chaos = distance(native, run(*case, ('native',), nudge=True)[0])
+        assert distance(native, ps) <= max(2 * chaos, 1e-9), (distance(native, ps), chaos)
+
+
+def run(name, options, shapes, has_grad, do_wd, lr, impls, nudge=False):
+    "The params of each impl in `impls` after 6 steps with the same gradients, from weights one ulp up with `nudge`."
+    spec, gen = REGISTRY[name], torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    if nudge: init = [torch.nextafter(t, torch.full_like(t, math.inf)) for t in init]
     opts, params = [], []
-    for impl in ('native', 'foreach', 'fused'):
+    for impl in impls:
         ps = [nn.Parameter(t.clone()) for t in init]
         opt = spec.make(impl, ps, lr, **options)
         for p, flag in zip(ps, do_wd): opt.state[p]['do_wd'] = flag
@@ -58,6 +71,9 @@ def test_any_hypers_and_shapes(case):
         for ps in params:
             for i, (p, g) in enumerate(zip(ps, grads)): p.grad = g.clone() if has_grad[(i + step) % 12] else None
         for opt in opts: opt.step()
-    native, foreach, fused = params
-    for ps, rtol in ((foreach, 1e-9), (fused, 1e-7)):  # fused: its own rounding order, amplified (see the example)
-        for a, b in zip(native, ps): torch.testing.assert_close(b, a, rtol=rtol, atol=1e-12)
+    return params
+
+
+def distance(xs, ys) -> float:
+    "The largest relative difference between two lists of params."
+    return max(((x - y).abs().max() / x.abs().max().clamp_min(1e-300)).item() for x, y in zip(xs, ys))

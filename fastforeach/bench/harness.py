@@ -14,6 +14,7 @@ import fastai.optimizer as native
 import torch
 from torch import nn
 
+from .. import optim
 from ..callbacks import ScheduleFree
 from ..registry import IMPLEMENTATIONS, REGISTRY, OptimizerSpec
 from ..testing.oracle import Twins, max_relative_difference
@@ -25,30 +26,21 @@ __all__ = ['BENCH', 'QUICK_OPTIMIZERS', 'BenchCase', 'Row', 'implementations', '
            'torch_builder']
 
 
-def _torch_sgd(impl):
+def _torch_sgd(impl, cls=torch.optim.SGD):
     def build(params, lr, mom, wd):
-        return torch.optim.SGD(params, lr, momentum=mom, weight_decay=wd, **{impl: True})
+        return cls(params, lr, momentum=mom, weight_decay=wd, **{impl: True})
     return build
 
 
-def torch_adamw(impl):
+def torch_adamw(impl, cls=torch.optim.AdamW):
     def build(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01):
-        return torch.optim.AdamW(params, lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, **{impl: True})
+        return cls(params, lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, **{impl: True})
     return build
 
 
-def _face_sgd(impl):
-    def build(params, lr, mom, wd):
-        from ..optim import SGD
-        return SGD(params, lr, momentum=mom, weight_decay=wd, fused=impl == 'fused')
-    return build
-
-
-def _face_adamw(impl):
-    def build(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01):
-        from ..optim import AdamW
-        return AdamW(params, lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, fused=impl == 'fused')
-    return build
+# The torch face's classes take torch's keywords, `foreach=True` or `fused=True` among them.
+def _face_sgd(impl): return _torch_sgd(impl, optim.SGD)
+def _face_adamw(impl): return torch_adamw(impl, optim.AdamW)
 
 
 @dataclass(frozen=True)

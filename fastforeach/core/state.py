@@ -8,7 +8,9 @@ from ..distributed import as_like, local
 from ..precision import COMP, Rounding
 from ..rules import LIKE_PARAM, StepRule
 
-__all__ = ['state_lists', 'state_dtype', 'check_param_state', 'load_param_state', 'inner_optimizer']
+__all__ = ['state_lists', 'state_dtype', 'check_param_state', 'load_param_state', 'inner_optimizer', 'FLAGS']
+
+FLAGS = ('do_wd', 'force_train')  # per-param marks set by fastai's Learner (or `no_wd`): configuration, not state
 
 
 def inner_optimizer(opt):

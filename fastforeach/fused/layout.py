@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ['is_dense', 'flat_alias', 'Operands', 'end_to_end', 'laid_end_to_end']
+__all__ = ['is_dense', 'flat_alias', 'Operands', 'end_to_end', 'alias_from', 'laid_end_to_end']
 
 def is_dense(t: torch.Tensor) -> bool:
     "Whether `t`'s elements fill one block of storage, in some order of its dims (contiguous, channels last…)."
@@ -81,8 +81,13 @@ def end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     if base is None or not all(t._base is base for t in held):
         if any(t.device != first.device or t.untyped_storage().data_ptr() != storage.data_ptr() for t in held):
             return None
-    n = (ends[-1] - starts[0]) // size
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, first.storage_offset(), (n,), (1,))
+    return alias_from(first, (ends[-1] - starts[0]) // size)
+
+
+def alias_from(first: torch.Tensor, numel: int) -> torch.Tensor:
+    "A 1-d alias of `numel` elements of `first`'s storage, from where `first` starts."
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage(), first.storage_offset(),
+                                                                      (numel,), (1,))
 
 
 _dtype = operator.attrgetter('dtype')

@@ -12,7 +12,7 @@ import torch
 from ..distributed import LOCAL_NORMS, WholeNorms, root_mean_square
 from ..ops import device_tensor
 from .compile import CHUNK, coefficient_dtype
-from .layout import end_to_end, laid_end_to_end
+from .layout import alias_from, end_to_end, laid_end_to_end
 
 __all__ = ['PACK_MAX_NUMEL', 'MULTI_TENSOR_DEVICES', 'pack_chunk', 'pack_max_numel', 'packs_as_on', 'Pack', 'PackStep']
 
@@ -25,7 +25,7 @@ PACK_MAX_NUMEL = {'cpu': 1 << 13, 'cuda': 1 << 23}
 
 
 # Device types where a pack's per-param norms and spreads are a few multi-tensor launches (`torch._foreach_norm`,
-# a gather), its scratch buffer is kept, and an elementwise update steps it in a graph of its own (`PACK_CHUNK`,
+# a gather), its scratch buffer is kept, and an elementwise update steps it in a graph of its own (`pack_chunk`,
 # not padded with `CHUNK - 1` one-element dummies, each a kernel launch): where each launch costs more than the
 # arithmetic of most params (CUDA). On CPU, one reduction and one copy per run of params of the same size is
 # faster, and the padded graph serves packs and chunks alike (one compile, not two).
@@ -112,7 +112,7 @@ class Pack:
             return
         if self._laid_as_before(grads):
             first = grads[self._laid[2]]
-            self.flat_g, self._grads = _alias(first, self.flat_p.numel()), grads
+            self.flat_g, self._grads = alias_from(first, self.flat_p.numel()), grads
             return
         self.flat_g, views = _moved(grads)
         self._grads = grads if views is None else views
@@ -236,12 +236,6 @@ class Pack:
             out[at:at + k * n].view(k, n).copy_(values[first:first + k, None])
             at, first = at + k * n, first + k
         return out
-
-
-def _alias(first: torch.Tensor, numel: int) -> torch.Tensor:
-    "A 1-d alias of `numel` elements of `first`'s storage, from where `first` starts."
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage(), first.storage_offset(),
-                                                                      (numel,), (1,))
 
 
 def _moved(tensors) -> tuple[torch.Tensor, list | None]:

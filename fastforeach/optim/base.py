@@ -14,29 +14,24 @@ from typing import Callable
 import torch
 
 from ..core import Core
+from ..core.state import FLAGS
 from ..core.engine import Route
 from ..rules import AT_LEAST_ZERO, CLOSED_FRACTION, FRACTION, Check
 
 __all__ = ['TorchForEachOptimizer', 'GradientRelease', 'bias_and_norm', 'FLAGS']
-
-FLAGS = ('do_wd', 'force_train')  # per-param marks that are configuration, not state: never saved
-
 
 def bias_and_norm(name: str | None, p: torch.Tensor) -> bool:
     "The params fastai's Learner exempts from weight decay: biases and norm weights (tensors of one dimension)."
     return p.ndim <= 1
 
 
-def _betas(name, value, where):
-    if not isinstance(value, (tuple, list)) or not value:
-        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a tuple of numbers in [0, 1))")
-    for v in value: FRACTION(name, v, where)
-
-
-def _nus(name, value, where):
-    if not isinstance(value, (tuple, list)) or not value:
-        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a tuple of numbers in [0, 1])")
-    for v in value: CLOSED_FRACTION(name, v, where)
+def _tuple_of(check: Check) -> Callable:
+    "A tuple (or list) of numbers, each passing `check` (how many: see `TorchForEachOptimizer.names`)."
+    def run(name, value, where):
+        if not isinstance(value, (tuple, list)) or not value:
+            raise ValueError(f"Invalid {name}{where}: {value!r} (must be a tuple of numbers {check.expected})")
+        for v in value: check(name, v, where)
+    return run
 
 
 def _float(check: Check) -> Callable:
@@ -61,13 +56,16 @@ def _lr(name, value, where):
 
 
 CHECKS = {'lr': _lr, 'eps': _float(AT_LEAST_ZERO), 'weight_decay': _float(AT_LEAST_ZERO),
-          'momentum': _float(AT_LEAST_ZERO), 'dampening': _float(Check(lambda v: True, '')), 'betas': _betas,
-          'nus': _nus, 'nesterov': _flag}
+          'momentum': _float(AT_LEAST_ZERO), 'dampening': _float(Check(lambda v: True, '')), 'betas': _tuple_of(FRACTION),
+          'nus': _tuple_of(CLOSED_FRACTION), 'nesterov': _flag}
 
 
 class TorchForEachOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` stepped by the core (see `core/`): torch's param groups, hyper names,
     defaults and state dicts outside; a step rule over whole lists of tensors inside.
+
+    `decoupled_weight_decay`, when given, says whether weight decay is decoupled (p ← p·(1 − lr·wd)) or L2
+    (g ← g + wd·p), one choice for every group (else the class's `decouple_wd`).
 
     A subclass declares `defaults` (torch's names); `names`: each torch hyper's name in the core (fastai's
     vocabulary; a tuple for a tuple of hypers, as `betas` -> `mom`, `sqr_mom`), which `hypers(group)`
@@ -87,7 +85,11 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
     decouple_wd: bool = False
 
     def __init__(self, params, defaults: dict, *, foreach: bool | None = None, fused: bool | None = None,
-                 no_wd: Callable | None = None, rounding: str = 'kahan', kahan_dtype: torch.dtype = torch.float32):
+                 no_wd: Callable | None = None, rounding: str = 'kahan', kahan_dtype: torch.dtype = torch.float32,
+                 decoupled_weight_decay: bool | None = None):
+        if decoupled_weight_decay is not None:
+            _flag('decoupled_weight_decay', decoupled_weight_decay, '')
+            self.decouple_wd = decoupled_weight_decay
         if foreach and fused: raise ValueError("Invalid foreach and fused: both True (choose one)")
         if foreach is False and not fused:
             raise ValueError("Invalid foreach: False (fastforeach steps whole lists of tensors and has no per-tensor "
@@ -125,6 +127,9 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
             core = self.names.get(name)
             if isinstance(core, tuple) and (not isinstance(value, (tuple, list)) or len(value) != len(core)):
                 raise ValueError(f"Invalid {name}{where}: {value!r} (must be {len(core)} numbers: {', '.join(core)})")
+            if name == 'decoupled_weight_decay' and value != self.decouple_wd:
+                raise ValueError(f"Invalid {name}{where}: {value!r} (this optimizer's groups all take "
+                                 f"{self.decouple_wd}: it is one way of weight decay for every group)")
             if name in self.refused and value != self.refused[name]:
                 raise ValueError(f"Invalid {name}{where}: {value!r} (fastforeach's {type(self).__name__} does not "
                                  f"do it: only {self.refused[name]!r})")
@@ -151,11 +156,15 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
+        self._step_all()
+        return loss
+
+    def _step_all(self, only: set | None = None) -> None:
+        "The core's step of every param with a gradient (whose id is in `only`, if given), every group checked first."
         for i, group in enumerate(self.param_groups): self.check_group(group, self._where(i))
         hypers = [self.hypers(group) for group in self.param_groups]
         self._mark_exempt()
-        self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state)
-        return loss
+        self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state, only)
 
     def _mark_exempt(self):
         """The `do_wd=False` flags of the params `no_wd` exempts, in their state (where the core reads them),
@@ -169,10 +178,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step_params(self, params) -> None:
         "A step of only `params` (those of them with a gradient): one bucket of a gradient release (see `GradientRelease`)."
-        for i, group in enumerate(self.param_groups): self.check_group(group, self._where(i))
-        hypers = [self.hypers(group) for group in self.param_groups]
-        self._mark_exempt()
-        self.core.step(zip(hypers, [group['params'] for group in self.param_groups]), self.state, {id(p) for p in params})
+        self._step_all({id(p) for p in params})
 
     def _where(self, i: int) -> str: return f" for param group {i}" if len(self.param_groups) > 1 else ''
 
@@ -200,8 +206,6 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
 
     def _from_fastai(self, sd: dict) -> dict:
         "A fastai-face state dict (see `fastai_state_dict`) in torch's format, this optimizer's groups with its hypers."
-        if len(sd['hypers']) != len(self.param_groups):
-            raise ValueError(f"Invalid state dict: {len(sd['hypers'])} param groups, the optimizer has {len(self.param_groups)}")
         n_params = sum(len(g['params']) for g in self.param_groups)
         if len(sd['state']) != n_params:
             raise ValueError(f"Invalid state dict: {len(sd['state'])} params, the optimizer has {n_params}")

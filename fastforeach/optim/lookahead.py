@@ -5,9 +5,8 @@ from numbers import Integral
 
 import torch
 
-from ..lookahead import check_lookahead, slow_dtype, slow_weight, sync_16_bit
+from ..lookahead import check_lookahead, slow_dtype, slow_weight, sync_slow_weights
 from ..distributed import as_like, local
-from ..precision import is_low_precision
 from ..rules import LIKE_PARAM
 from .base import TorchForEachOptimizer
 
@@ -57,15 +56,12 @@ class Lookahead(torch.optim.Optimizer):
         for group in groups:
             group['lookahead_count'] += 1
             if group['lookahead_count'] % group['lookahead_k']: continue
-            params = group['params']
-            slow, fast = [local(self.state[p][SLOW]) for p in params], [local(p) for p in params]
-            low = [i for i, f in enumerate(fast) if is_low_precision(f.dtype)]
-            if low: sync_16_bit(self.optimizer, group['lookahead_alpha'], *([xs[i] for i in low] for xs in (slow, fast, params)))
-            rest = [i for i in range(len(fast)) if i not in set(low)]
-            if rest:
-                slow, fast = [slow[i] for i in rest], [fast[i] for i in rest]
-                torch._foreach_lerp_(slow, fast, group['lookahead_alpha'])
+            params, alpha = group['params'], group['lookahead_alpha']
+            def sync(slow, fast):
+                torch._foreach_lerp_(slow, fast, alpha)
                 torch._foreach_copy_(fast, slow)
+            sync_slow_weights(self.optimizer, alpha, [local(self.state[p][SLOW]) for p in params],
+                              [local(p) for p in params], params, sync)
         return loss
 
     def state_dict(self) -> dict:

@@ -23,13 +23,8 @@ ADAM_STATE = {'grad_avg': 'exp_avg', 'sqr_avg': 'exp_avg_sq'}
 
 
 class _Decoupled(TorchForEachOptimizer):
-    """An optimizer whose weight decay is decoupled (p ← p·(1 − lr·weight_decay)), unless
-    `decoupled_weight_decay=False` makes it L2 (g ← g + weight_decay·p)."""
-    def __init__(self, params, defaults, decoupled_weight_decay=True, **options):
-        if not isinstance(decoupled_weight_decay, bool):
-            raise ValueError(f"Invalid decoupled_weight_decay: {decoupled_weight_decay!r} (must be True or False)")
-        self.decouple_wd = decoupled_weight_decay
-        super().__init__(params, defaults, **options)
+    "An optimizer whose weight decay is decoupled unless `decoupled_weight_decay=False` makes it L2."
+    decouple_wd = True
 
 
 class Lion(_Decoupled):
@@ -41,7 +36,8 @@ class Lion(_Decoupled):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0., *, decoupled_weight_decay=True,
                  foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), decoupled_weight_decay,
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay),
+                         decoupled_weight_decay=decoupled_weight_decay,
                          foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
 
@@ -56,7 +52,8 @@ class Adan(_Decoupled):
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), weight_decay=2e-2, eps=1e-6, *,
                  decoupled_weight_decay=True, foreach=None, fused=None, no_wd=None, rounding='kahan',
                  kahan_dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps), decoupled_weight_decay,
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps),
+                         decoupled_weight_decay=decoupled_weight_decay,
                          foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
 
@@ -69,7 +66,8 @@ class StableAdamW(_Decoupled):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, *, decoupled_weight_decay=True,
                  foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps), decoupled_weight_decay,
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps),
+                         decoupled_weight_decay=decoupled_weight_decay,
                          foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
 
@@ -82,7 +80,8 @@ class Lamb(_Decoupled):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0., *, decoupled_weight_decay=True,
                  foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), decoupled_weight_decay,
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+                         decoupled_weight_decay=decoupled_weight_decay,
                          foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
 
@@ -97,8 +96,8 @@ class QHAdam(_Decoupled):
                  decoupled_weight_decay=True, foreach=None, fused=None, no_wd=None, rounding='kahan',
                  kahan_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, betas=betas, nus=nus, weight_decay=weight_decay, eps=eps),
-                         decoupled_weight_decay, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype)
+                         decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused, no_wd=no_wd,
+                         rounding=rounding, kahan_dtype=kahan_dtype)
 
 
 
@@ -118,8 +117,8 @@ class Larc(_Decoupled):
             if not isinstance(clip, bool): raise ValueError(f"Invalid clip: {clip!r} (must be True or False)")
             self.clip = clip
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps)
-        super().__init__(params, defaults, decoupled_weight_decay, foreach=foreach, fused=fused, no_wd=no_wd,
-                         rounding=rounding, kahan_dtype=kahan_dtype)
+        super().__init__(params, defaults, decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
+                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
     def check_group(self, group, where=''):
         super().check_group(group, where)
@@ -152,8 +151,8 @@ class ScheduleFreeAdamW(ScheduleFreeModes, _Decoupled):
                  rounding='kahan', kahan_dtype=torch.float32):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, train_mode=True)
-        super().__init__(params, defaults, decoupled_weight_decay, foreach=foreach, fused=fused, no_wd=no_wd,
-                         rounding=rounding, kahan_dtype=kahan_dtype)
+        super().__init__(params, defaults, decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
+                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
 
     def _mode_groups(self): return [(g['params'], g, g['betas'][0]) for g in self.param_groups]
 
@@ -162,13 +161,10 @@ class ScheduleFreeAdamW(ScheduleFreeModes, _Decoupled):
         for name in ('warmup_steps', 'r', 'weight_lr_power'):
             if name in group: AT_LEAST_ZERO(name, group[name], where)
 
-    def step(self, closure=None):
+    def _step_all(self, only=None):
+        "In train mode only (every step, gradient release's buckets too)."
         self.check_train_mode()
-        return super().step(closure)
-
-    def step_params(self, params):
-        self.check_train_mode()
-        return super().step_params(params)
+        super()._step_all(only)
 
 # Each torch-face class beside the fastai face's optimizer of the same rule (its registry row), with configs
 # in torch's keywords; and the published implementations torch users know (torch-optimi, schedulefree).

@@ -31,21 +31,11 @@ class Adam(TorchForEachOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., amsgrad=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
                  no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
-        if not isinstance(decoupled_weight_decay, bool):
-            raise ValueError(f"Invalid decoupled_weight_decay: {decoupled_weight_decay!r} (must be True or False)")
-        self.decouple_wd = decoupled_weight_decay
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype)
-
-    def check_group(self, group, where=''):
-        super().check_group(group, where)
-        decoupled = group.get('decoupled_weight_decay', self.decouple_wd)
-        if decoupled != self.decouple_wd:
-            raise ValueError(f"Invalid decoupled_weight_decay{where}: {decoupled!r} (this optimizer's groups all take "
-                             f"{self.decouple_wd}: it is one way of weight decay for every group)")
+                         kahan_dtype=kahan_dtype, decoupled_weight_decay=decoupled_weight_decay)
 
 
 
@@ -60,24 +50,22 @@ class AdamW(Adam):
 
 
 
-class RAdam(Adam):
+class RAdam(TorchForEachOptimizer):
     """torch.optim.RAdam: Adam's averages; once the variance estimate is past its first steps (ρₜ > 5),
     p ← p − lr·r·(m / (1 − β1ᵗ))·√(1 − β2ᵗ) / (√v + eps), r the rectification, before that
     p ← p − lr·m / (1 − β1ᵗ); L2 weight decay, or decoupled with `decoupled_weight_decay=True`.
     fastai's RAdam adds eps after debiasing v (√(v / (1 − β2ᵗ)) + eps)."""
+    names, state_names = Adam.names, Adam.state_names
     rules = (torch_radam_step, fused_torch_radam_step)
     refused = {'maximize': False, 'capturable': False, 'differentiable': False}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., decoupled_weight_decay=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None, no_wd=None,
                  rounding='kahan', kahan_dtype=torch.float32):
-        if not isinstance(decoupled_weight_decay, bool):
-            raise ValueError(f"Invalid decoupled_weight_decay: {decoupled_weight_decay!r} (must be True or False)")
-        self.decouple_wd = decoupled_weight_decay
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                         capturable=capturable, differentiable=differentiable, decoupled_weight_decay=decoupled_weight_decay)
-        TorchForEachOptimizer.__init__(self, params, defaults, foreach=foreach, fused=fused, no_wd=no_wd,
-                                       rounding=rounding, kahan_dtype=kahan_dtype)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype, decoupled_weight_decay=decoupled_weight_decay)
 
 class SGD(TorchForEachOptimizer):
     """torch.optim.SGD: g ← g + wd·p;  with momentum, buf ← g on the first step, then
@@ -217,16 +205,17 @@ class Muon(TorchForEachOptimizer):
         if 'momentum' in group: FRACTION('momentum', group['momentum'], where)
         if 'ns_steps' in group: count(1, 100)('ns_steps', group['ns_steps'], where)
         choice(*NS_METHODS)('ns_method', self.ns_method, where)
-        for p in group.get('params', ()):
-            if p.ndim != 2:
-                raise ValueError(f"Invalid params{where}: a param of shape {tuple(p.shape)} (Muon takes 2-d matrices, "
-                                 "as torch.optim.Muon; fastforeach.Muon routes the others to AdamW)")
 
     def add_param_group(self, param_group):
+        "torch's, its params refused unless 2-d (checked once: a param keeps its shape)."
         params = param_group['params']
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        self.check_group({'params': [p[1] if isinstance(p, tuple) else p for p in params]},
-                         f" for param group {len(self.param_groups)}")
+        for p in params:
+            p = p[1] if isinstance(p, tuple) else p
+            if p.ndim != 2:
+                raise ValueError(f"Invalid params for param group {len(self.param_groups)}: a param of shape "
+                                 f"{tuple(p.shape)} (Muon takes 2-d matrices, as torch.optim.Muon; fastforeach.Muon "
+                                 "routes the others to AdamW)")
         super().add_param_group({**param_group, 'params': params})
 
     def hypers(self, group):
