@@ -509,3 +509,68 @@ def test_a_pack_over_other_params_replaces_the_one_it_overlaps():
     params = list(model.parameters())
     assert len({p.untyped_storage().data_ptr() for p in params}) == 1
     assert memory_report(params, opt)['fastforeach'] == 0
+
+
+GRAPHED = [pytest.param(name, cfg, id=f'{name}-{cfg}') for name, cfg in
+           (('RMSProp', 'mom_l2'), ('RAdam', 'wd'), ('Larc', 'lars_l2'), ('Larc', 'larc_wd'), ('Lamb', 'wd'),
+            ('StableAdam', 'clipping'))]
+
+
+def _count_replays(monkeypatch) -> list:
+    "Spy on `PackGraph.step`: appends True for each pack step replayed from a graph, False for each run eagerly."
+    from fastforeach.fused import graphs
+    replayed, step = [], graphs.PackGraph.step
+    def spy(self, key, c, run):
+        out = step(self, key, c, run)
+        replayed.append(self.replay is not None)
+        return out
+    monkeypatch.setattr(graphs.PackGraph, 'step', spy)
+    return replayed
+
+
+@pytest.mark.parametrize('name,cfg', GRAPHED)
+def test_pack_graphs_replay_equal_fastai(name, cfg, monkeypatch):
+    """The logic of CUDA graphs run on CPU with CUDA's pack ways and a stand-in capture (the step run at once,
+    each replay after the first calls it again on the graph's own coefficient vector, and what the capture
+    returned is what every replay returns): a pack is captured after `WARM_STEPS` eager steps the same way,
+    replayed from then on with each step's coefficients (a changing lr and mom), captured again when its
+    phases change (RAdam's rectification, from step 6) or its gradients move; equal to fastai in float64."""
+    from fastforeach.fused import graphs, packs
+    monkeypatch.setattr(packs, 'MULTI_TENSOR_DEVICES', {'cpu', 'cuda'})
+    monkeypatch.setitem(fused.PACK_MAX_NUMEL, 'cpu', fused.PACK_MAX_NUMEL['cuda'])
+    monkeypatch.setattr(graphs, 'GRAPH_DEVICES', {'cpu', 'cuda'})
+    captures = []
+    def stand_in(step, c):
+        outs, fresh = step(c), [True]
+        captures.append(c)
+        def replay():
+            if fresh: fresh.pop()  # the step already ran, as a capture's first replay would run it
+            else: step(c)
+        return replay, outs
+    monkeypatch.setattr(graphs, 'capture', stand_in)
+    replayed = _count_replays(monkeypatch)
+    spec = REGISTRY[name]
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float64), **spec.configs[cfg])
+    steps = []
+    for t in range(1, 16):
+        replayed.clear()
+        twins.step(spec.lr, in_place=t != 9)  # step 9: new gradient tensors (a new address: eager again)
+        assert_twins_equal(twins, torch.float64, t)
+        steps.append(list(replayed))
+    assert steps[0] and not any(steps[0] + steps[1])
+    assert all(steps[7]) and all(steps[-1])
+    assert len(captures) > len(steps[0]) + (name == 'RAdam')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name,cfg', GRAPHED)
+def test_pack_graphs_on_cuda(name, cfg, monkeypatch):
+    """On CUDA a settled pack's step is replayed from a graph: replays happen, and every param and state equals
+    fastai's (float32) with gradients written in place, then new ones, then in place again."""
+    replayed = _count_replays(monkeypatch)
+    spec = REGISTRY[name]
+    twins = against_fastai(spec, 'fused', oracle_layers(torch.float32, 'cuda'), **spec.configs[cfg])
+    for t in range(1, 31):
+        twins.step(spec.lr, in_place=t != 12)
+        if t in (3, 4, 11, 12, 30): assert_twins_equal(twins, torch.float32, t)
+    assert sum(replayed) >= len(replayed) // 2

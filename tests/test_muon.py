@@ -111,7 +111,7 @@ def test_fused_passes_equal_the_reference(monkeypatch, config):
 
     import fastforeach.optimizers.muon as muon
     from fastforeach.registry import REGISTRY
-    monkeypatch.setattr(muon, 'FUSED_FROM', 1)
+    monkeypatch.setitem(muon.FUSED_FROM, 'cpu', 1)
     passes = CountCalls(muon, 'run_flat')
     monkeypatch.setattr(muon, 'run_flat', passes)
     opt, _, _ = run_beside_reference('Muon', 'fused', REGISTRY['Muon'].configs[config], steps=10)
@@ -121,7 +121,7 @@ def test_fused_passes_equal_the_reference(monkeypatch, config):
 def test_fused_step_takes_the_foreach_passes_for_channels_last_kernels(monkeypatch):
     "A kernel in channels_last is not contiguous as a matrix: the fused step gives it the foreach passes, as equal."
     import fastforeach.optimizers.muon as muon
-    monkeypatch.setattr(muon, 'FUSED_FROM', 1)
+    monkeypatch.setitem(muon.FUSED_FROM, 'cpu', 1)
     torch.manual_seed(0)
     kernels = [torch.randn(8, 4, 3, 3, dtype=torch.float64) for _ in range(2)]
     kernels[0] = kernels[0].to(memory_format=torch.channels_last)

@@ -126,8 +126,14 @@ class CompiledStep(FusedStep):
         key -> one value per param). What the update returns for each param (None for each when it returns
         nothing)."""
         pack.take_grads([grads[i] for i in idx])
-        if self.pack_step: outs = self.pack_step.run(pack, c, l2, norms, rounding)
-        else: outs = run_chunks(phases, chunked(pack.lists, pack_chunk(pack.flat_p.device)), c, 1, rounding)[0]
+        def step(c):
+            if self.pack_step: return self.pack_step.run(pack, c, l2, norms, rounding)
+            return run_chunks(phases, chunked(pack.lists, pack_chunk(pack.flat_p.device)), c, 1, rounding)[0]
+        # A graph replays the kernels on the tensors it captured: only for packs that own their buffers and
+        # take nothing from outside but the gradients and `c` (see `graphs.py`).
+        if pack.adopted and norms.is_local and rounding != 'stochastic':
+            outs = pack.graph.step((phases, l2, rounding, pack.flat_g.data_ptr()), c, step)
+        else: outs = step(c)
         pack.give_back()
         keys, lists = (*self._state_keys, *((COMP,) if comps else ())), (*states, *((comps,) if comps else ()))
         for key, ss, views in zip(keys, lists, pack.moved):

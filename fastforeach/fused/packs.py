@@ -12,6 +12,7 @@ import torch
 from ..distributed import LOCAL_NORMS, WholeNorms, root_mean_square
 from ..ops import device_tensor
 from .compile import CHUNK, coefficient_dtype
+from .graphs import PackGraph
 from .layout import alias_from, end_to_end, laid_end_to_end
 
 __all__ = ['PACK_MAX_NUMEL', 'MULTI_TENSOR_DEVICES', 'pack_chunk', 'pack_max_numel', 'packs_as_on', 'Pack', 'PackStep']
@@ -75,9 +76,11 @@ class Pack:
       buffer with their gradients and copied back (`give_back`) at every step, in buffers the pack keeps.
 
     16-bit params stepped in float32 are stepped in their own dtype by updates that work on float32 values
-    inside the compiled loop (see `compile._runner`)."""
+    inside the compiled loop (see `compile._runner`).
+
+    On CUDA a pack's step is replayed from a graph once it has settled (`graph`: see `graphs.py`)."""
     __slots__ = ('params', 'adopted', 'flat_p', 'p_views', 'flat_g', 'g_views', 'flat_states', 'flat_comp', 'moved',
-                 '_cached', '_grads', '_laid')
+                 'graph', '_cached', '_grads', '_laid')
 
     def __init__(self, params, states, comps=None, adopt: bool = True):
         self.params, self.adopted = params, adopt and _adoptable(params)
@@ -96,7 +99,7 @@ class Pack:
             self.flat_states.append(flat)
             self.moved.append(views)
         self.flat_comp = self.flat_states.pop() if comps else None
-        self._cached = {}
+        self._cached, self.graph = {}, PackGraph()
 
     @property
     def lists(self) -> list[list[torch.Tensor]]:

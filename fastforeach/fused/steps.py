@@ -12,11 +12,14 @@ from ..ops import mul_scalar_
 from ..precision import Rounding
 from ..rules import StepRule
 
-__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'Context', 'split_by_wd', 'COMPILED_MIN_NUMEL']
+__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'Context', 'split_by_wd', 'COMPILED_MIN_NUMEL', 'COMPILED_OVER_KERNEL']
 
 # Per device type, the average size of tensor from which `EitherStep` takes its compiled update over a kernel
 # plus a pass of decoupled weight decay (see there); device types not listed keep the kernel.
 COMPILED_MIN_NUMEL = {'cpu': 1 << 14}
+# Device types where `EitherStep` takes its compiled update over the kernel whenever it compiles: where a
+# settled pack's step is replayed from a graph (see `graphs.py`), one launch against the kernel's host work.
+COMPILED_OVER_KERNEL: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class EitherStep(FusedStep):
                         sum(context.sizes or [p.numel() for p in params]) >=
                         COMPILED_MIN_NUMEL.get(p0.device.type, math.inf) * len(params))
         use = self.kernel
-        if (not kernel_ready or saves_a_pass) and self.compiled.ready(p0, hypers, rounding): use = self.compiled
+        if ((not kernel_ready or saves_a_pass or p0.device.type in COMPILED_OVER_KERNEL) and
+                self.compiled.ready(p0, hypers, rounding)): use = self.compiled
         return use.run(params, grads, states, do_wd, hypers, wd=wd, decouple_wd=decouple_wd, plans=plans,
                        context=context)

@@ -66,12 +66,16 @@ class Twins:
         for gi, (ga, gb) in enumerate(zip(self.params_a, self.params_b)):
             for pi, (pa, pb) in enumerate(zip(ga, gb)): yield (gi, pi), pa, pb
 
-    def step(self, base_lr: float, vary_mom: bool = True):
-        "Fresh random gradients, a new lr per group (and a new mom when there is one), then step both."
+    def step(self, base_lr: float, vary_mom: bool = True, in_place: bool = False):
+        """Fresh random gradients, a new lr per group (and a new mom when there is one), then step both.
+        `in_place`: `b`'s gradients written into the tensors it already has, as a training loop that zeroes
+        them in place leaves them (else new tensors, as a gradient release makes)."""
         for where, pa, pb in self.pairs():
             if where == self.no_grad: continue
             g = torch.randn(pa.shape, generator=self.gen, dtype=torch.float64, device=self.gen.device).to(pb) * 0.1
-            pa.grad, pb.grad = g.to(pa.dtype), g.clone()
+            pa.grad = g.to(pa.dtype)
+            if in_place and pb.grad is not None: pb.grad.copy_(g)
+            else: pb.grad = g.clone()
         self.t += 1
         lr = base_lr * (1 + 0.5 * math.sin(self.t / 7))
         n = len(self.params_a)
