@@ -567,6 +567,8 @@ def test_pack_graphs_replay_equal_fastai(name, cfg, monkeypatch):
 def test_pack_graphs_on_cuda(name, cfg, monkeypatch):
     """On CUDA a settled pack's step is replayed from a graph: replays happen, and every param and state equals
     fastai's (float32) with gradients written in place, then new ones, then in place again."""
+    from fastforeach.fused import graphs
+    monkeypatch.setattr(graphs, 'GRAPH_DEVICES', {'cuda'})
     replayed = _count_replays(monkeypatch)
     spec = REGISTRY[name]
     twins = against_fastai(spec, 'fused', oracle_layers(torch.float32, 'cuda'), **spec.configs[cfg])

@@ -24,8 +24,9 @@ import torch
 
 __all__ = ['GRAPH_DEVICES', 'WARM_STEPS', 'PackGraph', 'capture']
 
-# Device types whose pack steps are captured as graphs.
-GRAPH_DEVICES = {'cuda'}
+# Device types whose pack steps are captured as graphs: none by default until the graphs have been timed
+# and checked on a GPU (`GRAPH_DEVICES.add('cuda')` turns them on; the CUDA tests run them).
+GRAPH_DEVICES: set[str] = set()
 # Eager steps, taken the same way, before a pack's step is captured.
 WARM_STEPS = 2
 
@@ -36,7 +37,7 @@ def capture(step: Callable, c: torch.Tensor):
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device=c.device)
     stream.wait_stream(torch.cuda.current_stream(c.device))
     with torch.cuda.stream(stream):
-        graph.capture_begin()
+        graph.capture_begin(capture_error_mode='thread_local')  # other threads (a data loader's) carry on
         try: outs = step(c)
         finally: graph.capture_end()
     torch.cuda.current_stream(c.device).wait_stream(stream)
