@@ -47,12 +47,12 @@ class ForEachOptimizer(Optimizer):
     values written back with Kahan summation (`'kahan'`, its buffer in `kahan_dtype`) or stochastic rounding
     (`'stochastic'`), or, with `'nearest'`, by the steppers of the optimizer that fastai's factory `fastai`
     builds with the same hypers and `fastai_options`, bit for bit as fastai does (without `fastai`, the rule
-    steps them as they are, each op rounded to 16 bits).
+    steps them as they are, each op rounded to 16 bits). `state_format`: averages in 8 or 4 bits (see `lowbit.py`).
     """
     def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, *, rounding: str = 'kahan',
-                 kahan_dtype: torch.dtype = torch.float32, fastai: Callable | None = None, fastai_options: dict = None,
-                 **defaults):
-        self.core = Core(opt_step, decouple_wd, rounding, kahan_dtype)
+                 kahan_dtype: torch.dtype = torch.float32, state_format=None, fastai: Callable | None = None,
+                 fastai_options: dict = None, **defaults):
+        self.core = Core(opt_step, decouple_wd, rounding, kahan_dtype, state_format=state_format)
         missing = [h for h in self.core.rule.hypers if h not in defaults]
         if missing: raise TypeError(f"{self.core.rule.name} needs hypers {missing}; give them as keywords")
         params = L(params)  # as fastai reads it: a lone tensor is one param, a list of lists is param groups
@@ -131,6 +131,11 @@ class ForEachOptimizer(Optimizer):
         if len(sd['state']) != n_params:
             raise ValueError(f"Invalid state dict: {len(sd['state'])} params, the optimizer has {n_params}")
         self.core.check_state(self.param_lists, sd['state'], sd['hypers'])
+
+    def fastai_state_dict(self) -> dict:
+        "`state_dict()` with any state kept in few bits decoded: fastai's own layout, which fastai's optimizer loads."
+        params = [p for pg in self.param_lists for p in pg]
+        return {'state': [self.core.plain_state(p, self.state[p]) for p in params], 'hypers': self.hypers}
 
     def load_state_dict(self, sd: dict):
         "Load a state dict saved by this optimizer or by fastai's native one of the same kind."

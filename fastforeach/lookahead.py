@@ -171,6 +171,11 @@ class Lookahead(_FastaiLookahead):
 
     def _set_hyper(self, k, v): self.opt._set_hyper(k, v)
 
+    def fastai_state_dict(self) -> dict:
+        "`state_dict()` with the inner optimizer's state kept in few bits decoded (see `ForEachOptimizer.fastai_state_dict`)."
+        inner = self.opt.fastai_state_dict() if hasattr(self.opt, 'fastai_state_dict') else self.opt.state_dict()
+        return {**inner, 'count': self.count, 'slow_weights': self.slow_weights}
+
     def load_state_dict(self, sd: dict):
         "Load a state dict saved by this Lookahead or fastai's; `sd` is left as it was."
         if not isinstance(sd, dict) or 'count' not in sd or 'slow_weights' not in sd:
@@ -200,8 +205,8 @@ class Lookahead(_FastaiLookahead):
 class RangerForEachOptimizer(Lookahead):
     "fastai's `ranger`: `RAdamForEachOptimizer` inside `Lookahead`."
     def __init__(self, params, lr, mom=0.95, wd=0.01, eps=1e-6, k=6, alpha=0.5, *, sqr_mom=0.99, beta=0.,
-                 decouple_wd=True, fused=False, rounding='kahan', kahan_dtype=torch.float32):
+                 decouple_wd=True, fused=False, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         check_lookahead(k, alpha)
         super().__init__(RAdamForEachOptimizer(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta,
                                                decouple_wd=decouple_wd, fused=fused, rounding=rounding,
-                                               kahan_dtype=kahan_dtype), k=k, alpha=alpha, fused=fused)
+                                               kahan_dtype=kahan_dtype, state_format=state_format), k=k, alpha=alpha, fused=fused)

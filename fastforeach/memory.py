@@ -14,7 +14,7 @@ import torch
 from fastcore.foundation import L
 
 from .core import inner_optimizer
-from .distributed import local
+from .distributed import is_sharded, local
 
 __all__ = ['memory_report', 'own_buffers', 'state_bytes', 'PeakGradBytes']
 
@@ -22,11 +22,14 @@ KINDS = ('params', 'grads', 'state', 'fastforeach')
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
-    "Every tensor in `obj`: nested dicts, lists and tuples, and objects that say what they hold (`buffers()`)."
+    "Every tensor in `obj`: nested dicts, lists and tuples, what objects say they hold (`buffers()`), what wrapper subclasses wrap."
     stack = [obj]
     while stack:
         x = stack.pop()
-        if isinstance(x, torch.Tensor): yield x
+        if isinstance(x, torch.Tensor):
+            # A wrapper subclass (torchao's low-bit state) has no storage of its own: the tensors it wraps do.
+            if hasattr(x, '__tensor_flatten__') and not is_sharded(x): stack += [getattr(x, k) for k in x.__tensor_flatten__()[0]]
+            else: yield x
         elif isinstance(x, dict): stack += x.values()
         elif isinstance(x, (list, tuple, L)): stack += list(x)
         elif hasattr(x, 'buffers') and not isinstance(x, torch.nn.Module): stack += list(x.buffers())

@@ -96,13 +96,17 @@ def quantize_stochastic(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLO
     average)."""
     scaled, absmax = _scaled(x, blocksize)
     scaled = scaled.nan_to_num_(0.).clamp_(-1, 1)  # a block of zeros: the zero entry
+    return _round_stochastic(scaled, map, generator).view(x.shape), absmax
+
+
+def _round_stochastic(scaled: torch.Tensor, map: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    "The uint8 index of the entry of ascending `map` just below or just above each of `scaled`, drawn without bias."
     map = map.to(scaled.device)
     below = (torch.searchsorted(map, scaled, right=True) - 1).clamp_(0, map.numel() - 2)
     lo, hi = map[below], map[below + 1]
     chance = ((scaled - lo) / (hi - lo)).clamp_(0, 1)
     draws = torch.rand(scaled.shape, generator=generator, device=scaled.device)
-    codes = (below + (draws < chance)).to(torch.uint8)
-    return codes.view(x.shape), absmax
+    return (below + (draws < chance)).to(torch.uint8)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.Tensor,
@@ -115,9 +119,12 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.T
     return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
 
 
-def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE_4BIT) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE_4BIT, stochastic: bool = False,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales): `x`'s elements (a multiple of `blocksize` of them, an even number) as 4-bit indices
-    into the 16-entry `map`, two to a byte, flat; one float32 scale per block (see the module docstring)."""
+    into the 16-entry `map`, two to a byte, flat; one float32 scale per block (see the module docstring).
+    `stochastic`: each element rounded without bias between the entries around it (see `quantize_stochastic`;
+    one below the map's least entry takes that entry, as rounding to nearest does: the linear map has no zero)."""
     n = x.numel()
     if n % blocksize or n % 2:
         raise ValueError(f"Invalid tensor for 4-bit state: {n} elements (must be a multiple of {blocksize}, and even)")
@@ -125,9 +132,11 @@ def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE
     scale = rows.abs().amax(dim=1).clamp_min(1e-12)
     scaled = (rows / scale[:, None]).reshape(-1)
     map = map.to(scaled.device)
-    below = (torch.searchsorted(map, scaled, right=True) - 1).clamp_(0, map.numel() - 1)  # largest entry <= value
-    up = (below + 1).clamp_(max=map.numel() - 1)
-    codes = torch.where(scaled - map[below] >= (map[up] - map[below]) * 0.5, up, below).to(torch.uint8)
+    if stochastic: codes = _round_stochastic(scaled.clamp(map[0], map[-1]), map, generator)
+    else:
+        below = (torch.searchsorted(map, scaled, right=True) - 1).clamp_(0, map.numel() - 1)  # largest entry <= value
+        up = (below + 1).clamp_(max=map.numel() - 1)
+        codes = torch.where(scaled - map[below] >= (map[up] - map[below]) * 0.5, up, below).to(torch.uint8)
     return (codes[0::2] << 4) | codes[1::2], scale
 
 

@@ -130,12 +130,12 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
 
 # The switches every factory adds to fastai's signature, keyword-only, with their defaults.
 SWITCHES = {'foreach': (True, bool), 'fused': (False, bool), 'rounding': ('kahan', str),
-            'kahan_dtype': (torch.float32, torch.dtype)}
+            'kahan_dtype': (torch.float32, torch.dtype), 'state_format': (None, object)}
 
 
 def make_factory(spec: OptimizerSpec) -> Callable:
-    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach`, `fused`, `rounding` and
-    `kahan_dtype`.
+    """`fastforeach.<name>`: fastai's factory signature plus keyword-only `foreach`, `fused`, `rounding`,
+    `kahan_dtype` and `state_format` (averages in 8 or 4 bits: see `lowbit.py`).
 
     `foreach=True` builds the fastforeach optimizer, one pass over memory per step with `fused=True`, with
     16-bit params written back as `rounding` says (see `precision.py`); `foreach=False` returns fastai's
@@ -147,18 +147,20 @@ def make_factory(spec: OptimizerSpec) -> Callable:
     at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
 
     def factory(*args, foreach: bool = True, fused: bool = False, rounding: str = 'kahan',
-                kahan_dtype: torch.dtype = torch.float32, **kwargs):
+                kahan_dtype: torch.dtype = torch.float32, state_format=None, **kwargs):
         bound = sig.bind(*args, **kwargs)  # TypeError for an unknown keyword, as a plain function gives
         for name, flag in (('foreach', foreach), ('fused', fused)):
             if not isinstance(flag, bool): raise ValueError(f"Invalid {name}: {flag!r} (must be True or False)")
         check_rounding(rounding, kahan_dtype)
-        if not foreach and (fused or rounding == 'stochastic' or kahan_dtype != torch.float32):
+        if not foreach and (fused or rounding == 'stochastic' or kahan_dtype != torch.float32 or state_format is not None):
             given = 'fused=True' if fused else f"rounding={rounding!r}" if rounding == 'stochastic' else \
-                f"kahan_dtype={kahan_dtype}"
+                f"kahan_dtype={kahan_dtype}" if kahan_dtype != torch.float32 else f"state_format={state_format!r}"
             raise ValueError(f"Invalid options for {spec.name}: {given} with foreach=False (fastai's native "
-                             "optimizers have no fused form and round 16-bit params to nearest)")
+                             "optimizers have no fused form, keep full-precision state and round 16-bit params to "
+                             "nearest)")
         if not foreach: return spec.native(*bound.args, **bound.kwargs)
-        return spec.foreach(*bound.args, **bound.kwargs, fused=fused, rounding=rounding, kahan_dtype=kahan_dtype)
+        return spec.foreach(*bound.args, **bound.kwargs, fused=fused, rounding=rounding, kahan_dtype=kahan_dtype,
+                            state_format=state_format)
 
     factory.__name__ = factory.__qualname__ = spec.name
     # Where the factories live: pickle finds them by name there (fastai's `Learner.export` pickles `opt_func`).
@@ -170,6 +172,7 @@ def make_factory(spec: OptimizerSpec) -> Callable:
                        f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
                        f"`foreach=False` gives {native}. 16-bit params are written back with "
                        "`rounding`: 'kahan' (a compensation buffer in `kahan_dtype`), 'stochastic', or 'nearest' "
-                       "(fastai's own steps).")
+                       "(fastai's own steps). `state_format` ('8bit', '4bit', a dict of state key -> format, or a "
+                       "`StateFormat`) keeps its averages in few bits.")
     factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])
     return factory

@@ -35,7 +35,8 @@ import torch
 from .accumulation import Accumulation
 
 __all__ = ['StepRule', 'Scalars', 'StateSpec', 'Check', 'declare', 'declaration', 'check_hyper', 'check_int', 'choice',
-           'count', 'AT_LEAST_ZERO', 'FRACTION', 'CLOSED_FRACTION', 'HYPERS', 'LIKE_PARAM', 'SCALAR', 'ROWS', 'COLUMNS']
+           'count', 'AT_LEAST_ZERO', 'FRACTION', 'CLOSED_FRACTION', 'HYPERS', 'LIKE_PARAM', 'SECOND_MOMENT', 'STATES', 'SCALAR',
+           'ROWS', 'COLUMNS']
 
 
 # --- state -------------------------------------------------------------------------------------------
@@ -46,10 +47,16 @@ class StateSpec:
     `shape` None means shaped like the param, and laid out like it (memory format, and sharding for
     DTensor params); only such state can be stepped by the fused forms and sharded under FSDP2. `weight`:
     the state is a weight, not an average (ScheduleFreeAdam's z), kept in float32 for 16-bit params
-    written back with Kahan summation or stochastic rounding, as their master weights would be."""
+    written back with Kahan summation or stochastic rounding, as their master weights would be.
+
+    For state kept in few bits (`lowbit.py`): `average` says it may be (an average, not a value the rule
+    must keep exactly, as Adan's previous gradient), `nonnegative` that it is never below 0 (a second
+    moment: an unsigned map, all of whose codes serve values >= 0)."""
     shape: Callable[[torch.Tensor], tuple] | None = None
     dtype: torch.dtype | None = None
     weight: bool = False
+    average: bool = True
+    nonnegative: bool = False
 
     @property
     def like_param(self) -> bool: return self.shape is None
@@ -75,6 +82,9 @@ class StateSpec:
 
 
 LIKE_PARAM = StateSpec()
+SECOND_MOMENT = StateSpec(nonnegative=True)
+# The state keys of fastai's vocabulary whose spec every rule shares unless it declares its own (as `HYPERS`).
+STATES: dict[str, StateSpec] = {'sqr_avg': SECOND_MOMENT}
 SCALAR = StateSpec(shape=lambda p: ())
 # A matrix's (or a stack of matrices') statistics over its last dim (one per row) and over its
 # second-to-last (one per column): what a factored second moment keeps (Adafactor's).
@@ -215,7 +225,7 @@ class StepRule:
         return cls(fn, state_keys=state_keys,
                    hypers=tuple(p.name for p in keyword if p.default is p.empty and p.name not in given),
                    optional_hypers=tuple(p.name for p in keyword if p.default is not p.empty and p.name not in given),
-                   state={k: declared.state.get(k, LIKE_PARAM) for k in state_keys},
+                   state={k: declared.state.get(k, STATES.get(k, LIKE_PARAM)) for k in state_keys},
                    checks={**HYPERS, **declared.hypers},
                    counts_steps='step' in names, uses_norms='norms' in names, uses_whole='whole' in names,
                    decays='decay' in names, scalars=scalars, unchunked=declared.unchunked,

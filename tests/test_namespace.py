@@ -33,7 +33,7 @@ def test_own_factories_keep_fastais_signatures_plus_switches():
         ours, fastais = parameters(getattr(fastforeach, name)), parameters(getattr(fastai.optimizer, name))
         extra = [k for k in ours if k not in fastais]
         assert {k: v for k, v in ours.items() if k not in extra} == fastais, name
-        assert set(extra) <= {'foreach', 'fused', 'rounding', 'kahan_dtype'}, name
+        assert set(extra) <= {'foreach', 'fused', 'rounding', 'kahan_dtype', 'state_format'}, name
         assert all(ours[k][0] is inspect.Parameter.KEYWORD_ONLY for k in extra), name
 
 

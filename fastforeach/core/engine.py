@@ -16,6 +16,7 @@ import torch
 
 from ..distributed import is_sharded, wrap_like
 from ..fused import FusedStep, Plans
+from ..lowbit import plain_state, state_format_of
 from ..precision import COMP, Rounding, is_low_precision
 from ..rules import StepRule, check_hyper
 from . import paths
@@ -49,11 +50,16 @@ class Core:
     `rounding='nearest'` (bit for bit as fastai); `accumulation`: (micro-batch index, number of micro-batches)
     while optimizer accumulation is on. `plans` is what fused steps keep between steps. `l2_into_grads`:
     the foreach rules' L2 goes into the gradients themselves, as fastai's does; False: into new tensors,
-    the gradients left as they were, as torch.optim's (fused steps never write the gradients)."""
+    the gradients left as they were, as torch.optim's (fused steps never write the gradients).
+    `state_format`: which averages are kept in 8 or 4 bits (see `lowbit.py`)."""
     def __init__(self, opt_step: Callable, decouple_wd: bool = True, rounding: str = 'kahan',
                  kahan_dtype: torch.dtype = torch.float32,
-                 steppers: list | None = None, l2_into_grads: bool = True):
+                 steppers: list | None = None, l2_into_grads: bool = True, state_format=None):
         self.rounding = Rounding(rounding, kahan_dtype)
+        self.state_format = state_format_of(state_format)
+        if self.state_format is not None and rounding == 'nearest':
+            raise ValueError("Invalid state_format with rounding='nearest': 16-bit params are then stepped by fastai's "
+                             "own steppers, whose state stays in the params' dtype (use 'kahan' or 'stochastic')")
         self.routes = [Route.of(opt_step)]  # sets `checks` too
         self.decouple_wd, self.steppers, self.accumulation = decouple_wd, steppers, None
         self.l2_into_grads = l2_into_grads
@@ -78,6 +84,8 @@ class Core:
         "The routes, and `checks`: the checks of every hyper their rules read (made once, not at every step)."
         self._routes = routes
         self.checks = {k: v for route in routes for k, v in route.rule.checks.items()}
+        if self.state_format is not None:
+            for route in routes: self.state_format.check(route.rule)
 
     @property
     def fused_steps(self) -> list:
@@ -87,6 +95,8 @@ class Core:
     def hold(self, params) -> None:
         "Take note of the params this core will step: whether any is a DTensor (FSDP2), which its rules must allow."
         self.sharded = any(is_sharded(p) for p in params)
+        if self.sharded and self.state_format is not None:
+            raise ValueError("Invalid params: DTensors (FSDP2) with state_format (state in few bits is not sharded yet)")
         for route in self.routes:
             if self.sharded and not route.rule.like_params:
                 odd = [k for k, spec in route.rule.state.items() if not spec.like_param]
@@ -102,6 +112,9 @@ class Core:
 
     def check_accumulation(self, name: str) -> None:
         "Raise `ValueError` when optimizer accumulation (see `accumulation.py`) is not defined for this core's rules."
+        if self.state_format is not None:
+            raise ValueError(f"Optimizer accumulation is not defined for {name} with state_format (its averages "
+                             "would be decoded and encoded at every micro-batch)")
         for route in self.routes:
             if route.rule.accumulation is None:
                 raise ValueError(f"Optimizer accumulation is not defined for {name}: {route.rule.no_accumulation}")
@@ -147,6 +160,12 @@ class Core:
             kwargs = {**kwargs, **self.count_step(route.rule, bucket)}
             if route.rule.scalars is not None: kwargs.update(self._advance_scalars(route.rule, bucket, kwargs))
             path = self.path_for(route, p0, kwargs)
+            if self.state_format is not None:
+                low = [bool(self.state_format.keys(route.rule, p)) for p in bucket.origins]
+                if any(low):  # those params' state decoded and encoded, chunk by chunk; the others as they are
+                    rest = [i for i, q in enumerate(low) if not q]
+                    if rest: path.step(self, route, bucket.pick(rest), hyper, kwargs)
+                    path, bucket = paths.QUANTIZED, bucket.pick([i for i, q in enumerate(low) if q])
         path.step(self, route, bucket, hyper, kwargs)
 
     def as_fastai(self, p) -> bool:
@@ -204,4 +223,8 @@ class Core:
 
     def load_state(self, p, state: dict) -> dict:
         "A checked saved `state` as `p`'s (see `state.load_param_state`)."
-        return load_param_state(self.route_of(p, state).rule, p, state, self.rounding)
+        return load_param_state(self.route_of(p, state).rule, p, state, self.rounding, self.state_format)
+
+    def plain_state(self, p, state: dict) -> dict:
+        "`p`'s `state` with any state kept in few bits decoded, in fastai's layout (see `lowbit.plain_state`)."
+        return plain_state(self.route_of(p, state).rule, p, state)

@@ -8,9 +8,11 @@
   equivalent: fastai's own steps, one param at a time, bit for bit;
 - `FUSED`: the route's fused step, when it is ready for these params and hypers;
 - `FLOAT32`: 16-bit params stepped on float32 working copies, written back as `rounding` says;
-- `FOREACH`: the rule on the params as they are, after weight decay.
+- `FOREACH`: the rule on the params as they are, after weight decay;
+- `QUANTIZED`: params whose state is kept in few bits (see `lowbit.py`), as `FOREACH` or `FLOAT32` on
+  their state decoded chunk by chunk.
 
-The last three run after the bucket's step count and running scalars have advanced (`kwargs` has them).
+The last four run after the bucket's step count and running scalars have advanced (`kwargs` has them).
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from ..distributed import WholeTensors, local
 from ..fused import Context
 from ..ops import mul_scalar_
 from .buckets import Bucket
-from .state import state_lists
+from .state import state_dtype, state_lists
 
-__all__ = ['ACCUMULATE', 'NEAREST', 'FUSED', 'FLOAT32', 'FOREACH', 'weight_decay']
+__all__ = ['ACCUMULATE', 'NEAREST', 'FUSED', 'FLOAT32', 'FOREACH', 'QUANTIZED', 'weight_decay']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
 # N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
@@ -80,32 +82,52 @@ def run_rule(rule, chunk: Bucket, kwargs: dict, states: list):
 class Foreach:
     "The rule on the params as they are, in cache-sized chunks on CPU, after weight decay."
     name = 'foreach'
+    in_float32 = False
 
     def step(self, core, route, bucket, hyper, kwargs):
-        rule = route.rule
-        for chunk in bucket.chunks(chunk_bytes(route, bucket, False)):
-            states = state_lists(rule, chunk, core.rounding)
-            core.store(rule, chunk, run_rule(rule, chunk, {**kwargs, **weight_decay(core, rule, chunk, hyper)}, states))
+        for chunk in bucket.chunks(chunk_bytes(route, bucket, self.in_float32)):
+            self.step_chunk(core, route.rule, chunk, hyper, kwargs, state_lists(route.rule, chunk, core.rounding))
+
+    @staticmethod
+    def step_chunk(core, rule, chunk: Bucket, hyper: dict, kwargs: dict, states: list) -> None:
+        "Step `chunk` with `states`, the rule's state lists for it."
+        core.store(rule, chunk, run_rule(rule, chunk, {**kwargs, **weight_decay(core, rule, chunk, hyper)}, states))
 
 
-class Float32:
+class Float32(Foreach):
     """Weight decay and the rule on float32 copies of 16-bit params (with their Kahan buffers added),
     gradients and state; then the state rounded back and the params written back as `rounding` says. The
     gradients are left as they were (L2 goes into the copies)."""
     name = 'float32'
+    in_float32 = True
+
+    @staticmethod
+    def step_chunk(core, rule, chunk: Bucket, hyper: dict, kwargs: dict, states: list) -> None:
+        rounding = core.rounding
+        comps = compensations(rounding, chunk)
+        work = Bucket(rounding.working(chunk.params, comps), [g.float() for g in chunk.grads], chunk.states,
+                      norms=chunk.norms)
+        states32 = [[t.float() for t in xs] for xs in states]
+        out = run_rule(rule, work, {**kwargs, **weight_decay(core, rule, work, hyper)}, states32)
+        for xs, ys in zip(states, states32): torch._foreach_copy_(xs, ys)
+        rounding.write_back(chunk.params, work.params, comps)
+        core.store(rule, chunk, out)
+
+
+class Quantized:
+    """State kept in few bits (see `lowbit.py`): each chunk's state decoded, the chunk stepped as `FOREACH`
+    steps it (`FLOAT32` for 16-bit params), its state encoded back. Chunks of at most `FLOAT32_CHUNK_BYTES`
+    on a GPU too: the decoded state of the whole model is never held at once."""
+    name = 'quantized'
 
     def step(self, core, route, bucket, hyper, kwargs):
-        rule, rounding = route.rule, core.rounding
+        rule, formats = route.rule, core.state_format
+        inner = FLOAT32 if core.rounding.in_float32(bucket.params[0]) else FOREACH
+        def full(key, p): return rule.state[key].zeros(p, state_dtype(rule, key, p, core.rounding))
         for chunk in bucket.chunks(chunk_bytes(route, bucket, True)):
-            states = state_lists(rule, chunk, rounding)
-            comps = compensations(rounding, chunk)
-            work = Bucket(rounding.working(chunk.params, comps), [g.float() for g in chunk.grads], chunk.states,
-                          norms=chunk.norms)
-            states32 = [[t.float() for t in xs] for xs in states]
-            out = run_rule(rule, work, {**kwargs, **weight_decay(core, rule, work, hyper)}, states32)
-            for xs, ys in zip(states, states32): torch._foreach_copy_(xs, ys)
-            rounding.write_back(chunk.params, work.params, comps)
-            core.store(rule, chunk, out)
+            states, coded = formats.decoded(rule, chunk.params, chunk.states, full)
+            inner.step_chunk(core, rule, chunk, hyper, kwargs, states)
+            formats.encode(coded)
 
 
 class Fused:
@@ -156,4 +178,4 @@ class Accumulate:
                 acc.move(chunk.params, *states, **kwargs)
 
 
-ACCUMULATE, NEAREST, FUSED, FLOAT32, FOREACH = Accumulate(), Nearest(), Fused(), Float32(), Foreach()
+ACCUMULATE, NEAREST, FUSED, FLOAT32, FOREACH, QUANTIZED = Accumulate(), Nearest(), Fused(), Float32(), Foreach(), Quantized()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import as_like, local
+from ..lowbit import SCALE, StateFormat, saved_format
 from ..precision import COMP, Rounding
 from ..rules import LIKE_PARAM, StepRule
 
@@ -47,7 +48,11 @@ def check_param_state(rule: StepRule, p, state, where: str) -> None:
             if 'step' in state or any(k in state for k in rule.state_keys):
                 raise ValueError(f"Invalid state dict: {where}: missing state {key!r}")
             continue
-        got = rule.state[key].unlike(state[key], p)
+        if key + SCALE in state:  # kept in few bits (see `lowbit.py`)
+            fmt = saved_format(state[key], p)
+            got = fmt.unlike(state[key], state[key + SCALE], p) if fmt else \
+                f"is not codes of a format for {p.numel()} elements ({_described(state[key])})"
+        else: got = rule.state[key].unlike(state[key], p)
         if got: raise ValueError(f"Invalid state dict: {where}: state {key!r} {got}")
     if COMP in state:
         got = LIKE_PARAM.unlike(state[COMP], p)
@@ -58,12 +63,27 @@ def check_param_state(rule: StepRule, p, state, where: str) -> None:
             raise ValueError(f"Invalid state dict: {where}: state 'step' is {step!r}, expected an int >= 1")
 
 
-def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding) -> dict:
+def _described(t) -> str:
+    return f"{t.dtype} with {t.numel()} elements" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats: StateFormat | None = None) -> dict:
     """A copy of `state` (checked) as `p`'s: each state tensor on `p`'s device, in its dtype, laid out as `p` for
-    state shaped like it; a Kahan buffer kept where `rounding` sums `p` with Kahan, in its buffers' dtype."""
-    s = dict(state)
+    state shaped like it; a Kahan buffer kept where `rounding` sums `p` with Kahan, in its buffers' dtype.
+    State kept in few bits is kept so where `formats` keeps it in the same format, and decoded (then encoded
+    in `formats`' format, rounded to nearest) where not; full-precision state is encoded where `formats` asks."""
+    s, low = dict(state), formats.keys(rule, p) if formats is not None else {}
     for key in rule.state_keys:
-        if key in s: s[key] = as_like(s[key], p, state_dtype(rule, key, p, rounding))
+        if key not in s: continue
+        nonnegative, fmt = rule.state[key].nonnegative, low.get(key)
+        saved = saved_format(s[key], p) if key + SCALE in s else None
+        if saved is not None and saved == fmt:
+            s[key] = s[key].to(p.device).view(p.shape if fmt.bits == 8 else (-1,))
+            s[key + SCALE] = s[key + SCALE].to(p.device)
+            continue
+        if saved is not None: s[key] = saved.decode(s[key].to(p.device), s.pop(key + SCALE).to(p.device), nonnegative, p.shape)
+        if fmt is not None: s[key], s[key + SCALE] = fmt.encode(as_like(s[key], p, torch.float32), nonnegative, False)
+        else: s[key] = as_like(s[key], p, state_dtype(rule, key, p, rounding))
     if COMP in s:
         comp = s.pop(COMP)
         if rounding.kahan and rounding.in_float32(p): s[COMP] = as_like(comp, p, rounding.kahan_dtype)

@@ -86,7 +86,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, *, foreach: bool | None = None, fused: bool | None = None,
                  no_wd: Callable | None = None, rounding: str = 'kahan', kahan_dtype: torch.dtype = torch.float32,
-                 decoupled_weight_decay: bool | None = None):
+                 decoupled_weight_decay: bool | None = None, state_format=None):
         if decoupled_weight_decay is not None:
             _flag('decoupled_weight_decay', decoupled_weight_decay, '')
             self.decouple_wd = decoupled_weight_decay
@@ -99,7 +99,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         every = [p for g in self.param_groups for p in g['params']]
         self.fused = bool(fused) if fused is not None or foreach else all(p.device.type == 'cuda' for p in every)
         self.core = Core(self.rule(self.param_groups, self.fused), self.decouple_wd, rounding, kahan_dtype,
-                         l2_into_grads=False)
+                         l2_into_grads=False, state_format=state_format)
         self.core.hold(every)
 
     rounding = property(lambda self: self.core.rounding, doc="How 16-bit params are written back (see `precision.py`).")
@@ -201,7 +201,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         fastai's names): what the fastai face's optimizer of the same rule loads (`load_state_dict` here
         takes that format too)."""
         params = [p for group in self.param_groups for p in group['params']]
-        return {'state': [dict(self.state[p]) if p in self.state else {} for p in params],
+        return {'state': [self.core.plain_state(p, self.state[p]) if p in self.state else {} for p in params],
                 'hypers': [self.hypers(group) for group in self.param_groups]}
 
     def _from_fastai(self, sd: dict) -> dict:

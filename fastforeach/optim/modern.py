@@ -35,10 +35,10 @@ class Lion(_Decoupled):
     state_names = {'grad_avg': 'exp_avg'}
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0., *, decoupled_weight_decay=True,
-                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay),
                          decoupled_weight_decay=decoupled_weight_decay,
-                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
 
 class Adan(_Decoupled):
@@ -51,10 +51,10 @@ class Adan(_Decoupled):
 
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), weight_decay=2e-2, eps=1e-6, *,
                  decoupled_weight_decay=True, foreach=None, fused=None, no_wd=None, rounding='kahan',
-                 kahan_dtype=torch.float32):
+                 kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps),
                          decoupled_weight_decay=decoupled_weight_decay,
-                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
 
 class StableAdamW(_Decoupled):
@@ -65,10 +65,10 @@ class StableAdamW(_Decoupled):
     state_names = ADAM_STATE
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, *, decoupled_weight_decay=True,
-                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps),
                          decoupled_weight_decay=decoupled_weight_decay,
-                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
 
 class Lamb(_Decoupled):
@@ -79,10 +79,10 @@ class Lamb(_Decoupled):
     state_names = ADAM_STATE
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0., *, decoupled_weight_decay=True,
-                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
                          decoupled_weight_decay=decoupled_weight_decay,
-                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
 
 class QHAdam(_Decoupled):
@@ -94,10 +94,10 @@ class QHAdam(_Decoupled):
 
     def __init__(self, params, lr=1e-3, betas=(0.999, 0.999), nus=(0.7, 1.0), weight_decay=0., eps=1e-8, *,
                  decoupled_weight_decay=True, foreach=None, fused=None, no_wd=None, rounding='kahan',
-                 kahan_dtype=torch.float32):
+                 kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, dict(lr=lr, betas=betas, nus=nus, weight_decay=weight_decay, eps=eps),
                          decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused, no_wd=no_wd,
-                         rounding=rounding, kahan_dtype=kahan_dtype)
+                         rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
 
 
@@ -112,13 +112,13 @@ class Larc(_Decoupled):
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0., trust_coefficient=0.02, eps=1e-8, *,
                  clip=None, decoupled_weight_decay=True, foreach=None, fused=None, no_wd=None, rounding='kahan',
-                 kahan_dtype=torch.float32):
+                 kahan_dtype=torch.float32, state_format=None):
         if clip is not None:
             if not isinstance(clip, bool): raise ValueError(f"Invalid clip: {clip!r} (must be True or False)")
             self.clip = clip
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps)
         super().__init__(params, defaults, decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
-                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
     def check_group(self, group, where=''):
         super().check_group(group, where)
@@ -148,11 +148,11 @@ class ScheduleFreeAdamW(ScheduleFreeModes, _Decoupled):
 
     def __init__(self, params, lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., warmup_steps=0, r=0.,
                  weight_lr_power=2., *, decoupled_weight_decay=True, foreach=None, fused=None, no_wd=None,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, train_mode=True)
         super().__init__(params, defaults, decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, fused=fused,
-                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
     def _mode_groups(self): return [(g['params'], g, g['betas'][0]) for g in self.param_groups]
 

@@ -30,12 +30,12 @@ class Adam(TorchForEachOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., amsgrad=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=False,
-                 no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+                 no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, decoupled_weight_decay=decoupled_weight_decay)
+                         kahan_dtype=kahan_dtype, state_format=state_format, decoupled_weight_decay=decoupled_weight_decay)
 
 
 
@@ -43,10 +43,10 @@ class AdamW(Adam):
     """torch.optim.AdamW: `Adam` with decoupled weight decay, p ← p·(1 − lr·wd), and weight_decay 0.01."""
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *, maximize=False,
                  foreach=None, capturable=False, differentiable=False, fused=None, no_wd=None, rounding='kahan',
-                 kahan_dtype=torch.float32):
+                 kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype)
+                         no_wd=no_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format)
 
 
 
@@ -61,11 +61,11 @@ class RAdam(TorchForEachOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0., decoupled_weight_decay=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None, no_wd=None,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                         capturable=capturable, differentiable=differentiable, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, decoupled_weight_decay=decoupled_weight_decay)
+                         kahan_dtype=kahan_dtype, state_format=state_format, decoupled_weight_decay=decoupled_weight_decay)
 
 class SGD(TorchForEachOptimizer):
     """torch.optim.SGD: g ← g + wd·p;  with momentum, buf ← g on the first step, then
@@ -75,11 +75,11 @@ class SGD(TorchForEachOptimizer):
     refused = {'maximize': False, 'differentiable': False}
 
     def __init__(self, params, lr=1e-3, momentum=0., dampening=0., weight_decay=0., nesterov=False, *, maximize=False,
-                 foreach=None, differentiable=False, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+                 foreach=None, differentiable=False, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype)
+                         kahan_dtype=kahan_dtype, state_format=state_format)
 
     def check_group(self, group, where=''):
         super().check_group(group, where)
@@ -124,12 +124,12 @@ class RMSprop(TorchForEachOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0., momentum=0., centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, fused=None, no_wd=None,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         self.centered = None  # every group's, once built
         super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype)
+                         kahan_dtype=kahan_dtype, state_format=state_format)
 
     def check_group(self, group, where=''):
         super().check_group(group, where)
@@ -190,12 +190,12 @@ class Muon(TorchForEachOptimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFICIENTS,
                  eps=NS_EPS, ns_steps=5, adjust_lr_fn=None, *, ns_dtype=torch.bfloat16, ns_method='standard',
-                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32):
+                 foreach=None, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         self.ns_dtype, self.ns_method = ns_dtype, ns_method
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype)
+                         kahan_dtype=kahan_dtype, state_format=state_format)
 
     def check_group(self, group, where=''):
         super().check_group(group, where)

@@ -106,6 +106,6 @@ class AdamForEachOptimizer(ForEachOptimizer):
     """fastai's `Adam` as one foreach step: AdamW with `decouple_wd=True`, Adam with L2 otherwise.
     `fused=True`: PyTorch's fused AdamW/Adam kernel."""
     def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, *, fused=False,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_adam_step if fused else adam_step, decouple_wd=decouple_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, fastai=native.Adam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+                         kahan_dtype=kahan_dtype, state_format=state_format, fastai=native.Adam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

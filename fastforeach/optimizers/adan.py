@@ -9,7 +9,7 @@ from ..fastai import ForEachOptimizer
 from ..ops import debias
 from ..fused import Coefficients, CompiledStep
 from ..ops import mul_scalar_
-from ..rules import FRACTION, declare
+from ..rules import FRACTION, StateSpec, declare
 from .adam import debiased_rms
 
 __all__ = ['AdanForEachOptimizer', 'adan_step', 'fused_adan_step', 'adan_stepper', 'native_adan']
@@ -36,7 +36,8 @@ def adan_step(p, g, grad_avg, diff_avg, sqr_avg, prev_grad, *, step, lr, beta1, 
     if decay is not None and any(decay): torch._foreach_div_(p, [1 + lr * wd for wd in decay])
 
 
-declare(hypers={'beta1': FRACTION, 'beta2': FRACTION, 'beta3': FRACTION},
+# The previous gradient is what the next difference is taken from, not an average: kept in full precision.
+declare(state={'prev_grad': StateSpec(average=False)}, hypers={'beta1': FRACTION, 'beta2': FRACTION, 'beta3': FRACTION},
         accumulation="Adan's averages take the difference between consecutive gradients, which optimizer "
                      "accumulation does not keep")(adan_step)
 
@@ -100,7 +101,7 @@ class AdanForEachOptimizer(ForEachOptimizer):
     """Adan as one foreach step; `fused=True`: the compiled update. The paper's betas (its 1 − β's: 0.02,
     0.08, 0.01), weight decay, and decoupled decay in its proximal form, p / (1 + lr·wd) after the step."""
     def __init__(self, params, lr, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, wd=0.02, decouple_wd=True, *,
-                 fused=False, rounding='kahan', kahan_dtype=torch.float32):
+                 fused=False, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_adan_step if fused else adan_step, decouple_wd=decouple_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, fastai=native_adan, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3,
+                         kahan_dtype=kahan_dtype, state_format=state_format, fastai=native_adan, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3,
                          eps=eps, wd=wd)

@@ -83,6 +83,6 @@ fused_lamb_step = CompiledStep(lamb_step, lamb_norms, adam_coefficients, ADAM, t
 class LambForEachOptimizer(ForEachOptimizer):
     "fastai's `Lamb` as one foreach step; `fused=True`: the compiled update."
     def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., decouple_wd=True, *, fused=False,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_lamb_step if fused else lamb_step, decouple_wd=decouple_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, fastai=native.Lamb, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+                         kahan_dtype=kahan_dtype, state_format=state_format, fastai=native.Lamb, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

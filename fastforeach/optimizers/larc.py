@@ -119,8 +119,8 @@ class LarcForEachOptimizer(ForEachOptimizer):
     """fastai's `Larc` as one foreach step: LARC with `clip=True`, LARS with `clip=False`;
     `fused=True`: the compiled update."""
     def __init__(self, params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0., decouple_wd=True, *,
-                 fused=False, rounding='kahan', kahan_dtype=torch.float32):
+                 fused=False, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         rule = fused_larc_step(mom, clip) if fused else partial(larc_step if mom == 0 else momentum_larc_step, clip=clip)
-        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
+        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format,
                          fastai=native.Larc, fastai_options={'clip': clip},
                          lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)

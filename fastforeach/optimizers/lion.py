@@ -57,6 +57,6 @@ class LionForEachOptimizer(ForEachOptimizer):
     """Lion as one foreach step; `fused=True`: the compiled update. Decoupled weight decay by default, as in
     the paper (which advises an lr 3-10x smaller than AdamW's, and a wd as much larger)."""
     def __init__(self, params, lr, beta1=0.9, beta2=0.99, wd=0.1, decouple_wd=True, *, fused=False,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_lion_step if fused else lion_step, decouple_wd=decouple_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, fastai=native_lion, lr=lr, beta1=beta1, beta2=beta2, wd=wd)
+                         kahan_dtype=kahan_dtype, state_format=state_format, fastai=native_lion, lr=lr, beta1=beta1, beta2=beta2, wd=wd)

@@ -316,8 +316,8 @@ class MuonForEachOptimizer(ForEachOptimizer):
     the AdamW params; the Muon step is its batched matmuls either way."""
     def __init__(self, params, lr, mom=0.95, sqr_mom=0.95, eps=1e-8, wd=0.1, decouple_wd=True, nesterov=True,
                  ns_steps=5, ns_dtype=torch.bfloat16, ns_method='gram', adjust_lr='match_rms_adamw', route=None, *,
-                 fused=False, rounding='kahan', kahan_dtype=torch.float32):
-        super().__init__(params, muon_step, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
+                 fused=False, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
+        super().__init__(params, muon_step, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format,
                          fastai=native_muon, fastai_options={'route': route}, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps,
                          wd=wd, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, ns_method=ns_method,
                          adjust_lr=adjust_lr)

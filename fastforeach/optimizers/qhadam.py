@@ -52,7 +52,7 @@ fused_qhadam_step = CompiledStep(qhadam_step, qhadam_update, _coefficients, QHAD
 class QHAdamForEachOptimizer(ForEachOptimizer):
     "fastai's `QHAdam` as one foreach step; `fused=True`: the compiled update."
     def __init__(self, params, lr, mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8, wd=0., decouple_wd=True,
-                 *, fused=False, rounding='kahan', kahan_dtype=torch.float32):
+                 *, fused=False, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_qhadam_step if fused else qhadam_step, decouple_wd=decouple_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, fastai=native.QHAdam, lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1,
+                         kahan_dtype=kahan_dtype, state_format=state_format, fastai=native.QHAdam, lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1,
                          nu_2=nu_2, eps=eps, wd=wd)

@@ -112,7 +112,7 @@ fused_torch_radam_step = CompiledStep(torch_radam_step, radam_update, _torch_coe
 class RAdamForEachOptimizer(ForEachOptimizer):
     "fastai's `RAdam` as one foreach step (SAdam with `beta > 0`); `fused=True`: the compiled update."
     def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., beta=0., decouple_wd=True, *, fused=False,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_radam_step if fused else radam_step, decouple_wd=decouple_wd, rounding=rounding,
-                         kahan_dtype=kahan_dtype, fastai=native.RAdam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
+                         kahan_dtype=kahan_dtype, state_format=state_format, fastai=native.RAdam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
                          beta=beta)

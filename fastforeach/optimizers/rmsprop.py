@@ -164,8 +164,8 @@ class RMSPropForEachOptimizer(ForEachOptimizer):
     fastai's own `RMSProp` drops its `eps` argument and always uses 1e-8; this one uses the `eps` given
     (the same result at the default). `fused=True`: the compiled per-tensor update."""
     def __init__(self, params, lr, mom=0., sqr_mom=0.99, eps=1e-8, wd=0., decouple_wd=True, *, fused=False,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         if mom == 0: rule = fused_rmsprop_step if fused else rmsprop_step
         else: rule = fused_momentum_rmsprop_step if fused else momentum_rmsprop_step
-        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
+        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format,
                          fastai=native.RMSProp, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -170,9 +170,9 @@ class ScheduleFreeAdamForEachOptimizer(ScheduleFreeModes, ForEachOptimizer):
     so that fastai's `fit_one_cycle` leaves it alone: x and y are related through a fixed beta1.
     `warmup_steps`: a linear warm-up of the lr over that many steps (or warm up with fastai's schedules)."""
     def __init__(self, params, lr, beta1=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, warmup_steps=0,
-                 r=0., weight_lr_power=2., *, fused=False, rounding='kahan', kahan_dtype=torch.float32):
+                 r=0., weight_lr_power=2., *, fused=False, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_schedule_free_adam_step if fused else schedule_free_adam_step,
-                         decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
+                         decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format,
                          fastai=native_schedule_free_adam, lr=lr, beta1=beta1, sqr_mom=sqr_mom, eps=eps, wd=wd,
                          warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
         self._start_in_train_mode()

@@ -99,8 +99,8 @@ class SGDForEachOptimizer(ForEachOptimizer):
     """fastai's `SGD` as one foreach step; `mom` at construction picks plain or momentum SGD, as in fastai.
     `fused=True`: PyTorch's fused SGD kernel, or a compiled update when there is decoupled weight decay."""
     def __init__(self, params, lr, mom=0., wd=0., decouple_wd=True, *, fused=False, rounding='kahan',
-                 kahan_dtype=torch.float32):
+                 kahan_dtype=torch.float32, state_format=None):
         if mom == 0: rule = fused_sgd_step if fused else sgd_step
         else: rule = fused_momentum_sgd_step if fused else momentum_sgd_step
-        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype,
+        super().__init__(params, rule, decouple_wd=decouple_wd, rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format,
                          fastai=native.SGD, lr=lr, mom=mom, wd=wd)

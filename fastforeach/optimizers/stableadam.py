@@ -109,6 +109,6 @@ class StableAdamForEachOptimizer(ForEachOptimizer):
     """StableAdam (AdamW with per-tensor update clipping) as one foreach step; `fused=True`: two compiled
     passes. Weight decay decoupled by default, scaled as the step is."""
     def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-6, wd=0.01, decouple_wd=True, *, fused=False,
-                 rounding='kahan', kahan_dtype=torch.float32):
+                 rounding='kahan', kahan_dtype=torch.float32, state_format=None):
         super().__init__(params, fused_stable_adam_step if fused else stable_adam_step, decouple_wd=decouple_wd,
-                         rounding=rounding, kahan_dtype=kahan_dtype, fastai=native_stable_adam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+                         rounding=rounding, kahan_dtype=kahan_dtype, state_format=state_format, fastai=native_stable_adam, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

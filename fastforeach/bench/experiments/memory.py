@@ -66,7 +66,28 @@ MEMORY_SETUPS = [
     ('fused, stochastic', 'Adam', _BF16, {'fused': True, 'rounding': 'stochastic'}, None),
     ('fused, Kahan', 'RAdam', _BF16, {'fused': True}, None),
     ('fused, Kahan, CUDA packs', 'RAdam', _BF16, {'fused': True}, 'cuda'),
+    ('8-bit state', 'Adam', torch.float32, {'state_format': '8bit'}, None),
+    ('4-bit state', 'Adam', torch.float32, {'state_format': '4bit'}, None),
+    ('8-bit state, stochastic', 'Adam', _BF16, {'fused': True, 'rounding': 'stochastic', 'state_format': '8bit'}, None),
+    ('bitsandbytes', 'AdamW8bit', torch.float32, {}, None),
+    ('torchao', 'AdamW8bit', torch.float32, {}, None),
+    ('torchao', 'AdamW4bit', torch.float32, {}, None),
 ]
+
+
+def _peer(name: str, label: str):
+    """torch's fused AdamW, or bitsandbytes' or torchao's low-bit AdamW (`label` names the package), with fastai's
+    Adam defaults (betas 0.9, 0.99, eps 1e-5, decoupled wd 0.01): a builder `(params) -> optimizer`, or None
+    where the package does not import."""
+    defaults = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+    try:
+        if name == 'AdamW': return lambda params: torch.optim.AdamW(params, **defaults, fused=True)
+        if label == 'bitsandbytes':
+            import bitsandbytes as bnb
+            return lambda params: getattr(bnb.optim, name)(params, **defaults)
+        import torchao.optim as ao
+        return lambda params: getattr(ao, name)(params, **defaults)
+    except ImportError: return None
 
 
 class _WithThreshold:
@@ -86,11 +107,12 @@ def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
     import fastforeach
     net, setups = MODELS[model](), {}
     for label, name, dtype, options, threshold in MEMORY_SETUPS:
+        peer = None if hasattr(fastforeach, name) else _peer(name, label)
+        if peer is None and not hasattr(fastforeach, name): continue  # a peer that is not installed
         params = [nn.Parameter(p.to(dtype)) for p in params_like(net, device)]
         gen = torch.Generator().manual_seed(0)
         for p in params: p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
-        opt = (torch.optim.AdamW(params, 1e-3, fused=True) if name == 'AdamW' else
-               getattr(fastforeach, name)(params, REGISTRY[name].lr, **options))
+        opt = peer(params) if peer else getattr(fastforeach, name)(params, REGISTRY[name].lr, **options)
         if threshold: opt = _WithThreshold(opt, torch.device(device).type, threshold)
         setups[f"{name} {str(dtype).split('.')[-1]} {label}"] = (params, opt)
     times = time_opts({k: opt for k, (_, opt) in setups.items()}, steps, warmup, device_sync(device))
@@ -103,8 +125,8 @@ def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
 
 
 def format_memory_table(rows: list[dict]) -> str:
-    head = (f"{'model':<12} {'setup':<38} {'params':>7} {'grads':>6} {'state':>6} {'buffers':>8} {'total':>6} "
+    head = (f"{'model':<12} {'setup':<44} {'params':>7} {'grads':>6} {'state':>6} {'buffers':>8} {'total':>6} "
             f"{'buffers / params':>17} {'ms/step':>8}")
     return '\n'.join(['bytes per param element, and step time', head, '-' * len(head)] + [
-        f"{r['model']:<12} {r['setup']:<38} {r['params']:>7.2f} {r['grads']:>6.2f} {r['state']:>6.2f} "
+        f"{r['model']:<12} {r['setup']:<44} {r['params']:>7.2f} {r['grads']:>6.2f} {r['state']:>6.2f} "
         f"{r['fastforeach']:>8.2f} {r['total']:>6.2f} {r['extra_share']:>16.1%} {r['ms']:>8.2f}" for r in rows])

@@ -1,0 +1,199 @@
+"""Optimizer state in 8 or 4 bits: every optimizer's keyword-only `state_format`.
+
+An average (momentum, a second moment) of a param of at least `min_numel` elements is kept as codes and
+scales (see `quantize.py`), under its own key and the key with `SCALE` appended:
+
+- `'8bit'`: bitsandbytes' format: one byte an element, shaped like the param, and one float32 absmax per
+  256 elements (in the param's flat order): 1.016 bytes an element; the signed dynamic map for averages
+  that take both signs, the unsigned one for second moments.
+- `'4bit'`: torchao's format: two elements a byte (flat), one float32 scale per 128: 0.53 bytes an element;
+  the 4-bit signed dynamic map, and the linear map without zero for second moments. Only params of a
+  whole number of blocks (as torchao's).
+
+A step decodes a cache-sized chunk of params' state to float32 (float64 for float64 params), runs the
+optimizer's rule on it, and encodes it back (`Quantized` in `core/paths.py`): no float32 copy of the whole
+model's state. `rounding` says how the codes are written: `'stochastic'` (default) to the entry below or
+above at random, unbiased, so that an average with β = 0.999 keeps increments far below the map's spacing;
+`'nearest'`, bitsandbytes' and torchao's own rounding, code for code.
+
+`state_format` is a format's name for every average, a dict of state key -> format name (keys left out
+stay in full precision), or a `StateFormat` with the rounding and the size threshold too. Weights kept
+as state (ScheduleFreeAdam's `z`) and what is not an average (Adan's `prev_grad`) stay in full precision:
+`StateSpec.average`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, dequantize_4bit, dequantize_blockwise, dynamic_map, linear_map,
+                       quantize_4bit, quantize_blockwise, quantize_stochastic)
+from .rules import StepRule
+
+__all__ = ['LowBit', 'FORMATS', 'StateFormat', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format', 'plain_state']
+
+SCALE = '_scale'  # state[key + SCALE]: the scales of state[key]'s codes
+ROUNDINGS = ('stochastic', 'nearest')
+
+
+@dataclass(frozen=True)
+class LowBit:
+    "One way of keeping a state tensor in few bits: codes of `bits` bits, a float32 scale per `blocksize` elements."
+    name: str
+    bits: int
+    blocksize: int
+
+    def map(self, nonnegative: bool) -> torch.Tensor:
+        "The values the codes index: unsigned (second moments) or signed."
+        if self.bits == 8: return _cached(('8', nonnegative), lambda: dynamic_map(signed=not nonnegative))
+        return _cached(('4', nonnegative), lambda: linear_map(4) if nonnegative else dynamic_map(True, 4))
+
+    def fits(self, numel: int) -> bool:
+        "Whether a param of `numel` elements can keep state in this format (4 bits: whole blocks)."
+        return self.bits == 8 or numel % self.blocksize == 0
+
+    def n_codes(self, numel: int) -> int: return numel * self.bits // 8
+    def n_scales(self, numel: int) -> int: return math.ceil(numel / self.blocksize)
+
+    def encode(self, x: torch.Tensor, nonnegative: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        "(codes, scales) of `x`: 8-bit codes shaped like `x`, 4-bit ones flat."
+        map = self.map(nonnegative)
+        if self.bits == 4: return quantize_4bit(x, map, self.blocksize, stochastic)
+        return (quantize_stochastic if stochastic else quantize_blockwise)(x, map, self.blocksize)
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool, shape) -> torch.Tensor:
+        "The float32 values, in `shape`, that `codes` and `scales` stand for."
+        map = self.map(nonnegative)
+        if self.bits == 4: return dequantize_4bit(codes, scales, map, shape)
+        return dequantize_blockwise(codes, scales, map, self.blocksize).view(shape)
+
+    def unlike(self, codes, scales, p: torch.Tensor) -> str | None:
+        "None when `codes` and `scales`, saved for `p`, are this format's for it; else what they are instead."
+        n = p.numel()
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.numel() != self.n_codes(n):
+            got = f"{codes.dtype} with {codes.numel()} elements" if isinstance(codes, torch.Tensor) else type(codes).__name__
+            return f"codes are {got}, expected uint8 with {self.n_codes(n)} elements ({self.name})"
+        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.shape != (self.n_scales(n),):
+            got = f"{scales.dtype} of shape {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+            return f"scales are {got}, expected float32 of shape ({self.n_scales(n)},) ({self.name})"
+        return None
+
+
+_MAPS: dict = {}
+
+
+def _cached(key, make):
+    if key not in _MAPS: _MAPS[key] = make()
+    return _MAPS[key]
+
+
+FORMATS = {'8bit': LowBit('8bit', 8, BLOCKSIZE), '4bit': LowBit('4bit', 4, BLOCKSIZE_4BIT)}
+
+
+def saved_format(codes, p: torch.Tensor) -> LowBit | None:
+    "The format whose codes for `p` have as many elements as `codes` (8 bits: as many as `p`), or None."
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8: return None
+    return next((f for f in FORMATS.values() if codes.numel() == f.n_codes(p.numel()) and f.fits(p.numel())), None)
+
+
+@dataclass(frozen=True)
+class StateFormat:
+    """Which state keys are kept in few bits (`formats`: key -> `LowBit`, or one for every average), how they
+    are rounded, and from how many elements a param's state is (smaller params keep theirs in full precision)."""
+    formats: dict | LowBit = field(default_factory=dict)
+    rounding: str = 'stochastic'
+    min_numel: int = 4096
+
+    def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"Invalid state rounding: {self.rounding!r} (must be one of {ROUNDINGS})")
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 1:
+            raise ValueError(f"Invalid min_numel: {self.min_numel!r} (must be an int >= 1)")
+        formats = self.formats if isinstance(self.formats, dict) else {None: self.formats}
+        object.__setattr__(self, 'formats', {k: _format(v, 'state_format' if k is None else f"state_format[{k!r}]")
+                                             for k, v in formats.items()})
+
+    def check(self, rule: StepRule) -> None:
+        "Raise `ValueError` for a key `rule` does not keep, or keeps but not as an average."
+        for key in self.formats:
+            if key is None: continue
+            if key not in rule.state:
+                raise ValueError(f"Invalid state_format: {rule.name} keeps no state {key!r} (its state: "
+                                 f"{list(rule.state_keys)})")
+            if not _quantizable(rule, key):
+                raise ValueError(f"Invalid state_format: {rule.name}'s state {key!r} is not an average (a weight, or "
+                                 "a value it must keep exactly): it stays in full precision")
+
+    def keys(self, rule: StepRule, p: torch.Tensor) -> dict[str, LowBit]:
+        "The state keys of `rule` that `p` keeps in few bits, with their format (none for small params)."
+        n = p.numel()
+        if n < self.min_numel: return {}
+        out = {}
+        for key in rule.state_keys:
+            fmt = self.formats.get(key, self.formats.get(None))
+            if fmt is not None and _quantizable(rule, key) and fmt.fits(n): out[key] = fmt
+        return out
+
+
+    def decoded(self, rule: StepRule, params: list, states: list, full: Callable) -> tuple[list, list]:
+        """The state lists `rule` steps for `params`: the keys each keeps in few bits decoded (to float32, float64
+        for float64 params; zeros on a first step), the others as they are (`full(key, p)` makes a missing one);
+        and what `encode` writes back after the step."""
+        lists, coded = [[] for _ in rule.state_keys], []
+        for p, state in zip(params, states):
+            low = self.keys(rule, p)
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for xs, key in zip(lists, rule.state_keys):
+                fmt = low.get(key)
+                if fmt is None:
+                    if key not in state: state[key] = full(key, p)
+                    xs.append(state[key])
+                    continue
+                nonnegative = rule.state[key].nonnegative
+                if key in state: x = fmt.decode(state[key], state[key + SCALE], nonnegative, p.shape).to(dtype)
+                else: x = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                xs.append(x)
+                coded.append((state, key, fmt, nonnegative, x))
+        return lists, coded
+
+    def encode(self, coded: list) -> None:
+        "Write the stepped values of `decoded` back as codes and scales, into the tensors already kept (in place)."
+        stochastic = self.rounding == 'stochastic'
+        for state, key, fmt, nonnegative, x in coded:
+            codes, scales = fmt.encode(x, nonnegative, stochastic)
+            if key in state: state[key].copy_(codes); state[key + SCALE].copy_(scales)
+            else: state[key], state[key + SCALE] = codes, scales
+
+
+
+def plain_state(rule: StepRule, p: torch.Tensor, state: dict) -> dict:
+    "A copy of `p`'s `state` with its few-bit state decoded, in `p`'s dtype, and no scales: fastai's own layout."
+    out = dict(state)
+    for key in rule.state_keys:
+        codes = out.get(key)
+        fmt = saved_format(codes, p) if key + SCALE in out else None
+        if fmt is None: continue
+        out[key] = fmt.decode(codes, out.pop(key + SCALE), rule.state[key].nonnegative, p.shape).to(p.dtype)
+    return out
+
+
+def _quantizable(rule: StepRule, key: str) -> bool:
+    spec = rule.state[key]
+    return spec.like_param and spec.average and not spec.weight
+
+
+def _format(value, name: str) -> LowBit:
+    if isinstance(value, LowBit): return value
+    if value not in FORMATS: raise ValueError(f"Invalid {name}: {value!r} (must be one of {tuple(FORMATS)})")
+    return FORMATS[value]
+
+
+def state_format_of(value) -> StateFormat | None:
+    "The `StateFormat` an optimizer's `state_format` keyword gives: None, a format's name, a dict, or one itself."
+    if value is None or isinstance(value, StateFormat): return value
+    if isinstance(value, (str, dict, LowBit)): return StateFormat(value)
+    raise ValueError(f"Invalid state_format: {value!r} (must be None, one of {tuple(FORMATS)}, a dict of state "
+                     "key -> format, or a StateFormat)")

@@ -1,0 +1,304 @@
+"""Averages kept in 8 or 4 bits (`state_format`, `lowbit.py`): the plumbing against fastai, the formats' steps
+against bitsandbytes' and torchao's optimizers, unbiased rounding, checkpoints, bad input, memory."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fastforeach
+from fastforeach.core import inner_optimizer
+from fastforeach.lowbit import FORMATS, SCALE, LowBit, StateFormat
+from fastforeach.memory import memory_report
+from fastforeach.registry import REGISTRY
+from fastforeach.testing.oracle import Twins, compare_states, oracle_layers
+from test_oracle import TOLERANCES
+
+
+class Lossless(LowBit):
+    """A stand-in format that keeps float32 values exactly, as 4 bytes of codes each: the path that decodes,
+    steps and encodes, without the rounding of a real format."""
+    def encode(self, x, nonnegative, stochastic):
+        return x.float().reshape(-1).view(torch.uint8).clone(), torch.zeros(self.n_scales(x.numel()))
+
+    def decode(self, codes, scales, nonnegative, shape): return codes.view(torch.float32).view(shape)
+
+    def fits(self, numel): return True
+
+
+LOSSLESS = Lossless('lossless', 32, 256)
+MIN_NUMEL = 1000  # of the oracle's params, some keep their state in few bits and some (biases, norms) do not
+
+CASES = [pytest.param(spec, options, id=f"{name}-{cfg}")
+         for name, spec in REGISTRY.items() for cfg, options in spec.configs.items()]
+
+
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+@pytest.mark.parametrize('spec,options', CASES)
+def test_decoded_steps_equal_fastai(spec, options, impl, monkeypatch):
+    """Every optimizer and option, its averages kept in a lossless stand-in format for params of at least
+    `MIN_NUMEL` elements: decoded chunk by chunk, stepped, encoded back, beside fastai's native optimizer in
+    float32 (the oracle's tolerances); its decoded state (`fastai_state_dict`) equals fastai's."""
+    monkeypatch.setitem(FORMATS, 'lossless', LOSSLESS)
+    lowbit = StateFormat(LOSSLESS, min_numel=MIN_NUMEL)
+    twins = Twins(lambda ps: spec.make('native', ps, **options),
+                  lambda ps: spec.make(impl, ps, **options, state_format=lowbit), oracle_layers(torch.float32))
+    for t in range(1, 26):
+        twins.step(spec.lr)
+        if t in (1, 2, 25):
+            for label, a, b in [*((f"param {w}", pa, pb) for w, pa, pb in twins.pairs()),
+                                *compare_states(twins.opt_a.state_dict(), twins.opt_b.fastai_state_dict())]:
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(b, a.to(b.dtype), **TOLERANCES[torch.float32], msg=lambda m: f"{label}, step {t}: {m}")
+                else: assert a == b, f"{label}, step {t}"
+    coded = [s for s in twins.opt_b.state_dict()['state'] if any(k.endswith(SCALE) for k in s)]
+    assert coded or not _averages(spec, options)
+
+
+def _averages(spec, options) -> list:
+    "The state keys of the optimizer's rules that may be kept in few bits."
+    core = inner_optimizer(spec.make('foreach', [nn.Parameter(torch.zeros(2))], **options)).core
+    return [k for route in core.routes for k, s in route.rule.state.items() if s.average and not s.weight]
+
+
+def _pairs(shapes, seed=0):
+    torch.manual_seed(seed)
+    ps = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    return ps, [nn.Parameter(p.detach().clone()) for p in ps]
+
+
+def _same_gradients(*lists):
+    for ps in zip(*lists):
+        g = torch.randn_like(ps[0]) * 0.1
+        for p in ps: p.grad = g.clone()
+
+
+@pytest.mark.parametrize('decoupled', [False, True], ids=['Adam8bit', 'AdamW8bit'])
+def test_8bit_equals_bitsandbytes(decoupled):
+    """8-bit Adam and AdamW (rounded to nearest) beside bitsandbytes' `Adam8bit` / `AdamW8bit` on CPU for 50 steps,
+    params of 256-element blocks and not: the codes and absmax of both moments equal bitsandbytes' (all but
+    1 in 1000 codes, where the two absmax differ in their last bit), params within bitsandbytes' own test
+    tolerance for its 8-bit optimizers (atol 3e-3, rtol 1e-3)."""
+    bnb = pytest.importorskip('bitsandbytes', reason='bitsandbytes does not install here')
+    ps, qs = _pairs([(64, 128), (256, 33), (5000,)])
+    wd = 1e-2 if decoupled else 0.
+    theirs = (bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit)(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                                                         weight_decay=wd)
+    ours = fastforeach.Adam(qs, 1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=wd,
+                            state_format=StateFormat('8bit', rounding='nearest'))
+    for t in range(50):
+        _same_gradients(ps, qs)
+        theirs.step(); ours.step()
+        for p, q in zip(ps, qs):
+            s, o = theirs.state[p], ours.state[q]
+            for k, key in ((1, 'grad_avg'), (2, 'sqr_avg')):
+                assert (s[f'state{k}'].reshape(-1) == o[key].reshape(-1)).float().mean() >= 0.999, (t, key)
+                torch.testing.assert_close(o[key + SCALE], s[f'absmax{k}'], rtol=1e-6, atol=0)
+        for p, q in zip(ps, qs): torch.testing.assert_close(q, p, atol=3e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize('fmt', ['8bit', '4bit'])
+def test_lowbit_equals_torchao(fmt):
+    """AdamW with 8-bit or 4-bit averages (rounded to nearest) beside torchao's `AdamW8bit` / `AdamW4bit` on CPU
+    for 50 steps. 4 bits: torchao's format, code for code (both moments), params within 1e-5. 8 bits:
+    bitsandbytes' codes, where torchao's rounding differs in a few codes in 100, so params within the
+    distance each has from float32 AdamW (bitsandbytes' tolerance, atol 3e-3, rtol 1e-3)."""
+    ao = pytest.importorskip('torchao.optim', reason='torchao does not install here')
+    ps, qs = _pairs([(64, 128), (256, 32), (8192,)])
+    theirs = (ao.AdamW4bit if fmt == '4bit' else ao.AdamW8bit)(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                                                 weight_decay=1e-2)
+    ours = fastforeach.Adam(qs, 1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=1e-2,
+                            state_format=StateFormat(fmt, rounding='nearest'))
+    for t in range(50):
+        _same_gradients(ps, qs)
+        theirs.step(); ours.step()
+    for p, q in zip(ps, qs):
+        if fmt == '4bit':
+            for theirs_key, key in (('exp_avg', 'grad_avg'), ('exp_avg_sq', 'sqr_avg')):
+                assert torch.equal(theirs.state[p][theirs_key].codes.reshape(-1), ours.state[q][key].reshape(-1)), key
+            torch.testing.assert_close(q, p, atol=1e-5, rtol=0)
+        else: torch.testing.assert_close(q, p, atol=3e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize('name,cfg', [('SGD', 'mom'), ('RMSProp', 'mom'), ('Adam', 'default'), ('QHAdam', 'default'),
+                                      ('Larc', 'larc'), ('Lamb', 'default'), ('ranger', 'default'),
+                                      ('Lookahead', 'k_alpha'), ('Lion', 'default'), ('Adan', 'default'),
+                                      ('StableAdam', 'default'), ('ScheduleFreeAdam', 'default'), ('Muon', 'default')])
+@pytest.mark.parametrize('fmt', ['8bit', '4bit'])
+def test_every_optimizer_keeps_its_averages_in_few_bits(name, cfg, fmt):
+    """Every optimizer that keeps an average, in each format: its averages of large params are codes and scales
+    (uint8, float32), what is not an average (ScheduleFreeAdam's z, Adan's previous gradient) and the state
+    of small params stay in full precision; after 30 steps its params stay near the full-precision
+    optimizer's (8 bits: within a quarter of the distance moved; Lion's sign flips on the smallest
+    differences, hence so large a bound)."""
+    spec, options = REGISTRY[name], REGISTRY[name].configs[cfg]
+    lowbit = StateFormat(fmt, min_numel=MIN_NUMEL)
+    twins = Twins(lambda ps: spec.make('foreach', ps, **options),
+                  lambda ps: spec.make('foreach', ps, **options, state_format=lowbit), oracle_layers(torch.float32))
+    start = [p.detach().clone() for _, p, _ in twins.pairs()]
+    for _ in range(30): twins.step(spec.lr)
+    averages, n_coded = _averages(spec, options), 0
+    for _, _, pb in twins.pairs():
+        state = inner_optimizer(twins.opt_b).state.get(pb, {})
+        large = pb.numel() >= MIN_NUMEL and FORMATS[fmt].fits(pb.numel())
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or key.endswith(SCALE): continue
+            if key in averages and large:
+                assert value.dtype == torch.uint8 and state[key + SCALE].dtype == torch.float32, (name, key)
+                n_coded += 1
+            else: assert value.is_floating_point(), (name, key)
+    assert n_coded
+    moved = max((pa.detach() - p0).abs().max().item() for (_, pa, _), p0 in zip(twins.pairs(), start))
+    diff = max((pa - pb).abs().max().item() for _, pa, pb in twins.pairs())
+    assert diff <= (0.25 if fmt == '8bit' else 1.5) * moved, (diff, moved)
+
+
+@pytest.mark.parametrize('fmt', ['8bit', '4bit'])
+def test_averages_keep_their_increments(fmt):
+    """QHAdam's second moment (β = 0.999) over 1000 steps of gradients 1 ± 0.5: written back stochastically, its
+    mean stays within 1% of float64's. Rounded to nearest, increments of 0.1% fall under half a code's
+    spacing and vanish: 4 bits end more than 5% off; 8 bits, whose dynamic map is finer there, 0.8% off,
+    ten times stochastic rounding's error (fixed seeds)."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [1 + (torch.rand(4096, generator=gen, dtype=torch.float64) - 0.5) for _ in range(1000)]
+    results = {}
+    for rounding in ('stochastic', 'nearest', None):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.zeros(4096, dtype=torch.float64 if rounding is None else torch.float32))
+        opt = fastforeach.QHAdam([p], 1e-9, state_format=StateFormat(fmt, rounding=rounding) if rounding else None)
+        for g in grads:
+            p.grad = g.to(p.dtype)
+            opt.step()
+        results[rounding] = opt.fastai_state_dict()['state'][0]['sqr_avg'].double().mean().item()
+    off = {rounding: abs(results[rounding] / results[None] - 1) for rounding in ('stochastic', 'nearest')}
+    assert off['stochastic'] < 0.01, results
+    assert off['nearest'] > (0.05 if fmt == '4bit' else 5 * off['stochastic']), results
+
+
+def _adam(ps, fmt, rounding='nearest'):
+    return fastforeach.Adam(ps, 1e-3, state_format=StateFormat(fmt, rounding=rounding) if fmt else None)
+
+
+def _trained(fmt, rounding='nearest', steps=5, seed=0):
+    ps, _ = _pairs([(64, 128), (300,)], seed)
+    opt = _adam(ps, fmt, rounding)
+    for _ in range(steps):
+        _same_gradients(ps)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize('fmt', ['8bit', '4bit'])
+@pytest.mark.parametrize('rounding', ['nearest', 'stochastic'])
+def test_checkpoint_resumes_bit_for_bit(fmt, rounding):
+    """A state dict holds codes and scales (about 1 or 0.5 bytes an element), saves and loads with torch.save,
+    and a fresh optimizer resumed from it steps as the original does, bit for bit (stochastic rounding:
+    given the same random state)."""
+    ps, opt = _trained(fmt, rounding)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    state = opt.state_dict()['state'][0]
+    assert state['grad_avg'].dtype == torch.uint8 and state['grad_avg'].numel() == 64 * 128 * FORMATS[fmt].bits // 8
+    twins = [nn.Parameter(p.detach().clone()) for p in ps]
+    resumed = _adam(twins, fmt, rounding)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))  # fastai's hypers are an `L`
+    for _ in range(3):
+        _same_gradients(ps, twins)
+        seed = torch.seed()
+        opt.step()
+        torch.manual_seed(seed)
+        resumed.step()
+    for p, q in zip(ps, twins): assert torch.equal(p, q)
+    for a, b in zip(opt.state_dict()['state'], resumed.state_dict()['state']):
+        for k in a: assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+
+
+def test_checkpoints_cross_formats():
+    """An 8-bit checkpoint loads into a full-precision optimizer (decoded), into fastai's own through
+    `fastai_state_dict` (decoded, fastai's keys), and into a 4-bit one (decoded, encoded to nearest); a
+    full-precision one loads into an 8-bit optimizer (encoded)."""
+    import fastai.optimizer as native
+    ps, opt = _trained('8bit')
+    decoded = opt.fastai_state_dict()
+    assert set(decoded['state'][0]) == {'step', 'grad_avg', 'sqr_avg'}
+    full = _adam([nn.Parameter(p.detach().clone()) for p in ps], None)
+    full.load_state_dict(opt.state_dict())
+    for a, b in zip(decoded['state'], full.state_dict()['state']):
+        for k in ('grad_avg', 'sqr_avg'): assert torch.equal(a[k], b[k])
+    theirs = native.Adam([nn.Parameter(p.detach().clone()) for p in ps], 1e-3)
+    theirs.load_state_dict(decoded)
+    assert torch.equal(theirs.state[theirs.param_lists[0][0]]['grad_avg'], decoded['state'][0]['grad_avg'])
+    four = _adam([nn.Parameter(p.detach().clone()) for p in ps], '4bit')
+    four.load_state_dict(opt.state_dict())
+    state = four.state_dict()['state'][0]
+    assert state['grad_avg'].numel() == 64 * 128 // 2
+    widest = FORMATS['4bit'].map(False).diff().max().item()  # the 4-bit map's widest gap, in units of a block's absmax
+    torch.testing.assert_close(four.fastai_state_dict()['state'][0]['grad_avg'], decoded['state'][0]['grad_avg'],
+                               atol=widest / 2 * decoded['state'][0]['grad_avg'].abs().max().item() * (1 + 1e-5), rtol=0)
+    # Encoded again, the values come back to within the 8-bit format's rounding, not code for code: the signed
+    # dynamic map has 1 but not -1, so a block whose largest value is negative comes back with a smaller absmax.
+    back = _adam([nn.Parameter(p.detach().clone()) for p in ps], '8bit')
+    back.load_state_dict(full.state_dict())
+    for a, b in zip(decoded['state'], back.fastai_state_dict()['state']):
+        for k in ('grad_avg', 'sqr_avg'):
+            gap = FORMATS['8bit'].map(k == 'sqr_avg').diff().max().item()
+            torch.testing.assert_close(b[k], a[k], atol=gap / 2 * a[k].abs().max().item() * (1 + 1e-5), rtol=0)
+
+
+@pytest.mark.parametrize('breakage,match', [
+    (lambda s: s.update(grad_avg=s['grad_avg'].float()), "state 'grad_avg' is not codes"),
+    (lambda s: s.update(grad_avg_scale=s['grad_avg_scale'][:-1]), r"scales are torch.float32 of shape \(31,\), expected"),
+    (lambda s: s.update(grad_avg_scale=s['grad_avg_scale'].double()), "scales are torch.float64"),
+    (lambda s: s.update(sqr_avg=s['sqr_avg'].reshape(-1)[:-2]), "state 'sqr_avg' is not codes of a format"),
+])
+def test_bad_checkpoint_changes_nothing(breakage, match):
+    "A checkpoint whose codes or scales do not fit (dtype, count, shape) is refused, naming param and key; nothing changes."
+    ps, opt = _trained('8bit')
+    sd = copy.deepcopy(opt.state_dict())
+    breakage(sd['state'][0])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match) as e:
+        opt.load_state_dict(sd)
+    assert 'param group 0, param 0' in str(e.value)
+    for a, b in zip(before['state'], opt.state_dict()['state']):
+        for k in a: assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    ({'state_format': '3bit'}, r"Invalid state_format: '3bit' \(must be one of \('8bit', '4bit'"),
+    ({'state_format': 8}, "Invalid state_format: 8"),
+    ({'state_format': {'exp_avg': '8bit'}}, "keeps no state 'exp_avg'"),
+    ({'state_format': {'grad_avg': '2bit'}}, r"Invalid state_format\['grad_avg'\]: '2bit'"),
+    ({'state_format': StateFormat('8bit'), 'rounding': 'nearest'}, "state_format with rounding='nearest'"),
+    ({'state_format': '8bit', 'foreach': False}, "state_format='8bit' with foreach=False"),
+])
+def test_bad_state_format_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match): fastforeach.Adam([nn.Parameter(torch.zeros(3))], 1e-3, **kwargs)
+
+
+def test_bad_state_format_options_are_refused():
+    with pytest.raises(ValueError, match="Invalid state rounding: 'up'"): StateFormat('8bit', rounding='up')
+    with pytest.raises(ValueError, match="Invalid min_numel: 0"): StateFormat('8bit', min_numel=0)
+    with pytest.raises(ValueError, match="ScheduleFreeAdam|schedule_free_adam_step's state 'z' is not an average"):
+        fastforeach.ScheduleFreeAdam([nn.Parameter(torch.zeros(3))], 1e-3, state_format={'z': '8bit'})
+    with pytest.raises(ValueError, match="'prev_grad' is not an average"):
+        fastforeach.Adan([nn.Parameter(torch.zeros(3))], 1e-3, state_format={'prev_grad': '8bit'})
+    opt = fastforeach.Adam([nn.Parameter(torch.zeros(3))], 1e-3, state_format='8bit')
+    with pytest.raises(ValueError, match="Optimizer accumulation is not defined for AdamForEachOptimizer with state_format"):
+        opt.check_accumulation()
+
+
+@pytest.mark.parametrize('fmt,bytes_per_param', [('8bit', 2.1), ('4bit', 1.1)])
+def test_memory_counts_codes_and_scales(fmt, bytes_per_param):
+    """`memory_report` counts the codes and scales: Adam's two averages on the benchmark's transformer take at most
+    2.1 bytes a param in 8 bits (1.1 in 4), its small params' state in full precision included."""
+    from fastforeach.bench.models import transformer
+    params = [p for p in transformer().parameters()]
+    opt = fastforeach.Adam(params, 1e-3, state_format=fmt)
+    for p in params: p.grad = torch.zeros_like(p)
+    opt.step()
+    report = memory_report(params, opt)
+    assert report['per_param']['state'] <= bytes_per_param, report['per_param']
+    assert report['per_param']['params'] == 4 and report['per_param']['grads'] == 4
