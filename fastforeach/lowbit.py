@@ -1,7 +1,9 @@
 """Optimizer state in 8 or 4 bits: every optimizer's keyword-only `state_format`.
 
 An average (momentum, a second moment) of a param of at least `min_numel` elements is kept as codes and
-scales (see `quantize.py`), under its own key and the key with `SCALE` appended:
+scales (see `quantize.py`), under its key with `CODES` and `SCALE` appended (`grad_avg_codes`,
+`grad_avg_scale`): its own key is then absent, so that an optimizer that does not know the format fails
+on it rather than reading codes as values.
 
 - `'8bit'`: bitsandbytes' format: one byte an element, shaped like the param, and one float32 absmax per
   256 elements (in the param's flat order): 1.016 bytes an element; the signed dynamic map for averages
@@ -33,9 +35,9 @@ from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, dequantize_4bit, dequantize_bl
                        quantize_4bit, quantize_blockwise, quantize_stochastic)
 from .rules import StepRule
 
-__all__ = ['LowBit', 'FORMATS', 'StateFormat', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format', 'plain_state']
+__all__ = ['LowBit', 'FORMATS', 'StateFormat', 'CODES', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format', 'plain_state']
 
-SCALE = '_scale'  # state[key + SCALE]: the scales of state[key]'s codes
+CODES, SCALE = '_codes', '_scale'  # state[key + CODES] and state[key + SCALE]: the codes and scales of state `key`
 ROUNDINGS = ('stochastic', 'nearest')
 
 
@@ -153,7 +155,7 @@ class StateFormat:
                     xs.append(state[key])
                     continue
                 nonnegative = rule.state[key].nonnegative
-                if key in state: x = fmt.decode(state[key], state[key + SCALE], nonnegative, p.shape).to(dtype)
+                if key + CODES in state: x = fmt.decode(state[key + CODES], state[key + SCALE], nonnegative, p.shape).to(dtype)
                 else: x = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 xs.append(x)
                 coded.append((state, key, fmt, nonnegative, x))
@@ -164,8 +166,8 @@ class StateFormat:
         stochastic = self.rounding == 'stochastic'
         for state, key, fmt, nonnegative, x in coded:
             codes, scales = fmt.encode(x, nonnegative, stochastic)
-            if key in state: state[key].copy_(codes); state[key + SCALE].copy_(scales)
-            else: state[key], state[key + SCALE] = codes, scales
+            if key + CODES in state: state[key + CODES].copy_(codes); state[key + SCALE].copy_(scales)
+            else: state[key + CODES], state[key + SCALE] = codes, scales
 
 
 
@@ -173,10 +175,9 @@ def plain_state(rule: StepRule, p: torch.Tensor, state: dict) -> dict:
     "A copy of `p`'s `state` with its few-bit state decoded, in `p`'s dtype, and no scales: fastai's own layout."
     out = dict(state)
     for key in rule.state_keys:
-        codes = out.get(key)
-        fmt = saved_format(codes, p) if key + SCALE in out else None
+        fmt = saved_format(out.get(key + CODES), p)
         if fmt is None: continue
-        out[key] = fmt.decode(codes, out.pop(key + SCALE), rule.state[key].nonnegative, p.shape).to(p.dtype)
+        out[key] = fmt.decode(out.pop(key + CODES), out.pop(key + SCALE), rule.state[key].nonnegative, p.shape).to(p.dtype)
     return out
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastforeach
 from fastforeach.core import inner_optimizer
-from fastforeach.lowbit import FORMATS, SCALE, LowBit, StateFormat
+from fastforeach.lowbit import CODES, FORMATS, SCALE, LowBit, StateFormat
 from fastforeach.memory import memory_report
 from fastforeach.registry import REGISTRY
 from fastforeach.testing.oracle import Twins, compare_states, oracle_layers
@@ -93,7 +93,7 @@ def test_8bit_equals_bitsandbytes(decoupled):
         for p, q in zip(ps, qs):
             s, o = theirs.state[p], ours.state[q]
             for k, key in ((1, 'grad_avg'), (2, 'sqr_avg')):
-                assert (s[f'state{k}'].reshape(-1) == o[key].reshape(-1)).float().mean() >= 0.999, (t, key)
+                assert (s[f'state{k}'].reshape(-1) == o[key + CODES].reshape(-1)).float().mean() >= 0.999, (t, key)
                 torch.testing.assert_close(o[key + SCALE], s[f'absmax{k}'], rtol=1e-6, atol=0)
         for p, q in zip(ps, qs): torch.testing.assert_close(q, p, atol=3e-3, rtol=1e-3)
 
@@ -116,7 +116,7 @@ def test_lowbit_equals_torchao(fmt):
     for p, q in zip(ps, qs):
         if fmt == '4bit':
             for theirs_key, key in (('exp_avg', 'grad_avg'), ('exp_avg_sq', 'sqr_avg')):
-                assert torch.equal(theirs.state[p][theirs_key].codes.reshape(-1), ours.state[q][key].reshape(-1)), key
+                assert torch.equal(theirs.state[p][theirs_key].codes.reshape(-1), ours.state[q][key + CODES].reshape(-1)), key
             torch.testing.assert_close(q, p, atol=1e-5, rtol=0)
         else: torch.testing.assert_close(q, p, atol=3e-3, rtol=1e-3)
 
@@ -143,11 +143,12 @@ def test_every_optimizer_keeps_its_averages_in_few_bits(name, cfg, fmt):
         state = inner_optimizer(twins.opt_b).state.get(pb, {})
         large = pb.numel() >= MIN_NUMEL and FORMATS[fmt].fits(pb.numel())
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or key.endswith(SCALE): continue
-            if key in averages and large:
-                assert value.dtype == torch.uint8 and state[key + SCALE].dtype == torch.float32, (name, key)
+            if not isinstance(value, torch.Tensor) or key.endswith((CODES, SCALE)): continue
+            assert value.is_floating_point() and not (key in averages and large), (name, key)
+        for key in averages:
+            if key + CODES in state:
+                assert large and state[key + CODES].dtype == torch.uint8 and state[key + SCALE].dtype == torch.float32
                 n_coded += 1
-            else: assert value.is_floating_point(), (name, key)
     assert n_coded
     moved = max((pa.detach() - p0).abs().max().item() for (_, pa, _), p0 in zip(twins.pairs(), start))
     diff = max((pa - pb).abs().max().item() for _, pa, pb in twins.pairs())
@@ -199,7 +200,8 @@ def test_checkpoint_resumes_bit_for_bit(fmt, rounding):
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     state = opt.state_dict()['state'][0]
-    assert state['grad_avg'].dtype == torch.uint8 and state['grad_avg'].numel() == 64 * 128 * FORMATS[fmt].bits // 8
+    assert 'grad_avg' not in state and state['grad_avg_codes'].dtype == torch.uint8
+    assert state['grad_avg_codes'].numel() == 64 * 128 * FORMATS[fmt].bits // 8
     twins = [nn.Parameter(p.detach().clone()) for p in ps]
     resumed = _adam(twins, fmt, rounding)
     buffer.seek(0)
@@ -233,7 +235,7 @@ def test_checkpoints_cross_formats():
     four = _adam([nn.Parameter(p.detach().clone()) for p in ps], '4bit')
     four.load_state_dict(opt.state_dict())
     state = four.state_dict()['state'][0]
-    assert state['grad_avg'].numel() == 64 * 128 // 2
+    assert state['grad_avg_codes'].numel() == 64 * 128 // 2
     widest = FORMATS['4bit'].map(False).diff().max().item()  # the 4-bit map's widest gap, in units of a block's absmax
     torch.testing.assert_close(four.fastai_state_dict()['state'][0]['grad_avg'], decoded['state'][0]['grad_avg'],
                                atol=widest / 2 * decoded['state'][0]['grad_avg'].abs().max().item() * (1 + 1e-5), rtol=0)
@@ -248,10 +250,12 @@ def test_checkpoints_cross_formats():
 
 
 @pytest.mark.parametrize('breakage,match', [
-    (lambda s: s.update(grad_avg=s['grad_avg'].float()), "state 'grad_avg' is not codes"),
+    (lambda s: s.update(grad_avg_codes=s['grad_avg_codes'].float()),
+     "state 'grad_avg': codes are torch.float32 with 8192 elements, the codes of no format for 8192 elements"),
     (lambda s: s.update(grad_avg_scale=s['grad_avg_scale'][:-1]), r"scales are torch.float32 of shape \(31,\), expected"),
     (lambda s: s.update(grad_avg_scale=s['grad_avg_scale'].double()), "scales are torch.float64"),
-    (lambda s: s.update(sqr_avg=s['sqr_avg'].reshape(-1)[:-2]), "state 'sqr_avg' is not codes of a format"),
+    (lambda s: s.pop('grad_avg_scale'), "scales are NoneType"),
+    (lambda s: s.update(sqr_avg_codes=s['sqr_avg_codes'].reshape(-1)[:-2]), "state 'sqr_avg': codes are torch.uint8 with 8190"),
 ])
 def test_bad_checkpoint_changes_nothing(breakage, match):
     "A checkpoint whose codes or scales do not fit (dtype, count, shape) is refused, naming param and key; nothing changes."
@@ -302,3 +306,33 @@ def test_memory_counts_codes_and_scales(fmt, bytes_per_param):
     report = memory_report(params, opt)
     assert report['per_param']['state'] <= bytes_per_param, report['per_param']
     assert report['per_param']['params'] == 4 and report['per_param']['grads'] == 4
+
+
+def test_torch_face_keeps_codes_under_torchs_names():
+    """The torch face's state dicts name the codes and scales after torch's keys (`exp_avg_codes`,
+    `exp_avg_scale`), so that torch.optim's AdamW, which would read codes as values, finds no `exp_avg`; they
+    load back into the torch face bit for bit (torch's own loading casts state to the param's dtype: the core
+    takes it again), and into the fastai face's Adam."""
+    from fastforeach import optim
+    ps, _ = _pairs([(64, 128), (100,)])
+    opt = optim.AdamW(ps, 1e-3, state_format='8bit')
+    for _ in range(3):
+        _same_gradients(ps)
+        opt.step()
+    sd, qs = opt.state_dict(), [nn.Parameter(p.detach().clone()) for p in ps]
+    assert {'exp_avg_codes', 'exp_avg_scale', 'exp_avg_sq_codes', 'exp_avg_sq_scale'} <= set(sd['state'][0])
+    assert 'exp_avg' not in sd['state'][0] and 'exp_avg' in sd['state'][1]  # the small param: full precision
+    resumed = optim.AdamW(qs, 1e-3, state_format='8bit')
+    resumed.load_state_dict(copy.deepcopy(sd))
+    assert resumed.state[qs[0]]['grad_avg_codes'].dtype == torch.uint8
+    for _ in range(2):
+        _same_gradients(ps, qs)
+        seed = torch.seed()
+        opt.step()
+        torch.manual_seed(seed)
+        resumed.step()
+    for p, q in zip(ps, qs): assert torch.equal(p, q)
+    fastai_face = fastforeach.Adam([nn.Parameter(p.detach().clone()) for p in ps], 1e-3, state_format='8bit')
+    fastai_face.load_state_dict(opt.fastai_state_dict())
+    torch.testing.assert_close(fastai_face.fastai_state_dict()['state'][0]['grad_avg'],
+                               opt.fastai_state_dict()['state'][0]['grad_avg'], atol=0.01, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import as_like, local
-from ..lowbit import SCALE, StateFormat, saved_format
+from ..lowbit import CODES, SCALE, StateFormat, saved_format
 from ..precision import COMP, Rounding
 from ..rules import LIKE_PARAM, StepRule
 
@@ -43,16 +43,18 @@ def check_param_state(rule: StepRule, p, state, where: str) -> None:
     "Raise `ValueError` saying which key of `state`, saved for `p` (at `where`), does not fit `rule`."
     if not isinstance(state, dict): raise ValueError(f"Invalid state dict: {where}: state is not a dict")
     for key in rule.state_keys:
+        if key + CODES in state:  # kept in few bits (see `lowbit.py`)
+            codes, fmt = state[key + CODES], saved_format(state[key + CODES], p)
+            got = fmt.unlike(codes, state.get(key + SCALE), p) if fmt else \
+                f"codes are {_described(codes)}, the codes of no format for {p.numel()} elements"
+            if got: raise ValueError(f"Invalid state dict: {where}: state {key!r}: {got}")
+            continue
         # A param that never stepped has no state in fastai either.
         if key not in state:
-            if 'step' in state or any(k in state for k in rule.state_keys):
+            if 'step' in state or any(k in state or k + CODES in state for k in rule.state_keys):
                 raise ValueError(f"Invalid state dict: {where}: missing state {key!r}")
             continue
-        if key + SCALE in state:  # kept in few bits (see `lowbit.py`)
-            fmt = saved_format(state[key], p)
-            got = fmt.unlike(state[key], state[key + SCALE], p) if fmt else \
-                f"is not codes of a format for {p.numel()} elements ({_described(state[key])})"
-        else: got = rule.state[key].unlike(state[key], p)
+        got = rule.state[key].unlike(state[key], p)
         if got: raise ValueError(f"Invalid state dict: {where}: state {key!r} {got}")
     if COMP in state:
         got = LIKE_PARAM.unlike(state[COMP], p)
@@ -74,16 +76,18 @@ def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats
     in `formats`' format, rounded to nearest) where not; full-precision state is encoded where `formats` asks."""
     s, low = dict(state), formats.keys(rule, p) if formats is not None else {}
     for key in rule.state_keys:
-        if key not in s: continue
         nonnegative, fmt = rule.state[key].nonnegative, low.get(key)
-        saved = saved_format(s[key], p) if key + SCALE in s else None
-        if saved is not None and saved == fmt:
-            s[key] = s[key].to(p.device).view(p.shape if fmt.bits == 8 else (-1,))
-            s[key + SCALE] = s[key + SCALE].to(p.device)
-            continue
-        if saved is not None: s[key] = saved.decode(s[key].to(p.device), s.pop(key + SCALE).to(p.device), nonnegative, p.shape)
-        if fmt is not None: s[key], s[key + SCALE] = fmt.encode(as_like(s[key], p, torch.float32), nonnegative, False)
-        else: s[key] = as_like(s[key], p, state_dtype(rule, key, p, rounding))
+        if key + CODES in s:
+            codes, scales = s.pop(key + CODES).to(p.device), s.pop(key + SCALE).to(p.device)
+            saved = saved_format(codes, p)
+            if saved == fmt:
+                s[key + CODES], s[key + SCALE] = codes.view(p.shape if fmt.bits == 8 else (-1,)), scales
+                continue
+            value = saved.decode(codes, scales, nonnegative, p.shape)
+        elif key in s: value = s.pop(key)
+        else: continue
+        if fmt is not None: s[key + CODES], s[key + SCALE] = fmt.encode(as_like(value, p, torch.float32), nonnegative, False)
+        else: s[key] = as_like(value, p, state_dtype(rule, key, p, rounding))
     if COMP in s:
         comp = s.pop(COMP)
         if rounding.kahan and rounding.in_float32(p): s[COMP] = as_like(comp, p, rounding.kahan_dtype)

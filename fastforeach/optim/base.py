@@ -15,10 +15,19 @@ import torch
 
 from ..core import Core
 from ..core.state import FLAGS
+from ..lowbit import CODES, SCALE
 from ..core.engine import Route
 from ..rules import AT_LEAST_ZERO, CLOSED_FRACTION, FRACTION, Check
 
 __all__ = ['TorchForEachOptimizer', 'GradientRelease', 'bias_and_norm', 'FLAGS']
+
+def _renamed(key: str, names: dict) -> str | None:
+    "`key` as `names` names it (None: left out), the suffix of state kept in few bits (`_codes`, `_scale`) kept."
+    for suffix in (CODES, SCALE):
+        base = key.removesuffix(suffix)
+        if base != key and base in names: return None if names[base] is None else names[base] + suffix
+    return names.get(key, key)
+
 
 def bias_and_norm(name: str | None, p: torch.Tensor) -> bool:
     "The params fastai's Learner exempts from weight decay: biases and norm weights (tensors of one dimension)."
@@ -190,7 +199,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         for i, s in sd['state'].items():
             out = {}
             for key, value in s.items():
-                name = self.state_names.get(key, key)
+                name = _renamed(key, self.state_names)
                 if key in FLAGS or name is None: continue
                 out[name] = torch.tensor(float(value)) if key == 'step' else value
             if out: state[i] = out
@@ -219,7 +228,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
             groups.append({**saved, 'params': list(range(at, at + len(group['params'])))})
             at += len(group['params'])
         to_torch = {k: v for k, v in self.state_names.items() if v is not None}
-        state = {i: {to_torch.get(k, k): v for k, v in s.items() if k not in FLAGS}
+        state = {i: {_renamed(k, to_torch): v for k, v in s.items() if k not in FLAGS}
                  for i, s in enumerate(sd['state']) if isinstance(s, dict) and any(k not in FLAGS for k in s)}
         return {'state': state, 'param_groups': groups}
 
@@ -231,6 +240,11 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
             state_dict = self._from_fastai(state_dict)
         internal = self._checked(state_dict)
         super().load_state_dict(internal)
+        # torch casts every state tensor to its param's dtype (codes of state in few bits too): each param's
+        # saved state is taken again as the core takes it (see `core.state.load_param_state`).
+        ids = [i for got in internal['param_groups'] for i in got['params']]
+        for i, p in zip(ids, (p for group in self.param_groups for p in group['params'])):
+            if i in internal['state']: self.state[p] = self.core.load_state(p, internal['state'][i])
         self._marked = False  # the exemptions, marked again at the next step
 
     def _checked(self, sd) -> dict:
@@ -252,7 +266,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
         for i, s in sd['state'].items():
             if i not in by_id: raise ValueError(f"Invalid state dict: state for param {i!r}, which no param group holds")
             if not isinstance(s, dict): raise ValueError(f"Invalid state dict: param {i}: state is not a dict")
-            states[i] = self.imported({to_core.get(k, k): v for k, v in s.items() if v is not None}, i)
+            states[i] = self.imported({_renamed(k, to_core): v for k, v in s.items() if v is not None}, i)
         ordered = [states.get(i, {}) for got in saved for i in got['params']]
         try:
             self.core.check_state([g['params'] for g in groups], ordered,
