@@ -19,7 +19,7 @@ from .experiments.distributed import distributed_bench, format_distributed
 from .experiments.memory import format_memory_floor, format_memory_table, memory_floor, memory_table
 from .experiments.newton_schulz import format_newton_schulz_table, newton_schulz_table
 from .experiments.release import format_release_table, release_table
-from .experiments.training import accumulation_table, train_table
+from .experiments.training import accumulation_table, state_format_table, train_table
 from .harness import BENCH, QUICK_OPTIMIZERS, run_bench
 from .models import MODELS, QUICK_MODELS
 from .report import describe_machine, format_table, machine_info, plot, summary_table
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--out', metavar='PREFIX',
                     help='write PREFIX.json, PREFIX.png, PREFIX.txt (what is printed) and PREFIX.md (the summary table)')
     ap.add_argument('--train', action='store_true', help='also train a small CNN on digits with each implementation, and optimizer accumulation against GradientAccumulation')
+    ap.add_argument('--state-formats', action='store_true',
+                    help="also train an MLP on digits with Adam's averages in each low-bit state format (5 seeds)")
     ap.add_argument('--compile-times', nargs='*', metavar='OPT',
                     help='also time the first (compiling) fused step in fresh processes, cold and warm cache: of '
                          'the optimizers named, or of every one benchmarked when none is')
@@ -94,6 +96,9 @@ def _run(args, models, optimizers, command) -> int:
         result['train'] = train = train_table(device=args.device)
         result['accumulation'] = accumulated = accumulation_table(device=args.device)
         report += [train['table'], accumulated['table']]
+    if args.state_formats:
+        result['state_formats'] = formats = state_format_table(device=args.device)
+        report.append(formats['table'])
     if args.compile_times is not None:
         result['compile_times'] = compiled = compile_times(args.compile_times, threads=args.threads, device=args.device)
         report.append(format_compile_times(compiled))

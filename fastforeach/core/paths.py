@@ -96,8 +96,8 @@ class Foreach:
 
 class Float32(Foreach):
     """Weight decay and the rule on float32 copies of 16-bit params (with their Kahan buffers added),
-    gradients and state; then the state rounded back and the params written back as `rounding` says. The
-    gradients are left as they were (L2 goes into the copies)."""
+    gradients and state; then the state written back (stochastically rounded: see `precision.py`) and the
+    params as `rounding` says. The gradients are left as they were (L2 goes into the copies)."""
     name = 'float32'
     in_float32 = True
 
@@ -109,7 +109,7 @@ class Float32(Foreach):
                       norms=chunk.norms)
         states32 = [[t.float() for t in xs] for xs in states]
         out = run_rule(rule, work, {**kwargs, **weight_decay(core, rule, work, hyper)}, states32)
-        for xs, ys in zip(states, states32): torch._foreach_copy_(xs, ys)
+        for xs, ys in zip(states, states32): rounding.write_state(xs, ys, work.params)
         rounding.write_back(chunk.params, work.params, comps)
         core.store(rule, chunk, out)
 

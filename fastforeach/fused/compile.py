@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..precision import stochastic_round
+from ..precision import hashed_noise, is_low_precision, stochastic_round
 from .coefficients import DECAY_FACTORS
 
 __all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
@@ -35,10 +35,11 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
 
     With `rounding` ('kahan' or 'stochastic', for 16-bit params: see `precision.py`), the update works on
     float32 copies of its tensors, the param's with its Kahan buffer (the last list) added, or with a seed
-    for its stochastic rounding's noise (the last list, see `hashed_bits`): the `first`
-    phase of a step (lists: params, grads, *states) writes the state back, the phase that `writes` the
-    param writes it and its buffer back, in the same pass: each 16-bit tensor read once and written once.
-    (A later phase gets params, *states, *what the first returned; it only reads the state.)"""
+    for its stochastic rounding's noise (the last list, see `hashed_bits`): the `first` phase of a step
+    (lists: params, grads, *states) writes the state back (16-bit state stochastically rounded with noise
+    hashed from its data, `precision.hashed_noise`, in both modes), the phase that `writes` the param
+    writes it and its buffer back, in the same pass: each 16-bit tensor read once and written once. (A
+    later phase gets params, *states, *what the first returned; it only reads the state.)"""
     if mode == FLAT: return lambda tensors, c: update(*tensors, c)
 
     def run(lists, c):
@@ -57,7 +58,9 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
                 out.append(update(*tensors, c))
             else: out.append(update(*tensors, c))
             if rounding is not None and first:
-                for t, t32 in zip(originals[2:], tensors[2:]): t.copy_(t32)
+                for t, t32 in zip(originals[2:], tensors[2:]):
+                    if is_low_precision(t.dtype): t32 = stochastic_round(t32, t.dtype, hashed_noise(t32, tensors[0]))
+                    t.copy_(t32)
             if rounding is not None and writes:
                 w = tensors[0]
                 if comp is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ['digits_dls', 'digits_cnn', 'cnn_splitter', 'digits_learner']
+__all__ = ['digits_dls', 'digits_cnn', 'digits_mlp', 'cnn_splitter', 'digits_learner']
 
 
 def digits_dls(n_train=512, n_valid=256, bs=64, shuffle=True, seed=0, device='cpu'):
@@ -32,13 +32,22 @@ def digits_cnn() -> nn.Sequential:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
+def digits_mlp(width: int = 512) -> nn.Sequential:
+    """An MLP on the flattened images whose every matrix has at least 4,096 elements (64·w, w·w, w·10), so that
+    state kept in few bits (`lowbit.py`) covers all of them; its biases stay in full precision."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, 10))
+
+
 def cnn_splitter(model):
     "Two param groups, body and head, for discriminative learning rates and freezing."
     return [list(model[:6].parameters()), list(model[6:].parameters())]
 
 
-def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_train=512, n_valid=256, bs=64, **kwargs):
-    "A seeded Learner on digits with `opt_func`; the same seed gives the same init and data order."
+def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_train=512, n_valid=256, bs=64, mlp=False,
+                   **kwargs):
+    """A seeded Learner on digits with `opt_func` (the CNN in two param groups; `mlp`: `digits_mlp` in one); the
+    same seed gives the same init and data order."""
     import fastai.callback.schedule  # noqa: F401  (adds fit_one_cycle, fine_tune and lr_find to Learner)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -46,7 +55,8 @@ def digits_learner(opt_func, seed=0, path=None, shuffle=True, device='cpu', n_tr
     from fastai.torch_core import set_seed
     set_seed(seed, reproducible=True)
     dls = digits_dls(n_train=n_train, n_valid=n_valid, bs=bs, shuffle=shuffle, device=device)
-    learn = Learner(dls, digits_cnn(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy,
-                    splitter=cnn_splitter, path=path or '.', **kwargs)
+    if not mlp: kwargs = {'splitter': cnn_splitter, **kwargs}
+    learn = Learner(dls, digits_mlp() if mlp else digits_cnn(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func,
+                    metrics=accuracy, path=path or '.', **kwargs)
     learn.model.to(device)
     return learn

@@ -5,10 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 
+from ...lowbit import StateFormat
 from ...registry import IMPLEMENTATIONS, REGISTRY
 from ..harness import BENCH
 
-__all__ = ['TRAINED', 'train_table', 'accumulation_table']
+__all__ = ['TRAINED', 'STATE_FORMATS', 'train_table', 'accumulation_table', 'state_format_table']
 
 
 TRAINED = ('SGD', 'Adam', 'RAdam', 'Lion', 'Adan', 'StableAdam', 'ScheduleFreeAdam', 'Muon')
@@ -68,5 +69,47 @@ def accumulation_table(optimizers=('Adam', 'RAdam', 'Lamb', 'ranger'), seeds=(0,
     head = f"{'optimizer':<10} {'setup':<22} {'accuracy (mean)':>16} {'per seed':>26}"
     lines = [f"{n_acc} micro-batches of {bs}, fit_one_cycle({epochs}, {lr:g}) on digits", head, '-' * len(head)] + [
         f"{r['optimizer']:<10} {r['setup']:<22} {r['accuracy']:>16.4f} {' '.join(f'{a:.4f}' for a in r['accuracies']):>26}"
+        for r in rows]
+    return {'rows': rows, 'table': '\n'.join(lines)}
+
+
+# The setups `state_format_table` trains: (label, param dtype, Adam's keywords).
+STATE_FORMATS = [
+    ('float32', 'float32', {}),
+    ('8-bit, stochastic', 'float32', {'state_format': '8bit'}),
+    ('8-bit, nearest', 'float32', {'state_format': StateFormat('8bit', rounding='nearest')}),
+    ('4-bit, stochastic', 'float32', {'state_format': '4bit'}),
+    ('4-bit, nearest', 'float32', {'state_format': StateFormat('4bit', rounding='nearest')}),
+    ('pure bf16 (Kahan)', 'bfloat16', {}),
+    ('pure bf16 (Kahan), 8-bit, stochastic', 'bfloat16', {'state_format': '8bit'}),
+    ('pure bf16 (Kahan), 4-bit, stochastic', 'bfloat16', {'state_format': '4bit'}),
+]
+
+
+def state_format_table(seeds=(0, 1, 2, 3, 4), epochs=5, lr=3e-3, device='cpu', setups=STATE_FORMATS) -> dict:
+    """Adam with its averages in each format (`lowbit.py`), float32 and pure bf16 params: `fit_one_cycle` on
+    digits with `digits_mlp` (every matrix of 4,096 elements or more), accuracy on 512 validation images per
+    seed, their mean and standard deviation."""
+    import fastforeach
+    from fastai.callback.progress import ProgressCallback
+
+    from ...testing.training import digits_learner
+    rows = []
+    for label, dtype, options in setups:
+        accs = []
+        for seed in seeds:
+            learn = digits_learner(lambda ps, lr, options=options: fastforeach.Adam(ps, lr, **options), seed=seed,
+                                   device=device, n_train=1280, n_valid=512, mlp=True)
+            learn.remove_cb(ProgressCallback)
+            if dtype == 'bfloat16': learn.to_pure_bf16()
+            with learn.no_logging():
+                learn.fit_one_cycle(epochs, lr)
+                accs.append(float(learn.validate()[1]))
+        rows.append({'setup': label, 'accuracies': accs, 'accuracy': statistics.mean(accs),
+                     'std': statistics.stdev(accs) if len(accs) > 1 else 0.})
+    head = f"{'Adam, averages in':<38} {'accuracy (mean)':>16} {'std':>7} {'per seed':>36}"
+    lines = [f"fit_one_cycle({epochs}, {lr:g}) on digits, an MLP of matrices of 4,096 elements or more", head,
+             '-' * len(head)] + [
+        f"{r['setup']:<38} {r['accuracy']:>16.4f} {r['std']:>7.4f} {' '.join(f'{a:.4f}' for a in r['accuracies']):>36}"
         for r in rows]
     return {'rows': rows, 'table': '\n'.join(lines)}
