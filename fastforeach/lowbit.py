@@ -139,7 +139,6 @@ class StateFormat:
             if fmt is not None and _quantizable(rule, key) and fmt.fits(n): out[key] = fmt
         return out
 
-
     def decoded(self, rule: StepRule, params: list, states: list, full: Callable) -> tuple[list, list]:
         """The state lists `rule` steps for `params`: the keys each keeps in few bits decoded (to float32, float64
         for float64 params; zeros on a first step), the others as they are (`full(key, p)` makes a missing one);
@@ -170,7 +169,6 @@ class StateFormat:
             else: state[key + CODES], state[key + SCALE] = codes, scales
 
 
-
 def plain_state(rule: StepRule, p: torch.Tensor, state: dict) -> dict:
     "A copy of `p`'s `state` with its few-bit state decoded, in `p`'s dtype, and no scales: fastai's own layout."
     out = dict(state)
@@ -188,7 +186,8 @@ def _quantizable(rule: StepRule, key: str) -> bool:
 
 def _format(value, name: str) -> LowBit:
     if isinstance(value, LowBit): return value
-    if value not in FORMATS: raise ValueError(f"Invalid {name}: {value!r} (must be one of {tuple(FORMATS)})")
+    if not isinstance(value, str) or value not in FORMATS:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {tuple(FORMATS)})")
     return FORMATS[value]
 
 
