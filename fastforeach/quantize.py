@@ -82,9 +82,13 @@ def quantize_blockwise(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOC
     """(codes, absmax): one uint8 per element of `x`, in its shape (see the module docstring); one float32
     absmax per block."""
     scaled, absmax = _scaled(x, blocksize)  # a block of zeros gives NaN here: code 0 below
+    return _nearest(scaled, map).to(torch.uint8).view(x.shape), absmax
+
+
+def _nearest(scaled: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
+    "The index (int64) of the entry of `map` nearest each of `scaled`, through the bin table (NaN: 0)."
     bins = ((scaled.clamp(-1., 1.) + 1.) * 0.5 * (_BINS - 1) + 0.5).nan_to_num_(0.).long()
-    codes = _bin_table(map).to(x.device)[bins]
-    return codes.view(x.shape), absmax
+    return _bin_table(map).to(scaled.device).index_select(0, bins).long()  # index_select: 3x faster than indexing
 
 
 def quantize_stochastic(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE,
@@ -100,10 +104,15 @@ def quantize_stochastic(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLO
 
 
 def _round_stochastic(scaled: torch.Tensor, map: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    "The uint8 index of the entry of ascending `map` just below or just above each of `scaled`, drawn without bias."
+    """The uint8 index of the entry of ascending `map` just below or just above each of `scaled`, drawn without
+    bias. The entry below is found from the nearest one in the bin table (a binary search took twice as long):
+    exact where entries lie more than a bin (2/65535 of a block's absmax) apart; among the dynamic map's
+    smallest entries, which share bins, a value may be drawn between two entries beside it instead, off by
+    at most a bin, as bitsandbytes' own coder is."""
     map = map.to(scaled.device)
-    below = (torch.searchsorted(map, scaled, right=True) - 1).clamp_(0, map.numel() - 2)
-    lo, hi = map[below], map[below + 1]
+    near = _nearest(scaled, map)
+    below = (near - (map.index_select(0, near) > scaled).long()).clamp_(0, map.numel() - 2)
+    lo, hi = map.index_select(0, below), map.index_select(0, below + 1)
     chance = ((scaled - lo) / (hi - lo)).clamp_(0, 1)
     draws = torch.rand(scaled.shape, generator=generator, device=scaled.device)
     return (below + (draws < chance)).to(torch.uint8)
@@ -113,7 +122,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.T
                          blocksize: int = BLOCKSIZE) -> torch.Tensor:
     "The float32 values `codes` stand for: map[code] · its block's absmax, in the codes' shape."
     n = codes.numel()
-    values = map.to(absmax.device)[codes.reshape(-1).long()]
+    values = map.to(absmax.device).index_select(0, codes.reshape(-1).long())
     pad = -n % blocksize
     if pad: values = torch.cat([values, values.new_zeros(pad)])
     return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
@@ -143,4 +152,4 @@ def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE
 def dequantize_4bit(codes: torch.Tensor, scale: torch.Tensor, map: torch.Tensor, shape) -> torch.Tensor:
     "The float32 values, in `shape`, of 4-bit `codes` (two to a byte) with their blocks' `scale`."
     indices = torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1).long()
-    return (map.to(scale.device)[indices].view(scale.numel(), -1) * scale[:, None]).view(shape)
+    return (map.to(scale.device).index_select(0, indices).view(scale.numel(), -1) * scale[:, None]).view(shape)
