@@ -108,6 +108,7 @@ class StateFormat:
     formats: dict | LowBit = field(default_factory=dict)
     rounding: str = 'stochastic'
     min_numel: int = 4096
+    _keys: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (rule fn, numel) -> `keys`
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -130,14 +131,15 @@ class StateFormat:
                                  "a value it must keep exactly): it stays in full precision")
 
     def keys(self, rule: StepRule, p: torch.Tensor) -> dict[str, LowBit]:
-        "The state keys of `rule` that `p` keeps in few bits, with their format (none for small params)."
+        """The state keys of `rule` that `p` keeps in few bits, with their format (none for small params): asked
+        for every param at every step, so worked out once per rule and size."""
         n = p.numel()
         if n < self.min_numel: return {}
-        out = {}
-        for key in rule.state_keys:
-            fmt = self.formats.get(key, self.formats.get(None))
-            if fmt is not None and _quantizable(rule, key) and fmt.fits(n): out[key] = fmt
-        return out
+        if (rule.fn, n) not in self._keys:
+            self._keys[rule.fn, n] = {key: fmt for key in rule.state_keys
+                                      for fmt in [self.formats.get(key, self.formats.get(None))]
+                                      if fmt is not None and _quantizable(rule, key) and fmt.fits(n)}
+        return self._keys[rule.fn, n]
 
     def decoded(self, rule: StepRule, params: list, states: list, full: Callable) -> tuple[list, list]:
         """The state lists `rule` steps for `params`: the keys each keeps in few bits decoded (to float32, float64
