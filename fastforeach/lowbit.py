@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, dequantize_4bit, dequantize_blockwise, dynamic_map, linear_map,
-                       quantize_4bit, quantize_blockwise, quantize_stochastic)
+from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, bin_table, decode_rows, dequantize_4bit, dequantize_blockwise, dynamic_map,
+                       encode_rows, linear_map, quantize_4bit, quantize_blockwise, quantize_stochastic)
 from .rules import StepRule
 
 __all__ = ['LowBit', 'FORMATS', 'StateFormat', 'CODES', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format', 'plain_state']
@@ -60,6 +60,11 @@ class LowBit:
     def n_codes(self, numel: int) -> int: return numel * self.bits // 8
     def n_scales(self, numel: int) -> int: return math.ceil(numel / self.blocksize)
 
+    def zeros(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "(codes, scales) of zeros for `p` (8-bit codes shaped like it, 4-bit ones flat): a block of scale 0."
+        codes = torch.zeros(self.n_codes(p.numel()), dtype=torch.uint8, device=p.device)
+        return (codes.view(p.shape) if self.bits == 8 else codes), torch.zeros(self.n_scales(p.numel()), device=p.device)
+
     def encode(self, x: torch.Tensor, nonnegative: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
         "(codes, scales) of `x`: 8-bit codes shaped like `x`, 4-bit ones flat."
         map = self.map(nonnegative)
@@ -71,6 +76,25 @@ class LowBit:
         map = self.map(nonnegative)
         if self.bits == 4: return dequantize_4bit(codes, scales, map, shape)
         return dequantize_blockwise(codes, scales, map, self.blocksize).view(shape)
+
+    # In a compiled loop (see `fused/coded.py`): a param's state as rows of one block each.
+    @property
+    def in_rows(self) -> bool:
+        "Whether a compiled loop codes this format: 8 bits, one code a byte (4-bit codes, two a byte, are coded eagerly)."
+        return self.bits == 8
+
+    def decode_rows(self, codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+        "float32 values of `codes` (rows of one block each) with `scales` (a column), inside a compiled loop."
+        return decode_rows(codes, scales, self._tables(nonnegative, codes.device)[0])
+
+    def encode_rows(self, x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        "(codes, scales) of rows `x`, to nearest or (given `noise`, 16 random bits an element) stochastically."
+        return encode_rows(x, *self._tables(nonnegative, x.device), noise)
+
+    def _tables(self, nonnegative: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+        "The map and its bin table on `device`, made once."
+        return _cached((self.name, nonnegative, device), lambda: (self.map(nonnegative).to(device),
+                                                                  bin_table(self.map(nonnegative)).to(device)))
 
     def unlike(self, codes, scales, p: torch.Tensor) -> str | None:
         "None when `codes` and `scales`, saved for `p`, are this format's for it; else what they are instead."

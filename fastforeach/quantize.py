@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ['dynamic_map', 'linear_map', 'quantize_blockwise', 'quantize_stochastic', 'dequantize_blockwise', 'quantize_4bit',
-           'dequantize_4bit', 'BLOCKSIZE', 'BLOCKSIZE_4BIT']
+           'dequantize_4bit', 'decode_rows', 'encode_rows', 'bin_table', 'BLOCKSIZE', 'BLOCKSIZE_4BIT']
 
 BLOCKSIZE = 256  # elements per block of 8-bit state (bitsandbytes' optimizers')
 BLOCKSIZE_4BIT = 128  # and of 4-bit state (torchao's)
@@ -66,7 +66,7 @@ _BINS = 65536
 _TABLES: dict = {}  # a map's values (as a tuple) -> its bin table
 
 
-def _bin_table(map: torch.Tensor) -> torch.Tensor:
+def bin_table(map: torch.Tensor) -> torch.Tensor:
     """For each of `_BINS` even bins over [-1, 1], the index of the map entry nearest its centre: the number of
     midpoints between consecutive entries below it (all in float32, as bitsandbytes computes it)."""
     key = tuple(map.tolist())
@@ -85,10 +85,15 @@ def quantize_blockwise(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOC
     return _nearest(scaled, map).view(x.shape), absmax
 
 
+def _bin_of(scaled: torch.Tensor) -> torch.Tensor:
+    "The bin (float, to be truncated) each of `scaled` rounds to: one expression, so that every coder agrees bit for bit."
+    return (scaled.clamp(-1., 1.) + 1.) * 0.5 * (_BINS - 1) + 0.5
+
+
 def _nearest(scaled: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
     "The index (uint8) of the entry of `map` nearest each of `scaled`, through the bin table (NaN: 0)."
-    bins = ((scaled.clamp(-1., 1.) + 1.) * 0.5 * (_BINS - 1) + 0.5).nan_to_num_(0.).long()
-    return _bin_table(map).to(scaled.device).index_select(0, bins)  # index_select: 3x faster than indexing
+    bins = _bin_of(scaled).nan_to_num_(0.).long()
+    return bin_table(map).to(scaled.device).index_select(0, bins)  # index_select: 3x faster than indexing
 
 
 def quantize_stochastic(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE,
@@ -126,6 +131,33 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.T
     pad = -n % blocksize
     if pad: values = torch.cat([values, values.new_zeros(pad)])
     return (values.view(-1, blocksize) * absmax[:, None]).reshape(-1)[:n].view(codes.shape)
+
+
+def decode_rows(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
+    """`dequantize_blockwise` inside a compiled loop: `codes` as rows of one block each (a param's whole
+    blocks, or its last short one), `scales` their absmax as a column."""
+    return map[codes.int()] * scales
+
+
+def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blockwise` (`noise` None) or a stochastic coding of `x` inside a compiled loop, rows of one
+    block each: (uint8 codes, absmax as a column). Codes to nearest equal `quantize_blockwise`'s, bit for bit.
+    Stochastic: to the map's entry nearest the scaled value or the one beside it on the value's side, the
+    latter with probability (value − nearest) / (beside − nearest), given `noise` (16 random bits an element,
+    `bins` being `bin_table(map)`): unbiased as `quantize_stochastic` is, with two lookups in the map instead
+    of three and no random number generator (gathers are this loop's cost: they do not vectorise)."""
+    x = x.float()
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    scaled = x * (1. / absmax)  # NaN in a block of zeros
+    if noise is None: return bins[torch.where(absmax > 0, _bin_of(scaled), 0.).int().clamp(0, _BINS - 1)], absmax
+    scaled = torch.where(absmax > 0, scaled, 0.).clamp(-1., 1.)  # a block of zeros: the zero entry
+    near = bins[_bin_of(scaled).int().clamp(0, _BINS - 1)].int()
+    mid = map[near]
+    side = torch.where(scaled > mid, 1, -1)
+    beside = map[(near + side).clamp(0, map.numel() - 1)]
+    chance = ((scaled - mid) / (beside - mid)).nan_to_num(0.).clamp(0., 1.)  # NaN: no entry beside
+    return (near + torch.where(noise.float() * 2. ** -16 < chance, side, 0)).to(torch.uint8), absmax
 
 
 def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE_4BIT, stochastic: bool = False,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import fastforeach
-from fastforeach.core import inner_optimizer
+from fastforeach.core import inner_optimizer, paths
+from fastforeach.fused.coded import elementwise
 from fastforeach.lowbit import CODES, FORMATS, SCALE, LowBit, StateFormat
 from fastforeach.memory import memory_report
 from fastforeach.registry import REGISTRY
@@ -26,6 +27,14 @@ class Lossless(LowBit):
 
     def fits(self, numel): return True
 
+    # The fused path's compiled loop codes rows of blocks (see `fused/coded.py`).
+    in_rows = True
+
+    def decode_rows(self, codes, scales, nonnegative): return codes.view(torch.float32)
+
+    def encode_rows(self, x, nonnegative, noise):
+        return x.float().view(torch.uint8), x.new_zeros(x.shape[0], 1, dtype=torch.float32)
+
 
 LOSSLESS = Lossless('lossless', 32, 256)
 MIN_NUMEL = 1000  # of the oracle's params, some keep their state in few bits and some (biases, norms) do not
@@ -42,6 +51,9 @@ def test_decoded_steps_equal_fastai(spec, options, impl, monkeypatch):
     float32 (the oracle's tolerances); its decoded state (`fastai_state_dict`) equals fastai's."""
     monkeypatch.setitem(FORMATS, 'lossless', LOSSLESS)
     lowbit = StateFormat(LOSSLESS, min_numel=MIN_NUMEL)
+    paths_taken = []
+    for path in (paths.QUANTIZED, paths.CODED_FUSED):
+        monkeypatch.setattr(path, 'step', lambda *a, _step=path.step, _name=path.name: (paths_taken.append((_name, a[1])), _step(*a)))
     twins = Twins(lambda ps: spec.make('native', ps, **options),
                   lambda ps: spec.make(impl, ps, **options, state_format=lowbit), oracle_layers(torch.float32))
     for t in range(1, 26):
@@ -54,6 +66,11 @@ def test_decoded_steps_equal_fastai(spec, options, impl, monkeypatch):
                 else: assert a == b, f"{label}, step {t}"
     coded = [s for s in twins.opt_b.state_dict()['state'] if any(k.endswith(SCALE) for k in s)]
     assert coded or not _averages(spec, options)
+    # Fused steps whose update is elementwise code the state in their compiled loop; the others decode chunks.
+    assert not coded or paths_taken
+    for name, route in paths_taken:
+        one_pass = impl == 'fused' and elementwise(route.fused) is not None
+        assert name == (paths.CODED_FUSED.name if one_pass else paths.QUANTIZED.name), (name, route.rule.name)
 
 
 def _averages(spec, options) -> list:
@@ -155,8 +172,34 @@ def test_every_optimizer_keeps_its_averages_in_few_bits(name, cfg, fmt):
     assert diff <= (0.25 if fmt == '8bit' else 1.5) * moved, (diff, moved)
 
 
-@pytest.mark.parametrize('fmt', ['8bit', '4bit'])
-def test_averages_keep_their_increments(fmt):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_codes_equal_foreach(dtype):
+    """8-bit Adam rounded to nearest, fused (decoded, stepped and coded in one compiled loop) beside foreach
+    (chunks decoded, stepped, coded eagerly) for 10 steps, params of whole blocks and not, of one block's
+    tail only, and small: the same codes (all but where the two steps' last bits put a value on either side
+    of a code's boundary), scales and params as close as the two ways of computing the update leave them."""
+    torch.manual_seed(0)
+    shapes = [(64, 128), (256, 33), (5000,), (300,), (4100,)]
+    ps = [nn.Parameter((torch.randn(s) * 0.1).to(dtype)) for s in shapes]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    lowbit = StateFormat('8bit', rounding='nearest', min_numel=1000)
+    a, b = (fastforeach.Adam(xs, 1e-3, state_format=lowbit, fused=fused) for xs, fused in ((ps, False), (qs, True)))
+    for _ in range(10):
+        _same_gradients(ps, qs)
+        a.step(); b.step()
+    n_coded = 0
+    for p, q in zip(ps, qs):
+        for key in ('grad_avg', 'sqr_avg'):
+            if key + CODES not in a.state[p]: continue
+            n_coded += 1
+            assert (a.state[p][key + CODES] == b.state[q][key + CODES]).float().mean() >= 0.999, key
+            torch.testing.assert_close(b.state[q][key + SCALE], a.state[p][key + SCALE], rtol=1e-5, atol=0)
+        torch.testing.assert_close(q, p, atol=1e-5 if dtype != torch.bfloat16 else 1e-2, rtol=0)
+    assert n_coded == 8
+
+
+@pytest.mark.parametrize('fmt,fused', [('8bit', False), ('4bit', False), ('8bit', True)])
+def test_averages_keep_their_increments(fmt, fused):
     """QHAdam's second moment (β = 0.999) over 1000 steps of gradients 1 ± 0.5: written back stochastically, its
     mean stays within 1% of float64's. Rounded to nearest, increments of 0.1% fall under half a code's
     spacing and vanish: 4 bits end more than 5% off; 8 bits, whose dynamic map is finer there, 0.8% off,
@@ -167,7 +210,8 @@ def test_averages_keep_their_increments(fmt):
     for rounding in ('stochastic', 'nearest', None):
         torch.manual_seed(0)
         p = nn.Parameter(torch.zeros(4096, dtype=torch.float64 if rounding is None else torch.float32))
-        opt = fastforeach.QHAdam([p], 1e-9, state_format=StateFormat(fmt, rounding=rounding) if rounding else None)
+        opt = fastforeach.QHAdam([p], 1e-9, state_format=StateFormat(fmt, rounding=rounding) if rounding else None,
+                                 fused=fused)
         for g in grads:
             p.grad = g.to(p.dtype)
             opt.step()
@@ -200,33 +244,33 @@ def _assert_within_8bit_rounding(got: torch.Tensor, want: torch.Tensor, nonnegat
     torch.testing.assert_close(got, want, atol=gap / 2 * want.abs().max().item() * (1 + 1e-5), rtol=0)
 
 
-def _adam(ps, fmt, rounding='nearest'):
-    return fastforeach.Adam(ps, 1e-3, state_format=StateFormat(fmt, rounding=rounding) if fmt else None)
+def _adam(ps, fmt, rounding='nearest', fused=False):
+    return fastforeach.Adam(ps, 1e-3, state_format=StateFormat(fmt, rounding=rounding) if fmt else None, fused=fused)
 
 
-def _trained(fmt, rounding='nearest', steps=5, seed=0):
+def _trained(fmt, rounding='nearest', steps=5, seed=0, fused=False):
     ps, _ = _pairs([(64, 128), (300,)], seed)
-    opt = _adam(ps, fmt, rounding)
+    opt = _adam(ps, fmt, rounding, fused)
     for _ in range(steps):
         _same_gradients(ps)
         opt.step()
     return ps, opt
 
 
-@pytest.mark.parametrize('fmt', ['8bit', '4bit'])
+@pytest.mark.parametrize('fmt,fused', [('8bit', False), ('4bit', False), ('8bit', True)])
 @pytest.mark.parametrize('rounding', ['nearest', 'stochastic'])
-def test_checkpoint_resumes_bit_for_bit(fmt, rounding):
+def test_checkpoint_resumes_bit_for_bit(fmt, rounding, fused):
     """A state dict holds codes and scales (about 1 or 0.5 bytes an element), saves and loads with torch.save,
     and a fresh optimizer resumed from it steps as the original does, bit for bit (stochastic rounding:
-    given the same random state)."""
-    ps, opt = _trained(fmt, rounding)
+    given the same random state; the fused step's noise is hashed from the data)."""
+    ps, opt = _trained(fmt, rounding, fused=fused)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     state = opt.state_dict()['state'][0]
     assert 'grad_avg' not in state and state['grad_avg_codes'].dtype == torch.uint8
     assert state['grad_avg_codes'].numel() == 64 * 128 * FORMATS[fmt].bits // 8
     twins = [nn.Parameter(p.detach().clone()) for p in ps]
-    resumed = _adam(twins, fmt, rounding)
+    resumed = _adam(twins, fmt, rounding, fused)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=False))  # fastai's hypers are an `L`
     _step_alike(opt, ps, resumed, twins, 3)

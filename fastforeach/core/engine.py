@@ -162,10 +162,12 @@ class Core:
             path = self.path_for(route, p0, kwargs)
             if self.state_format is not None:
                 low = [bool(self.state_format.keys(route.rule, p)) for p in bucket.origins]
-                if any(low):  # those params' state decoded and encoded, chunk by chunk; the others as they are
+                if any(low):  # those params' state decoded, stepped and coded again; the others as they are
                     rest = [i for i, q in enumerate(low) if not q]
                     if rest: path.step(self, route, bucket.pick(rest), hyper, kwargs)
-                    path, bucket = paths.QUANTIZED, bucket.pick([i for i, q in enumerate(low) if q])
+                    coded = bucket.pick([i for i, q in enumerate(low) if q])
+                    fused = path is paths.FUSED and paths.CODED_FUSED.takes(self, route, coded, kwargs)
+                    path, bucket = paths.CODED_FUSED if fused else paths.QUANTIZED, coded
         path.step(self, route, bucket, hyper, kwargs)
 
     def as_fastai(self, p) -> bool:

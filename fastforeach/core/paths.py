@@ -10,7 +10,9 @@
 - `FLOAT32`: 16-bit params stepped on float32 working copies, written back as `rounding` says;
 - `FOREACH`: the rule on the params as they are, after weight decay;
 - `QUANTIZED`: params whose state is kept in few bits (see `lowbit.py`), as `FOREACH` or `FLOAT32` on
-  their state decoded chunk by chunk.
+  their state decoded chunk by chunk;
+- `CODED_FUSED`: the same params, where `FUSED` was picked and the route's compiled update is elementwise,
+  decoded, stepped and coded again in one compiled pass (see `fused/coded.py`).
 
 The last four run after the bucket's step count and running scalars have advanced (`kwargs` has them).
 """
@@ -21,11 +23,13 @@ import torch
 from ..accumulation import fold
 from ..distributed import WholeTensors, local
 from ..fused import Context
+from ..fused.coded import coded_formats, coded_ready, elementwise, run_coded
+from ..lowbit import CODES, SCALE
 from ..ops import mul_scalar_
 from .buckets import Bucket
 from .state import state_dtype, state_lists
 
-__all__ = ['ACCUMULATE', 'NEAREST', 'FUSED', 'FLOAT32', 'FOREACH', 'QUANTIZED', 'weight_decay']
+__all__ = ['ACCUMULATE', 'NEAREST', 'FUSED', 'FLOAT32', 'FOREACH', 'QUANTIZED', 'CODED_FUSED', 'weight_decay']
 
 # On CPU a foreach op is a loop over tensors, so a rule of N ops streams the whole model through memory
 # N times. Cutting a bucket into chunks that fit in cache makes the N ops reuse what the first one
@@ -130,6 +134,36 @@ class Quantized:
             formats.encode(coded)
 
 
+class CodedFused:
+    """Few-bit state stepped by the route's compiled elementwise update, decoded and coded again in its loop:
+    one pass over each param (see `fused/coded.py`)."""
+    name = 'coded-fused'
+
+    @staticmethod
+    def takes(core, route, bucket: Bucket, kwargs: dict) -> bool:
+        "Whether this path steps `bucket`: an elementwise update, formats a compiled loop codes, dense tensors."
+        step, p0 = elementwise(route.fused), bucket.params[0]
+        formats = None if step is None or bucket.sharded else coded_formats(core.state_format, route.rule, bucket.params)
+        if formats is None or not all(t.is_contiguous() for t in (*bucket.params, *bucket.grads)): return False
+        rule, in_float32 = route.rule, core.rounding.in_float32(p0)
+        dtypes = tuple(state_dtype(rule, key, p0, core.rounding) for key in rule.state_keys)
+        return coded_ready(step, formats, core.state_format.rounding == 'stochastic', p0, kwargs, dtypes,
+                           core.rounding if in_float32 else None)
+
+    def step(self, core, route, bucket, hyper, kwargs):
+        rule, p0 = route.rule, bucket.params[0]
+        formats = coded_formats(core.state_format, rule, bucket.params)
+        for p, state in zip(bucket.origins, bucket.states):  # a first step's state: zeros
+            for key, fmt in zip(rule.state_keys, formats):
+                if fmt is None and key not in state: state[key] = rule.state[key].zeros(p, state_dtype(rule, key, p, core.rounding))
+                elif fmt is not None and key + CODES not in state: state[key + CODES], state[key + SCALE] = fmt[0].zeros(p)
+        rounding = core.rounding if core.rounding.in_float32(p0) else None
+        run_coded(elementwise(route.fused), formats, core.state_format.rounding == 'stochastic', rule, bucket.params,
+                  bucket.grads, bucket.states, takes_wd(bucket.states), kwargs, wd=hyper.get('wd', 0.),
+                  decouple_wd=core.decouple_wd, comps=compensations(core.rounding, bucket) if rounding else None,
+                  rounding=rounding)
+
+
 class Fused:
     "The route's fused step over the whole bucket, weight decay included (see `fused/`)."
     name = 'fused'
@@ -179,3 +213,4 @@ class Accumulate:
 
 
 ACCUMULATE, NEAREST, FUSED, FLOAT32, FOREACH, QUANTIZED = Accumulate(), Nearest(), Fused(), Float32(), Foreach(), Quantized()
+CODED_FUSED = CodedFused()

@@ -104,9 +104,7 @@ class CompiledStep(FusedStep):
         # every param goes through the pack, whose norms are completed across ranks.
         if self.pack_step is not None and not context.norms.is_local: largest = math.inf
         for idx, takes_wd in split_by_wd(do_wd, wd):
-            decay, l2 = (1 - lr * wd, 0.) if takes_wd and decouple_wd else (1., wd if takes_wd else 0.)
-            if self.own_decay: decay = wd if takes_wd and decouple_wd else 0.
-            c = device_tensor([decay, l2, *rule_c], coefficient_dtype(p0.dtype), p0.device)
+            c, l2 = self.coefficient_vector(rule_c, p0, lr, wd if takes_wd else 0., decouple_wd)
             small = sorted((i for i in idx if numels[i] <= largest), key=numels.__getitem__) if self.packs else []
             if small:
                 pack = plans.pack(self, params, states, small, comps, adopt)
@@ -120,6 +118,13 @@ class CompiledStep(FusedStep):
             for o in ops: o.write_back()
         stored.update({key: [out[k] for out in outs] for k, key in enumerate(self.returns)})
         return stored or None
+
+    def coefficient_vector(self, rule_c: list, like: torch.Tensor, lr: float, wd: float, decouple_wd: bool
+                           ) -> tuple[torch.Tensor, float]:
+        "`c` for params like `like` that take weight decay `wd` (0: none), from the rule's coefficients; and its L2 factor."
+        decay, l2 = (1 - lr * wd, 0.) if wd and decouple_wd else (1., wd)
+        if self.own_decay: decay = wd if decouple_wd else 0.
+        return device_tensor([decay, l2, *rule_c], coefficient_dtype(like.dtype), like.device), l2
 
     def _run_pack(self, pack: Pack, phases, c, l2: bool, idx, grads, states, comps, stored, norms, rounding) -> list:
         """Step `pack`, the params at `idx`; put the state (and Kahan buffers) it moved into `stored` (state

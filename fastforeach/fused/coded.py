@@ -1,0 +1,182 @@
+"""Few-bit state (see `lowbit.py`) stepped in one compiled pass: each block's codes decoded, the optimizer's
+elementwise update run, and the block's new absmax and codes written, in one loop over the param.
+
+A param's 8-bit state is codes shaped like it and one absmax per 256 elements of its flat order. The loop
+takes every tensor of a param (itself, its gradient, each state's codes or values, its Kahan buffer) in
+two pieces: its whole blocks as rows of 256, and its last short block, if any, as one row; a block's
+absmax is then a reduction over its row, which inductor runs beside the update in the same loop, and
+scales are a column. Pieces are stepped `CHUNK` to a call, as `run_chunks` steps tensors.
+
+Only for rules whose compiled update is elementwise (`elementwise`): an update that needs a norm of its
+tensor (Larc, LAMB, StableAdam) would take it over a piece. Those, and formats a compiled loop does not
+code (4 bits, two codes a byte), step by decoding cache-sized chunks (`QUANTIZED` in `core/paths.py`).
+
+Codes to nearest equal the eager coder's, bit for bit; stochastic codes are drawn with noise hashed from
+the new state and the new param (`precision.hashed_noise`), as 16-bit state is rounded: a function of the
+data, so that a resumed run codes as the run straight through did.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..lowbit import CODES, SCALE, StateFormat
+from ..precision import hashed_noise
+from ..rules import StepRule
+from .compile import CHUNK, _compiles, coefficient_dtype, run_chunks
+from .compiled import CompiledStep
+from .steps import split_by_wd
+
+__all__ = ['elementwise', 'coded_formats', 'coded_ready', 'run_coded', 'CODED_CHUNK']
+
+# Pieces per compiled call: the step takes as long with 1, 2 or 4 (Adam, 8-bit state, xresnet50, CPU:
+# 190, 187, 183 ms), and the first compile grows with the count (8: 12.5 s against 4.4 s with 2).
+CODED_CHUNK = 2
+
+
+def elementwise(fused) -> CompiledStep | None:
+    "The compiled update of fused step `fused` (an `EitherStep`'s compiled half) when it is elementwise, else None."
+    step = getattr(fused, 'compiled', fused)
+    whole = isinstance(step, CompiledStep) and not step.returns and step.then is None and step.pack_step is None
+    return step if whole else None
+
+
+def coded_formats(state_format: StateFormat, rule: StepRule, params: list) -> tuple | None:
+    """For each state key of `rule`: None (kept as it is) or (format, nonnegative), the same for every param;
+    None when a compiled loop cannot code them (a format not coded in rows, blocks of two sizes, params whose
+    keys differ)."""
+    keys = state_format.keys(rule, params[0])
+    if not keys or any(not fmt.in_rows for fmt in keys.values()) or len({f.blocksize for f in keys.values()}) > 1:
+        return None
+    if any(state_format.keys(rule, p) != keys for p in params[1:]): return None
+    return tuple((keys[k], rule.state[k].nonnegative) if k in keys else None for k in rule.state_keys)
+
+
+_WRAPPED: dict = {}
+
+
+def _coded_update(update: Callable, formats: tuple, stochastic: bool) -> Callable:
+    """`update(p, g, *states, c)` taking each coded state as its codes and scales (rows of one block, see the
+    module docstring): decoded before it, coded again after it, in its compiled loop."""
+    key = (update, formats, stochastic)
+    if key in _WRAPPED: return _WRAPPED[key]
+
+    def coded(p, g, *tensors):
+        *tensors, c = tensors
+        states, decoded, i = [], [], 0
+        for fmt in formats:
+            if fmt is None:
+                states.append(tensors[i]); i += 1
+                continue
+            codes, scales = tensors[i], tensors[i + 1]; i += 2
+            x = fmt[0].decode_rows(codes, scales, fmt[1]).to(p.dtype)
+            for a, b in zip(x.shape, p.shape): torch._check(a == b)  # sizes traced apart (`_size_configs`) are one
+            states.append(x); decoded.append((fmt, codes, scales, x))
+        update(p, g, *states, c)
+        for (low, nonnegative), codes, scales, x in decoded:
+            new, absmax = low.encode_rows(x, nonnegative, hashed_noise(x.float(), p.float()) if stochastic else None)
+            codes.copy_(new); scales.copy_(absmax)
+    coded.__name__ = f"{update.__name__}_coded"
+    _WRAPPED[key] = coded
+    return coded
+
+
+def _phases(step: CompiledStep, formats: tuple, stochastic: bool, hypers: dict) -> tuple:
+    ((update, mode),) = step._phases(hypers)
+    return ((_coded_update(update, formats, stochastic), mode),)
+
+
+def _rows(t: torch.Tensor, n: int, block: int, scales: bool = False) -> list[torch.Tensor]:
+    """Dense `t`, a tensor of `n` elements cut in `block`-element blocks (or, `scales`, one element per block),
+    as its whole blocks' rows and its last one's: aliases made with `set_` (see `flat_alias`: a view would
+    recompile for every shape)."""
+    whole, rest = divmod(n, block)
+    cols = 1 if scales else t.numel() // n * block  # elements of `t` per block
+    shapes = ([(whole, cols)] if whole else []) + ([(1, 1 if scales else rest * cols // block)] if rest else [])
+    pieces, offset = [], t.storage_offset()
+    for rows, width in shapes:
+        pieces.append(torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), offset, (rows, width), (width, 1)))
+        offset += rows * width
+    return pieces
+
+
+def _operands(params, grads, states, rule: StepRule, formats: tuple, comps, idx) -> list[list[list[torch.Tensor]]]:
+    """The pieces of the params at `idx`, one list per operand of the coded update (see `_coded_update`): those
+    of many rows, then those of one row (a param's last short block), apart (see `_chunks`)."""
+    block = next(f[0].blocksize for f in formats if f is not None)
+    groups = {}
+    for i in idx:
+        p, state = params[i], states[i]
+        n = p.numel()
+        operands = [_rows(p, n, block), _rows(grads[i], n, block)]
+        for key, fmt in zip(rule.state_keys, formats):
+            if fmt is None: operands.append(_rows(state[key], n, block))
+            else: operands += [_rows(state[key + CODES], n, block), _rows(state[key + SCALE], n, block, scales=True)]
+        if comps is not None: operands.append(_rows(comps[i], n, block))
+        for k, piece in enumerate(operands[0]):
+            lists = groups.setdefault(piece.shape[0] == 1, [[] for _ in operands])
+            for xs, pieces in zip(lists, operands): xs.append(pieces[k])
+    return [groups[one] for one in (False, True) if one in groups]
+
+
+_DUMMIES: dict = {}
+
+
+def _chunks(lists: list[list[torch.Tensor]], size: int) -> list:
+    """`lists` in chunks of `size` pieces, the last padded with small dummies (one graph for every length).
+    Dynamo guards on sizes of 1 (broadcasting) and on a tensor passed twice: pieces of one row go in calls of
+    their own, dummies have as many rows as the pieces beside them (one, or two) and each list its own."""
+    n, pad = len(lists[0]), -len(lists[0]) % size
+    if pad:
+        p = lists[0][0]
+        rows = 1 if p.shape[0] == 1 else 2
+        def dummies(k, t):  # two elements of the param wide (codes of two elements, a scale)
+            width = 1 if t.shape[1] == 1 else max(1, 2 * t.shape[1] // p.shape[1])
+            key = (k, rows, width, t.dtype, t.device)
+            if key not in _DUMMIES: _DUMMIES[key] = [torch.zeros(rows, width, dtype=t.dtype, device=t.device) for _ in range(CHUNK)]
+            return _DUMMIES[key][:pad]
+        lists = [xs + dummies(k, xs[0]) for k, xs in enumerate(lists)]
+    return [[xs[s:s + size] for xs in lists] for s in range(0, n + pad, size)]
+
+
+def _operand_kinds(p: torch.Tensor, formats: tuple, state_dtypes: tuple, rounding) -> list[tuple[torch.dtype, int]]:
+    "(dtype, elements per element of the param: 0 for a column of scales) of each operand of the coded update."
+    out = [(p.dtype, 1), (p.dtype, 1)]
+    for fmt, dtype in zip(formats, state_dtypes):
+        out += [(dtype, 1)] if fmt is None else [(torch.uint8, fmt[0].n_codes(fmt[0].blocksize) // fmt[0].blocksize),
+                                                 (torch.float32, 0)]
+    if rounding is not None and rounding.kahan: out.append((rounding.kahan_dtype, 1))
+    return out
+
+
+def coded_ready(step: CompiledStep, formats: tuple, stochastic: bool, p: torch.Tensor, hypers: dict,
+                state_dtypes: tuple, rounding=None) -> bool:
+    """Whether the coded update compiled for params like `p` (plain state of `state_dtypes`; 16-bit params
+    written back as `rounding` says), tried on dummy pieces before any real tensor is touched (see `compiles`)."""
+    block = next(f[0].blocksize for f in formats if f is not None)
+    for fmt in formats:
+        if fmt is not None: fmt[0]._tables(fmt[1], p.device)  # made before tracing
+    operands = _operand_kinds(p, formats, state_dtypes, rounding)
+    phases, mode = _phases(step, formats, stochastic, hypers), rounding.mode if rounding is not None else None
+
+    def attempt():
+        # Inductor plans its loops from the sizes it first sees: many rows, as real params have.
+        c = torch.ones(len(step.layout), dtype=coefficient_dtype(p.dtype), device=p.device)
+        for rows, width in ((256, block), (1, block // 2)):  # pieces of many rows, and of one
+            lists = [[torch.ones(rows, width * per or 1, dtype=dtype, device=p.device) for _ in range(CODED_CHUNK)]
+                     for dtype, per in operands]
+            run_chunks(phases, _chunks(lists, CODED_CHUNK), c, CODED_CHUNK, mode)
+    return _compiles((phases, tuple(operands), p.device.type, mode), [phases[0][0]], p, attempt)
+
+
+def run_coded(step: CompiledStep, formats: tuple, stochastic: bool, rule: StepRule, params, grads, states, do_wd,
+              hypers, *, wd: float, decouple_wd: bool, comps=None, rounding=None) -> None:
+    """Step `params`, whose state (dicts, coded ones with codes and scales already there) `formats` describes
+    (see `coded_formats`), by `step`'s update in one compiled pass; weight decay as `CompiledStep.run` does it."""
+    phases, p0 = _phases(step, formats, stochastic, hypers), params[0]
+    rule_c = step.layout.values(step.coefficients(**hypers))
+    for idx, takes_wd in split_by_wd(do_wd, wd):
+        c, _ = step.coefficient_vector(rule_c, p0, hypers['lr'], wd if takes_wd else 0., decouple_wd)
+        for lists in _operands(params, grads, states, rule, formats, comps, idx):
+            run_chunks(phases, _chunks(lists, CODED_CHUNK), c, len(lists[0]), rounding.mode if rounding is not None else None)
