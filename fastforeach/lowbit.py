@@ -31,11 +31,13 @@ from typing import Callable
 
 import torch
 
-from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, bin_table, decode_rows, dequantize_4bit, dequantize_blockwise, dynamic_map,
-                       encode_rows, linear_map, quantize_4bit, quantize_blockwise, quantize_stochastic)
+from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, BLOCKSIZE_COMPANDED, bin_table, companded_decode_rows, companded_encode_rows,
+                       decode_rows, dequantize_4bit, dequantize_blockwise, dynamic_map, encode_rows, linear_map, quantize_4bit,
+                       quantize_blockwise, quantize_stochastic)
 from .rules import StepRule
 
-__all__ = ['LowBit', 'FORMATS', 'StateFormat', 'CODES', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format', 'plain_state']
+__all__ = ['LowBit', 'Companded', 'FORMATS', 'StateFormat', 'CODES', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format',
+           'unlike_any', 'plain_state']
 
 CODES, SCALE = '_codes', '_scale'  # state[key + CODES] and state[key + SCALE]: the codes and scales of state `key`
 ROUNDINGS = ('stochastic', 'nearest')
@@ -43,10 +45,11 @@ ROUNDINGS = ('stochastic', 'nearest')
 
 @dataclass(frozen=True)
 class LowBit:
-    "One way of keeping a state tensor in few bits: codes of `bits` bits, a float32 scale per `blocksize` elements."
+    "One way of keeping a state tensor in few bits: codes of `bits` bits, a scale per `blocksize` elements."
     name: str
     bits: int
     blocksize: int
+    scale_dtype: torch.dtype = torch.float32
 
     def map(self, nonnegative: bool) -> torch.Tensor:
         "The values the codes index: unsigned (second moments) or signed."
@@ -63,7 +66,8 @@ class LowBit:
     def zeros(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "(codes, scales) of zeros for `p` (8-bit codes shaped like it, 4-bit ones flat): a block of scale 0."
         codes = torch.zeros(self.n_codes(p.numel()), dtype=torch.uint8, device=p.device)
-        return (codes.view(p.shape) if self.bits == 8 else codes), torch.zeros(self.n_scales(p.numel()), device=p.device)
+        scales = torch.zeros(self.n_scales(p.numel()), dtype=self.scale_dtype, device=p.device)
+        return (codes.view(p.shape) if self.bits == 8 else codes), scales
 
     def encode(self, x: torch.Tensor, nonnegative: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
         "(codes, scales) of `x`: 8-bit codes shaped like `x`, 4-bit ones flat."
@@ -78,6 +82,8 @@ class LowBit:
         return dequantize_blockwise(codes, scales, map, self.blocksize).view(shape)
 
     # In a compiled loop (see `fused/coded.py`): a param's state as rows of one block each.
+    arithmetic = False  # decoded by lookups in a table, which a loop had better not do twice
+
     @property
     def in_rows(self) -> bool:
         "Whether a compiled loop codes this format: 8 bits, one code a byte (4-bit codes, two a byte, are coded eagerly)."
@@ -91,6 +97,10 @@ class LowBit:
         "(codes, scales) of rows `x`, to nearest or (given `noise`, 16 random bits an element) stochastically."
         return encode_rows(x, *self._tables(nonnegative, x.device), noise)
 
+    def prepare_rows(self, nonnegative: bool, device) -> None:
+        "Make what the compiled coders look up on `device`, before they are traced."
+        self._tables(nonnegative, device)
+
     def _tables(self, nonnegative: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
         "The map and its bin table on `device`, made once."
         return _cached((self.name, nonnegative, device), lambda: (self.map(nonnegative).to(device),
@@ -102,10 +112,38 @@ class LowBit:
         if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.numel() != self.n_codes(n):
             got = f"{codes.dtype} with {codes.numel()} elements" if isinstance(codes, torch.Tensor) else type(codes).__name__
             return f"codes are {got}, expected uint8 with {self.n_codes(n)} elements ({self.name})"
-        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.shape != (self.n_scales(n),):
+        if not isinstance(scales, torch.Tensor) or scales.dtype != self.scale_dtype or scales.shape != (self.n_scales(n),):
             got = f"{scales.dtype} of shape {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
-            return f"scales are {got}, expected float32 of shape ({self.n_scales(n)},) ({self.name})"
+            return f"scales are {got}, expected {self.scale_dtype} of shape ({self.n_scales(n)},) ({self.name})"
         return None
+
+
+@dataclass(frozen=True)
+class Companded(LowBit):
+    """8-bit codes of companded values, in arithmetic (see `companded_encode_rows`): no table to look up, so a
+    compiled loop codes them at nearly the speed of a float32 update; 64-element blocks with bfloat16 scales."""
+    arithmetic = True
+
+    def encode(self, x, nonnegative, stochastic):
+        rows, n = _padded_rows(x, self.blocksize)
+        noise = torch.randint(0, 1 << 16, rows.shape, dtype=torch.int32, device=x.device) if stochastic else None
+        codes, scales = companded_encode_rows(rows, nonnegative, noise)
+        return codes.reshape(-1)[:n].view(x.shape), scales.view(-1)
+
+    def decode(self, codes, scales, nonnegative, shape):
+        rows, n = _padded_rows(codes, self.blocksize)
+        return companded_decode_rows(rows, scales.view(-1, 1), nonnegative).reshape(-1)[:n].view(shape)
+
+    def prepare_rows(self, nonnegative, device): pass
+    def decode_rows(self, codes, scales, nonnegative): return companded_decode_rows(codes, scales, nonnegative)
+    def encode_rows(self, x, nonnegative, noise): return companded_encode_rows(x, nonnegative, noise)
+
+
+def _padded_rows(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    "`x` flat, padded with zeros to whole blocks, as rows of one block; and its number of elements."
+    flat = x.reshape(-1)
+    n = flat.numel()
+    return torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize), n
 
 
 _MAPS: dict = {}
@@ -116,13 +154,22 @@ def _cached(key, make):
     return _MAPS[key]
 
 
-FORMATS = {'8bit': LowBit('8bit', 8, BLOCKSIZE), '4bit': LowBit('4bit', 4, BLOCKSIZE_4BIT)}
+FORMATS = {'8bit': LowBit('8bit', 8, BLOCKSIZE), '4bit': LowBit('4bit', 4, BLOCKSIZE_4BIT),
+           '8bit-companded': Companded('8bit-companded', 8, BLOCKSIZE_COMPANDED, torch.bfloat16)}
 
 
-def saved_format(codes, p: torch.Tensor) -> LowBit | None:
-    "The format whose codes for `p` have as many elements as `codes` (8 bits: as many as `p`), or None."
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8: return None
-    return next((f for f in FORMATS.values() if codes.numel() == f.n_codes(p.numel()) and f.fits(p.numel())), None)
+def saved_format(codes, scales, p: torch.Tensor) -> LowBit | None:
+    "The format whose codes and scales for `p` these are (told apart by their sizes and dtypes), or None."
+    return next((f for f in FORMATS.values() if f.fits(p.numel()) and f.unlike(codes, scales, p) is None), None)
+
+
+def unlike_any(codes, scales, p: torch.Tensor) -> str:
+    "Why `codes` and `scales` are the state of no format for `p`: the first that has as many codes says."
+    if isinstance(codes, torch.Tensor):
+        for f in FORMATS.values():
+            if codes.numel() == f.n_codes(p.numel()) and f.fits(p.numel()): return f.unlike(codes, scales, p)
+    got = f"{codes.dtype} with {codes.numel()} elements" if isinstance(codes, torch.Tensor) else type(codes).__name__
+    return f"codes are {got}, the codes of no format for {p.numel()} elements"
 
 
 @dataclass(frozen=True)
@@ -199,7 +246,7 @@ def plain_state(rule: StepRule, p: torch.Tensor, state: dict) -> dict:
     "A copy of `p`'s `state` with its few-bit state decoded, in `p`'s dtype, and no scales: fastai's own layout."
     out = dict(state)
     for key in rule.state_keys:
-        fmt = saved_format(out.get(key + CODES), p)
+        fmt = saved_format(out.get(key + CODES), out.get(key + SCALE), p)
         if fmt is None: continue
         out[key] = fmt.decode(out.pop(key + CODES), out.pop(key + SCALE), rule.state[key].nonnegative, p.shape).to(p.dtype)
     return out

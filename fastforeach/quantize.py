@@ -22,10 +22,12 @@ from __future__ import annotations
 import torch
 
 __all__ = ['dynamic_map', 'linear_map', 'quantize_blockwise', 'quantize_stochastic', 'dequantize_blockwise', 'quantize_4bit',
-           'dequantize_4bit', 'decode_rows', 'encode_rows', 'bin_table', 'BLOCKSIZE', 'BLOCKSIZE_4BIT']
+           'dequantize_4bit', 'decode_rows', 'encode_rows', 'bin_table', 'companded_decode_rows', 'companded_encode_rows',
+           'BLOCKSIZE', 'BLOCKSIZE_4BIT', 'BLOCKSIZE_COMPANDED']
 
 BLOCKSIZE = 256  # elements per block of 8-bit state (bitsandbytes' optimizers')
 BLOCKSIZE_4BIT = 128  # and of 4-bit state (torchao's)
+BLOCKSIZE_COMPANDED = 64  # and of companded 8-bit state (bfloat16 scales: 1.03 bytes an element)
 _DECADES = {8: 7, 4: 3}
 
 
@@ -185,3 +187,58 @@ def dequantize_4bit(codes: torch.Tensor, scale: torch.Tensor, map: torch.Tensor,
     "The float32 values, in `shape`, of 4-bit `codes` (two to a byte) with their blocks' `scale`."
     indices = torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1).long()
     return (map.to(scale.device).index_select(0, indices).view(scale.numel(), -1) * scale[:, None]).view(shape)
+
+
+# Companded 8-bit state (`companded_encode_rows`): levels of the companded value, in units of a level.
+_SIGNED_LEVELS, _UNSIGNED_LEVELS = 127, 256
+
+
+def _round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    "Nonnegative float32 `x` rounded up to bfloat16 (so that no element of a block scales past 1)."
+    return ((x.view(torch.int32) + 0xFFFF) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `x` (one block each) as 8-bit codes of their square roots and the blocks' scales (a bfloat16
+    column), in arithmetic: no table, so that a compiled loop vectorises it, and no division but one for
+    a stochastic code.
+
+    A block's values relative to its largest are coded as the square of a level: fine where most values
+    lie, near zero (the smallest nonzero code stands for 6e-5 of the largest, where a linear code would
+    stand for 8e-3), coarse near the largest. Averages that take both signs: scale s = the block's absmax,
+    value v = x / s ≈ sign(k)·(k / 127)², k = −127…127 (code k + 127). Second moments: s = √max,
+    x / s² ≈ ((c + 1) / 256)², c = 0…255: no zero level, so that a second moment never decodes to 0 under
+    a momentum that does not (a value below the least level takes it: its update shrinks rather than
+    growing without bound). Scales are rounded up to bfloat16.
+
+    To nearest: the nearest level of the square root. With `noise` (16 random bits an element): the level
+    below or the one above, the upper with probability (x − below) / (above − below) measured in x itself,
+    so that the decoded value is x in expectation."""
+    x = x.float()
+    if nonnegative:
+        scale = _round_up_to_bfloat16(x.amax(dim=1, keepdim=True).sqrt())
+        s = scale.float()
+        r = torch.where(s > 0, x.sqrt() / s, 0.)
+        level = r * _UNSIGNED_LEVELS - 1.
+        if noise is None: return level.round().clamp(0., _UNSIGNED_LEVELS - 1.).to(torch.uint8), scale
+        below = level.floor().clamp(0., _UNSIGNED_LEVELS - 2.)
+        # In units of a level squared: value (level + 1)², below (below + 1)², above (below + 2)².
+        chance = (((level + 1.) ** 2 - (below + 1.) ** 2) / (2. * below + 3.)).clamp(0., 1.)
+        return (below + (noise.float() * 2. ** -16 < chance).float()).to(torch.uint8), scale
+    scale = _round_up_to_bfloat16(x.abs().amax(dim=1, keepdim=True))
+    s = scale.float()
+    v = torch.where(s > 0, x / s, 0.)
+    level = v.abs().sqrt() * _SIGNED_LEVELS  # of |v|; the sign goes on after
+    if noise is None: below, up = level.round(), 0.
+    else:
+        below = level.floor().clamp(max=_SIGNED_LEVELS - 1.)
+        up = (noise.float() * 2. ** -16 < ((level * level - below * below) / (2. * below + 1.)).clamp(0., 1.)).float()
+    return (torch.where(v < 0, -(below + up), below + up) + _SIGNED_LEVELS).to(torch.uint8), scale
+
+
+def companded_decode_rows(codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    "The float32 values of `companded_encode_rows`' codes (rows of one block each) and scales (a column)."
+    if nonnegative: return ((codes.float() + 1.) * (1. / _UNSIGNED_LEVELS) * scales.float()) ** 2
+    level = (codes.float() - _SIGNED_LEVELS) * (1. / _SIGNED_LEVELS)
+    return level * level.abs() * scales.float()

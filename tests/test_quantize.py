@@ -148,3 +148,48 @@ def test_stochastic_codes_keep_small_increments_of_an_average():
     target = exact.mean().item()
     assert abs(means['stochastic'] - target) < 0.01 * target
     assert abs(means['nearest'] - target) > 0.05 * target  # stuck near where it started
+
+
+def _companded(x, nonnegative, noise=None):
+    from fastforeach.lowbit import FORMATS
+    fmt = FORMATS['8bit-companded']
+    rows = torch.nn.functional.pad(x.reshape(-1), (0, -x.numel() % fmt.blocksize)).view(-1, fmt.blocksize)
+    from fastforeach.quantize import companded_decode_rows, companded_encode_rows
+    codes, scales = companded_encode_rows(rows, nonnegative, noise)
+    return codes, scales, companded_decode_rows(codes, scales, nonnegative).reshape(-1)[:x.numel()], rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.floats(-2. ** 100, 2. ** 100, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=700),
+       nonnegative=st.booleans())
+def test_companded_round_trip_error_is_bounded(values, nonnegative):
+    """Companded 8-bit codes (square roots of values relative to their block's largest, bfloat16 scales): every
+    element comes back within half a level's spacing at the top, 1/127 (1/256 for second moments) of its
+    block's largest, and a second moment never comes back 0 unless its whole block is."""
+    x = torch.tensor(values)
+    if nonnegative: x = x.abs()
+    codes, scales, back, rows = _companded(x, nonnegative)
+    assert codes.dtype == torch.uint8 and scales.dtype == torch.bfloat16
+    largest = rows.abs().amax(dim=1, keepdim=True).expand_as(rows).reshape(-1)[:x.numel()]
+    assert torch.all((back - x).abs() <= (1 / 256 if nonnegative else 1 / 127) * largest * (1 + 1e-2) + 1e-38)
+    if nonnegative: assert torch.all((back > 0) | (largest == 0))
+
+
+@pytest.mark.parametrize('nonnegative', [False, True], ids=['signed', 'second moments'])
+def test_companded_stochastic_codes_are_unbiased(nonnegative):
+    """Stochastic companded codes: one of the two levels around the value, their mean over many draws the
+    value (within 4 standard errors of a draw between the two; second moments below the least level
+    aside: they take it)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, generator=gen) * torch.rand(8, 1, generator=gen).expand(8, 64).reshape(-1)
+    if nonnegative: x = x * x
+    nearest, _, _, _ = _companded(x, nonnegative)
+    total, draws = torch.zeros_like(x), 4000
+    for _ in range(draws):
+        codes, _, back, rows = _companded(x, nonnegative, torch.randint(0, 1 << 16, (8, 64), generator=gen, dtype=torch.int32))
+        assert ((codes.long() - nearest.long()).abs() <= 1).all()
+        total += back
+    largest = rows.abs().amax(dim=1, keepdim=True).expand_as(rows).reshape(-1)
+    gap = 2 * largest / (256 if nonnegative else 127)  # the widest spacing of two levels, at the top
+    kept = x >= largest * (1 / 256) ** 2 if nonnegative else torch.ones_like(x, dtype=torch.bool)
+    assert ((total / draws - x).abs() <= 4 * gap / 2 / draws ** 0.5)[kept].all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import as_like, local
-from ..lowbit import CODES, SCALE, StateFormat, saved_format
+from ..lowbit import CODES, SCALE, StateFormat, saved_format, unlike_any
 from ..precision import COMP, Rounding
 from ..rules import LIKE_PARAM, StepRule
 
@@ -44,10 +44,9 @@ def check_param_state(rule: StepRule, p, state, where: str) -> None:
     if not isinstance(state, dict): raise ValueError(f"Invalid state dict: {where}: state is not a dict")
     for key in rule.state_keys:
         if key + CODES in state:  # kept in few bits (see `lowbit.py`)
-            codes, fmt = state[key + CODES], saved_format(state[key + CODES], p)
-            got = fmt.unlike(codes, state.get(key + SCALE), p) if fmt else \
-                f"codes are {_described(codes)}, the codes of no format for {p.numel()} elements"
-            if got: raise ValueError(f"Invalid state dict: {where}: state {key!r}: {got}")
+            codes, scales = state[key + CODES], state.get(key + SCALE)
+            if saved_format(codes, scales, p) is None:
+                raise ValueError(f"Invalid state dict: {where}: state {key!r}: {unlike_any(codes, scales, p)}")
             continue
         # A param that never stepped has no state in fastai either.
         if key not in state:
@@ -65,10 +64,6 @@ def check_param_state(rule: StepRule, p, state, where: str) -> None:
             raise ValueError(f"Invalid state dict: {where}: state 'step' is {step!r}, expected an int >= 1")
 
 
-def _described(t) -> str:
-    return f"{t.dtype} with {t.numel()} elements" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats: StateFormat | None = None) -> dict:
     """A copy of `state` (checked) as `p`'s: each state tensor on `p`'s device, in its dtype, laid out as `p` for
     state shaped like it; a Kahan buffer kept where `rounding` sums `p` with Kahan, in its buffers' dtype.
@@ -79,7 +74,7 @@ def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats
         nonnegative, fmt = rule.state[key].nonnegative, low.get(key)
         if key + CODES in s:
             codes, scales = s.pop(key + CODES).to(p.device), s.pop(key + SCALE).to(p.device)
-            saved = saved_format(codes, p)
+            saved = saved_format(codes, scales, p)
             if saved == fmt:
                 s[key + CODES], s[key + SCALE] = codes.view(p.shape if fmt.bits == 8 else (-1,)), scales
                 continue

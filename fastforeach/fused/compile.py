@@ -113,8 +113,9 @@ def _compiled(update: Callable, mode: str, dtype: torch.dtype, device_type: str,
         # eagerly, slower but right, where fullgraph would raise in the middle of a step.
         # A 16-bit write-back rounds to 16 bits and keeps what rounding took off: inductor must not fold the
         # round trip w.to(bfloat16).float() into w (its default), or nothing would be kept.
-        options = {'emulate_precision_casts': True} if rounding is not None else None
-        _COMPILED[key] = torch.compile(own, dynamic=True, options=options)
+        options = {'emulate_precision_casts': True} if rounding is not None else {}
+        options.update(getattr(update, 'inductor_options', {}))
+        _COMPILED[key] = torch.compile(own, dynamic=True, options=options or None)
     return _COMPILED[key]
 
 
