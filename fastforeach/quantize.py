@@ -138,7 +138,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, map: torch.T
 def decode_rows(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
     """`dequantize_blockwise` inside a compiled loop: `codes` as rows of one block each (a param's whole
     blocks, or its last short one), `scales` their absmax as a column."""
-    return map[codes.int()] * scales
+    return map[codes.int()] * scales.view(-1, 1)  # one column, whatever size its width was traced with
 
 
 def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: torch.Tensor | None
@@ -239,6 +239,7 @@ def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tenso
 
 def companded_decode_rows(codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool) -> torch.Tensor:
     "The float32 values of `companded_encode_rows`' codes (rows of one block each) and scales (a column)."
-    if nonnegative: return ((codes.float() + 1.) * (1. / _UNSIGNED_LEVELS) * scales.float()) ** 2
+    scales = scales.float().view(-1, 1)  # one column, whatever size its width was traced with
+    if nonnegative: return ((codes.float() + 1.) * (1. / _UNSIGNED_LEVELS) * scales) ** 2
     level = (codes.float() - _SIGNED_LEVELS) * (1. / _SIGNED_LEVELS)
-    return level * level.abs() * scales.float()
+    return level * level.abs() * scales

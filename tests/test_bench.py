@@ -2,12 +2,15 @@
 import json
 import subprocess
 import sys
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from fastforeach import bench
 from fastforeach.bench import train_table
+from fastforeach.bench.experiments import memory as memory_experiment
+from fastforeach.bench.experiments.memory import MEMORY_SETUPS
 
 
 def test_quick_mode_writes_table_json_png_text_and_summary(tmp_path, capsys):
@@ -107,18 +110,23 @@ def test_the_command_runs_as_a_module():
 @pytest.mark.parametrize('model', ['mlp', 'transformer', 'xresnet18'])
 def test_memory_table_counts_every_setup(model):
     """Bytes per param, counted: Adam 16 in float32, 12 in pure bf16 with Kahan (float32 buffer), 10 with a
-    bf16 buffer, 8 with stochastic rounding; with 8-bit averages at most 4 + 4 + 2.1 (2 + 2 + 2.1 in bf16) on
-    the models with large params (the MLP's are all small: full precision), 4-bit ones 1.1 for the state, as
+    bf16 buffer, 8 with stochastic rounding; with 8-bit averages (either format) at most 4 + 4 + 2.1 (companded:
+    2 + 2 + 2.1 in bf16) on the models with large params (the MLP's are all small: full precision), 4-bit ones
+    1.1 for the state, as
     bitsandbytes' and torchao's (where installed); fastforeach's own buffers at most 2% of the param bytes,
     with the CPU's pack threshold and with CUDA's (which packs far more)."""
-    rows = {r['setup']: r for r in bench.memory_table(model, steps=2, warmup=1)}
+    # The fused steps with bitsandbytes' format hold what its foreach step holds, and compile for most of a minute.
+    setups = [s for s in MEMORY_SETUPS if not s[0].startswith(('fused, 8-bit state', 'fused, stochastic, 8-bit state'))]
+    with patch.object(memory_experiment, 'MEMORY_SETUPS', setups):
+        rows = {r['setup']: r for r in bench.memory_table(model, steps=2, warmup=1)}
     assert rows['Adam float32 fastai native']['total'] == rows['Adam float32 fused']['total'] == 16
     assert rows['Adam bfloat16 fused, Kahan']['total'] == 12
     assert rows['Adam bfloat16 fused, Kahan bf16']['total'] == 10
     assert rows['Adam bfloat16 fused, stochastic']['total'] == 8
     if model != 'mlp':
         assert rows['Adam float32 8-bit state']['total'] <= 10.1 and rows['Adam float32 4-bit state']['state'] <= 1.1
-        assert rows['Adam bfloat16 8-bit state, stochastic']['total'] <= 6.1
+        assert rows['Adam float32 fused, 8-bit companded state']['total'] <= 10.1
+        assert rows['Adam bfloat16 fused, stochastic, 8-bit companded']['total'] <= 6.1
         for peer in ('AdamW8bit float32 bitsandbytes', 'AdamW8bit float32 torchao'):
             if peer in rows: assert abs(rows[peer]['state'] - rows['Adam float32 8-bit state']['state']) < 0.02, peer
     assert all(r['extra_share'] <= 0.02 for r in rows.values()), {k: r['extra_share'] for k, r in rows.items()}

@@ -201,6 +201,25 @@ def test_fused_codes_equal_foreach(dtype):
     assert n_coded == 8
 
 
+@pytest.mark.parametrize('fmt', ['8bit', '8bit-companded'])
+@pytest.mark.parametrize('rounding', ['kahan', 'stochastic'])
+def test_fused_bf16_params_code_in_one_pass(fmt, rounding, monkeypatch):
+    """bf16 params with 8-bit state, fused: stepped in the one-pass loop (the param written back with Kahan
+    summation or stochastic rounding, the scales exactly), near the foreach step's params after 5 steps."""
+    taken = []
+    monkeypatch.setattr(paths.CODED_FUSED, 'step', lambda *a, _step=paths.CODED_FUSED.step: (taken.append(1), _step(*a)))
+    torch.manual_seed(0)
+    ps = [nn.Parameter((torch.randn(s) * 0.1).bfloat16()) for s in [(64, 128), (4100,), (30,)]]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    lowbit = StateFormat(fmt, min_numel=1000)
+    a, b = (fastforeach.Adam(xs, 1e-3, state_format=lowbit, fused=fused, rounding=rounding) for xs, fused in ((ps, False), (qs, True)))
+    for _ in range(5):
+        _same_gradients(ps, qs)
+        a.step(); b.step()
+    assert taken and b.state[qs[0]]['grad_avg_scale'].dtype == FORMATS[fmt].scale_dtype
+    for p, q in zip(ps, qs): torch.testing.assert_close(q.float(), p.float(), atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize('fmt,fused', [('8bit', False), ('4bit', False), ('8bit', True), ('8bit-companded', True)])
 def test_averages_keep_their_increments(fmt, fused):
     """QHAdam's second moment (β = 0.999) over 1000 steps of gradients 1 ± 0.5: written back stochastically, its

@@ -32,7 +32,7 @@ __all__ = ['elementwise', 'coded_formats', 'coded_ready', 'run_coded', 'CODED_CH
 
 # Pieces per compiled call: the step takes as long with 1, 2 or 4 (Adam, 8-bit state, xresnet50, CPU:
 # 190, 187, 183 ms), and the first compile grows with the count (8: 12.5 s against 4.4 s with 2).
-CODED_CHUNK = 2
+CODED_CHUNK = 1
 
 
 def elementwise(fused) -> CompiledStep | None:

@@ -59,7 +59,9 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
             else: out.append(update(*tensors, c))
             if rounding is not None and first:
                 for t, t32 in zip(originals[2:], tensors[2:]):
-                    if is_low_precision(t.dtype): t32 = stochastic_round(t32, t.dtype, hashed_noise(t32, tensors[0]))
+                    # (Scales of few-bit state, bfloat16 and one per block, are written exactly: see `fused/coded.py`.)
+                    if is_low_precision(t.dtype) and t.shape == p.shape:
+                        t32 = stochastic_round(t32, t.dtype, hashed_noise(t32, tensors[0]))
                     t.copy_(t32)
             if rounding is not None and writes:
                 w = tensors[0]
@@ -77,11 +79,13 @@ _GOLDEN = 0x9E3779B9  # seeds of the tensors of one call, far apart
 
 
 def hashed_bits(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """16 random bits per element of 1-d `like`, from a hash of each index and `seed` (a murmur3 finaliser in
-    int64 arithmetic kept to 32 bits): inside a compiled loop, several times faster than a random number
-    generator on CPU (stochastic rounding of 4M elements, 2 threads: 3 ms, against 17 ms with `randint`)."""
+    """16 random bits per element of `like` (in its shape), from a hash of each flat index and `seed` (one
+    element; a murmur3 finaliser in int64 arithmetic kept to 32 bits): inside a compiled loop, several times
+    faster than a random number generator on CPU (stochastic rounding of 4M elements, 2 threads: 3 ms,
+    against 17 ms with `randint`)."""
     mask = 0xFFFFFFFF
-    x = (torch.arange(like.numel(), device=like.device, dtype=torch.int64) + seed) & mask
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    x = (index + seed.view([1] * like.dim())) & mask
     x = ((x ^ (x >> 16)) * 0x85EBCA6B) & mask
     x = ((x ^ (x >> 13)) * 0xC2B2AE35) & mask
     return (x ^ (x >> 16)) & 0xFFFF

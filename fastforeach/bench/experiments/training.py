@@ -80,9 +80,12 @@ STATE_FORMATS = [
     ('8-bit, nearest', 'float32', {'state_format': StateFormat('8bit', rounding='nearest')}),
     ('4-bit, stochastic', 'float32', {'state_format': '4bit'}),
     ('4-bit, nearest', 'float32', {'state_format': StateFormat('4bit', rounding='nearest')}),
+    ('8-bit companded, stochastic', 'float32', {'state_format': '8bit-companded'}),
+    ('8-bit companded, nearest', 'float32', {'state_format': StateFormat('8bit-companded', rounding='nearest')}),
     ('pure bf16 (Kahan)', 'bfloat16', {}),
     ('pure bf16 (Kahan), 8-bit, stochastic', 'bfloat16', {'state_format': '8bit'}),
     ('pure bf16 (Kahan), 4-bit, stochastic', 'bfloat16', {'state_format': '4bit'}),
+    ('pure bf16 (Kahan), 8-bit companded', 'bfloat16', {'state_format': '8bit-companded'}),
 ]
 
 
