@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 
 from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, BLOCKSIZE_COMPANDED, bin_table, companded_decode_rows, companded_encode_rows,
-                       decode_rows, dequantize_4bit, dequantize_blockwise, dynamic_map, encode_rows, linear_map, quantize_4bit,
-                       quantize_blockwise, quantize_stochastic)
+                       decode_rows, decode_rows_4bit, dequantize_4bit, dequantize_blockwise, dynamic_map, encode_rows,
+                       encode_rows_4bit, linear_map, quantize_4bit, quantize_blockwise, quantize_stochastic)
 from .rules import StepRule
 
 __all__ = ['LowBit', 'Companded', 'FORMATS', 'StateFormat', 'CODES', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format',
@@ -84,22 +84,23 @@ class LowBit:
     # In a compiled loop (see `fused/coded.py`): a param's state as rows of one block each.
     arithmetic = False  # decoded by lookups in a table, which a loop had better not do twice
 
-    @property
-    def in_rows(self) -> bool:
-        "Whether a compiled loop codes this format: 8 bits, one code a byte (4-bit codes, two a byte, are coded eagerly)."
-        return self.bits == 8
+    in_rows = True  # a compiled loop codes it (a stand-in format may say not)
 
     def decode_rows(self, codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool) -> torch.Tensor:
         "float32 values of `codes` (rows of one block each) with `scales` (a column), inside a compiled loop."
-        return decode_rows(codes, scales, self._tables(nonnegative, codes.device)[0])
+        map = self._tables(nonnegative, codes.device)[0]
+        return decode_rows(codes, scales, map) if self.bits == 8 else decode_rows_4bit(codes, scales, map)
 
     def encode_rows(self, x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         "(codes, scales) of rows `x`, to nearest or (given `noise`, 16 random bits an element) stochastically."
-        return encode_rows(x, *self._tables(nonnegative, x.device), noise)
+        map, bins = self._tables(nonnegative, x.device)
+        if self.bits == 8: return encode_rows(x, map, bins, noise)
+        return encode_rows_4bit(x, map, _cached(('entries', self.name, nonnegative), lambda: tuple(map.tolist())), noise)
 
     def prepare_rows(self, nonnegative: bool, device) -> None:
         "Make what the compiled coders look up on `device`, before they are traced."
-        self._tables(nonnegative, device)
+        map = self._tables(nonnegative, device)[0]
+        _cached(('entries', self.name, nonnegative), lambda: tuple(map.tolist()))
 
     def _tables(self, nonnegative: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
         "The map and its bin table on `device`, made once."

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ['dynamic_map', 'linear_map', 'quantize_blockwise', 'quantize_stochastic', 'dequantize_blockwise', 'quantize_4bit',
-           'dequantize_4bit', 'decode_rows', 'encode_rows', 'bin_table', 'companded_decode_rows', 'companded_encode_rows',
+           'dequantize_4bit', 'decode_rows', 'encode_rows', 'bin_table', 'decode_rows_4bit', 'encode_rows_4bit',
+           'companded_decode_rows', 'companded_encode_rows',
            'BLOCKSIZE', 'BLOCKSIZE_4BIT', 'BLOCKSIZE_COMPANDED']
 
 BLOCKSIZE = 256  # elements per block of 8-bit state (bitsandbytes' optimizers')
@@ -160,6 +161,36 @@ def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: t
     beside = map[(near + side).clamp(0, map.numel() - 1)]
     chance = ((scaled - mid) / (beside - mid)).nan_to_num(0.).clamp(0., 1.)  # NaN: no entry beside
     return (near + torch.where(noise.float() * 2. ** -16 < chance, side, 0)).to(torch.uint8), absmax
+
+
+def decode_rows_4bit(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
+    """`dequantize_4bit` inside a compiled loop: `codes` as rows of one block each (two codes a byte, the first
+    in the high nibble), `scales` a column."""
+    indices = torch.stack([codes >> 4, codes & 0b1111], dim=-1).view(codes.shape[0], -1)
+    return map[indices.int()] * scales.view(-1, 1)
+
+
+def encode_rows_4bit(x: torch.Tensor, map: torch.Tensor, entries: tuple, noise: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_4bit` inside a compiled loop, rows of one block each: (codes, two a byte; scales, a column).
+    To nearest (`noise` None) its codes, bit for bit; with `noise` (16 random bits an element) the entry
+    below or above, unbiased. The entry below is counted from the map's 16 values (`entries`, Python floats:
+    constants of the graph), not searched for."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    scaled = x / scale
+    below = sum((scaled >= v).int() for v in entries[1:])  # the largest entry at most the value (the first if none)
+    if noise is None:
+        up = (below + 1).clamp(max=len(entries) - 1)
+        low = map[below]
+        codes = torch.where(scaled - low >= (map[up] - low) * 0.5, up, below)
+    else:
+        below = below.clamp(max=len(entries) - 2)
+        low, high = map[below], map[below + 1]
+        chance = ((scaled.clamp(entries[0], entries[-1]) - low) / (high - low)).clamp(0., 1.)
+        codes = below + (noise.float() * 2. ** -16 < chance).int()
+    codes = codes.to(torch.uint8)
+    return (codes[:, 0::2] << 4) | codes[:, 1::2], scale
 
 
 def quantize_4bit(x: torch.Tensor, map: torch.Tensor, blocksize: int = BLOCKSIZE_4BIT, stochastic: bool = False,

@@ -23,7 +23,7 @@ import torch
 from ..accumulation import fold
 from ..distributed import WholeTensors, local
 from ..fused import Context
-from ..fused.coded import coded_formats, coded_ready, elementwise, run_coded
+from ..fused.coded import coded_formats, coded_ready, elementwise, one_row_pieces, run_coded
 from ..lowbit import CODES, SCALE
 from ..ops import mul_scalar_
 from .buckets import Bucket
@@ -148,7 +148,7 @@ class CodedFused:
         rule, in_float32 = route.rule, core.rounding.in_float32(p0)
         dtypes = tuple(state_dtype(rule, key, p0, core.rounding) for key in rule.state_keys)
         return coded_ready(step, formats, core.state_format.rounding == 'stochastic', p0, kwargs, dtypes,
-                           core.rounding if in_float32 else None)
+                           core.rounding if in_float32 else None, one_row_pieces(formats, bucket.params))
 
     def step(self, core, route, bucket, hyper, kwargs):
         rule, p0 = route.rule, bucket.params[0]

@@ -1,15 +1,16 @@
 """Few-bit state (see `lowbit.py`) stepped in one compiled pass: each block's codes decoded, the optimizer's
-elementwise update run, and the block's new absmax and codes written, in one loop over the param.
+elementwise update run, and the block's new scale and codes written, in one loop over the param.
 
-A param's 8-bit state is codes shaped like it and one absmax per 256 elements of its flat order. The loop
-takes every tensor of a param (itself, its gradient, each state's codes or values, its Kahan buffer) in
-two pieces: its whole blocks as rows of 256, and its last short block, if any, as one row; a block's
-absmax is then a reduction over its row, which inductor runs beside the update in the same loop, and
-scales are a column. Pieces are stepped `CHUNK` to a call, as `run_chunks` steps tensors.
+A param's few-bit state is codes (8 bits: shaped like it; 4 bits: two a byte, flat) and one scale per
+block of its flat order. The loop takes every tensor of a param (itself, its gradient, each state's codes
+or values, its Kahan buffer) in two pieces: its whole blocks as rows, and its last short block, if any, as
+one row; a block's scale is then a reduction over its row, which inductor runs beside the update in the
+same loop, and scales are a column. Pieces are stepped `CODED_CHUNK` to a call; pieces of one row are
+called apart (dynamo guards on a size of 1, which broadcasts).
 
 Only for rules whose compiled update is elementwise (`elementwise`): an update that needs a norm of its
-tensor (Larc, LAMB, StableAdam) would take it over a piece. Those, and formats a compiled loop does not
-code (4 bits, two codes a byte), step by decoding cache-sized chunks (`QUANTIZED` in `core/paths.py`).
+tensor (Larc, LAMB, StableAdam) would take it over a piece. Those, and keys kept in formats of two block
+sizes, step by decoding cache-sized chunks (`QUANTIZED` in `core/paths.py`).
 
 Codes to nearest equal the eager coder's, bit for bit; stochastic codes are drawn with noise hashed from
 the new state and the new param (`precision.hashed_noise`), as 16-bit state is rounded: a function of the
@@ -24,11 +25,11 @@ import torch
 from ..lowbit import CODES, SCALE, StateFormat
 from ..precision import hashed_noise
 from ..rules import StepRule
-from .compile import CHUNK, _compiles, coefficient_dtype, run_chunks
+from .compile import _compiles, coefficient_dtype, run_chunks
 from .compiled import CompiledStep
 from .steps import split_by_wd
 
-__all__ = ['elementwise', 'coded_formats', 'coded_ready', 'run_coded', 'CODED_CHUNK']
+__all__ = ['elementwise', 'coded_formats', 'coded_ready', 'one_row_pieces', 'run_coded', 'CODED_CHUNK']
 
 # Pieces per compiled call: the step takes as long with 1, 2 or 4 (Adam, 8-bit state, xresnet50, CPU:
 # 190, 187, 183 ms), and the first compile grows with the count (8: 12.5 s against 4.4 s with 2).
@@ -100,18 +101,18 @@ def _rows(t: torch.Tensor, n: int, block: int, scales: bool = False) -> list[tor
     as its whole blocks' rows and its last one's: aliases made with `set_` (see `flat_alias`: a view would
     recompile for every shape)."""
     whole, rest = divmod(n, block)
-    cols = 1 if scales else t.numel() // n * block  # elements of `t` per block
-    shapes = ([(whole, cols)] if whole else []) + ([(1, 1 if scales else rest * cols // block)] if rest else [])
+    width = 1 if scales else t.numel() * block // n  # elements of `t` per block (4-bit codes: half a block)
+    shapes = ([(whole, width)] if whole else []) + ([(1, 1 if scales else rest * t.numel() // n)] if rest else [])
     pieces, offset = [], t.storage_offset()
-    for rows, width in shapes:
-        pieces.append(torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), offset, (rows, width), (width, 1)))
-        offset += rows * width
+    for rows, cols in shapes:
+        pieces.append(torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), offset, (rows, cols), (cols, 1)))
+        offset += rows * cols
     return pieces
 
 
 def _operands(params, grads, states, rule: StepRule, formats: tuple, comps, idx) -> list[list[list[torch.Tensor]]]:
     """The pieces of the params at `idx`, one list per operand of the coded update (see `_coded_update`): those
-    of many rows, then those of one row (a param's last short block), apart (see `_chunks`)."""
+    of many rows, then those of one row (a param's last short block), apart (see the module docstring)."""
     block = next(f[0].blocksize for f in formats if f is not None)
     groups = {}
     for i in idx:
@@ -128,40 +129,33 @@ def _operands(params, grads, states, rule: StepRule, formats: tuple, comps, idx)
     return [groups[one] for one in (False, True) if one in groups]
 
 
-_DUMMIES: dict = {}
-
-
-def _chunks(lists: list[list[torch.Tensor]], size: int) -> list:
-    """`lists` in chunks of `size` pieces, the last padded with small dummies (one graph for every length).
-    Dynamo guards on sizes of 1 (broadcasting) and on a tensor passed twice: pieces of one row go in calls of
-    their own, dummies have as many rows as the pieces beside them (one, or two) and each list its own."""
-    n, pad = len(lists[0]), -len(lists[0]) % size
-    if pad:
-        p = lists[0][0]
-        rows = 1 if p.shape[0] == 1 else 2
-        def dummies(k, t):  # two elements of the param wide (codes of two elements, a scale)
-            width = 1 if t.shape[1] == 1 else max(1, 2 * t.shape[1] // p.shape[1])
-            key = (k, rows, width, t.dtype, t.device)
-            if key not in _DUMMIES: _DUMMIES[key] = [torch.zeros(rows, width, dtype=t.dtype, device=t.device) for _ in range(CHUNK)]
-            return _DUMMIES[key][:pad]
-        lists = [xs + dummies(k, xs[0]) for k, xs in enumerate(lists)]
-    return [[xs[s:s + size] for xs in lists] for s in range(0, n + pad, size)]
+def _chunks(lists: list[list[torch.Tensor]]) -> list:
+    "`lists` in calls of `CODED_CHUNK` pieces (the last may be short: a graph of its own)."
+    return [[xs[s:s + CODED_CHUNK] for xs in lists] for s in range(0, len(lists[0]), CODED_CHUNK)]
 
 
 def _operand_kinds(p: torch.Tensor, formats: tuple, state_dtypes: tuple, rounding) -> list[tuple[torch.dtype, int]]:
-    "(dtype, elements per element of the param: 0 for a column of scales) of each operand of the coded update."
-    out = [(p.dtype, 1), (p.dtype, 1)]
+    "(dtype, elements per block of the param) of each operand of the coded update."
+    block = next(f[0].blocksize for f in formats if f is not None)
+    out = [(p.dtype, block), (p.dtype, block)]
     for fmt, dtype in zip(formats, state_dtypes):
-        out += [(dtype, 1)] if fmt is None else [(torch.uint8, fmt[0].n_codes(fmt[0].blocksize) // fmt[0].blocksize),
-                                                 (torch.float32, 0)]
-    if rounding is not None and rounding.kahan: out.append((rounding.kahan_dtype, 1))
+        out += [(dtype, block)] if fmt is None else [(torch.uint8, fmt[0].n_codes(block)),
+                                                   (fmt[0].scale_dtype, 1)]
+    if rounding is not None and rounding.kahan: out.append((rounding.kahan_dtype, block))
     return out
 
 
+def one_row_pieces(formats: tuple, params: list) -> bool:
+    "Whether some param of `params` has a piece of one row: a last short block, or a single whole one."
+    block = next(f[0].blocksize for f in formats if f is not None)
+    return any(p.numel() % block or p.numel() < 2 * block for p in params)
+
+
 def coded_ready(step: CompiledStep, formats: tuple, stochastic: bool, p: torch.Tensor, hypers: dict,
-                state_dtypes: tuple, rounding=None) -> bool:
+                state_dtypes: tuple, rounding=None, one_row: bool = True) -> bool:
     """Whether the coded update compiled for params like `p` (plain state of `state_dtypes`; 16-bit params
-    written back as `rounding` says), tried on dummy pieces before any real tensor is touched (see `compiles`)."""
+    written back as `rounding` says), tried on dummy pieces before any real tensor is touched (see `compiles`);
+    the graph for pieces of one row only where `one_row` says some param has them."""
     block = next(f[0].blocksize for f in formats if f is not None)
     for fmt in formats:
         if fmt is not None: fmt[0].prepare_rows(fmt[1], p.device)
@@ -171,11 +165,11 @@ def coded_ready(step: CompiledStep, formats: tuple, stochastic: bool, p: torch.T
     def attempt():
         # Inductor plans its loops from the sizes it first sees: many rows, as real params have.
         c = torch.ones(len(step.layout), dtype=coefficient_dtype(p.dtype), device=p.device)
-        for rows, width in ((256, block), (1, block // 2)):  # pieces of many rows, and of one
-            lists = [[torch.ones(rows, width * per or 1, dtype=dtype, device=p.device) for _ in range(CODED_CHUNK)]
-                     for dtype, per in operands]
-            run_chunks(phases, _chunks(lists, CODED_CHUNK), c, CODED_CHUNK, mode)
-    return _compiles((phases, tuple(operands), p.device.type, mode), [phases[0][0]], p, attempt)
+        for rows in (256, 1) if one_row else (256,):  # pieces of many rows, and of one
+            lists = [[torch.ones(rows, width, dtype=dtype, device=p.device) for _ in range(CODED_CHUNK)]
+                     for dtype, width in operands]
+            run_chunks(phases, _chunks(lists), c, CODED_CHUNK, mode)
+    return _compiles((phases, tuple(operands), p.device.type, mode, one_row), [phases[0][0]], p, attempt)
 
 
 def run_coded(step: CompiledStep, formats: tuple, stochastic: bool, rule: StepRule, params, grads, states, do_wd,
@@ -187,4 +181,4 @@ def run_coded(step: CompiledStep, formats: tuple, stochastic: bool, rule: StepRu
     for idx, takes_wd in split_by_wd(do_wd, wd):
         c, _ = step.coefficient_vector(rule_c, p0, hypers['lr'], wd if takes_wd else 0., decouple_wd)
         for lists in _operands(params, grads, states, rule, formats, comps, idx):
-            run_chunks(phases, _chunks(lists, CODED_CHUNK), c, len(lists[0]), rounding.mode if rounding is not None else None)
+            run_chunks(phases, _chunks(lists), c, len(lists[0]), rounding.mode if rounding is not None else None)
