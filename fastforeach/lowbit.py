@@ -11,10 +11,14 @@ on it rather than reading codes as values.
 - `'4bit'`: torchao's format: two elements a byte (flat), one float32 scale per 128: 0.53 bytes an element;
   the 4-bit signed dynamic map, and the linear map without zero for second moments. Only params of a
   whole number of blocks (as torchao's).
+- `'8bit-companded'`: one byte an element coding the square root of each value relative to its 64-element
+  block's largest, bfloat16 scales: 1.03 bytes an element, coded in arithmetic (see
+  `quantize.companded_encode_rows`), so that a compiled loop vectorises it.
 
-A step decodes a cache-sized chunk of params' state to float32 (float64 for float64 params), runs the
-optimizer's rule on it, and encodes it back (`Quantized` in `core/paths.py`): no float32 copy of the whole
-model's state. `rounding` says how the codes are written: `'stochastic'` (default) to the entry below or
+A fused step whose update is elementwise decodes, steps and codes each param's state in one compiled loop
+(`fused/coded.py`); otherwise a step decodes a cache-sized chunk of params' state to float32 (float64 for
+float64 params), runs the optimizer's rule on it, and encodes it back (`Quantized` in `core/paths.py`).
+Either way there is no float32 copy of the whole model's state. `rounding` says how the codes are written: `'stochastic'` (default) to the entry below or
 above at random, unbiased, so that an average with β = 0.999 keeps increments far below the map's spacing;
 `'nearest'`, bitsandbytes' and torchao's own rounding, code for code.
 
