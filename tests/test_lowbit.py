@@ -205,6 +205,24 @@ def test_fused_codes_equal_foreach(fmt, dtype):
     assert n_coded == 2 * sum(p.numel() >= 1000 and FORMATS[fmt].fits(p.numel()) for p in ps) >= 4
 
 
+def test_fused_params_not_dense_decode_in_chunks(monkeypatch):
+    """A channels-last param (its storage not in the order of its flat index) cannot be cut into rows by aliasing:
+    its bucket steps by the chunked path, with the same codes as a foreach step."""
+    taken = []
+    for path in (paths.QUANTIZED, paths.CODED_FUSED):
+        monkeypatch.setattr(path, 'step', lambda *a, _step=path.step, _name=path.name: (taken.append(_name), _step(*a)))
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last))]
+    qs = [nn.Parameter(ps[0].detach().clone())]
+    lowbit = StateFormat('8bit', rounding='nearest')
+    a, b = (fastforeach.Adam(xs, 1e-3, state_format=lowbit, fused=fused) for xs, fused in ((ps, False), (qs, True)))
+    for _ in range(3):
+        _same_gradients(ps, qs)
+        a.step(); b.step()
+    assert set(taken) == {paths.QUANTIZED.name}
+    assert torch.equal(a.state[ps[0]]['grad_avg_codes'], b.state[qs[0]]['grad_avg_codes'])
+
+
 @pytest.mark.parametrize('fmt,rounding', [('8bit', 'kahan'), ('8bit-companded', 'stochastic')])
 def test_fused_bf16_params_code_in_one_pass(fmt, rounding, monkeypatch):
     """bf16 params with 8-bit state, fused: stepped in the one-pass loop (the param written back with Kahan

@@ -144,7 +144,10 @@ class CodedFused:
         "Whether this path steps `bucket`: an elementwise update, formats a compiled loop codes, dense tensors."
         step, p0 = elementwise(route.fused), bucket.params[0]
         formats = None if step is None or bucket.sharded else coded_formats(core.state_format, route.rule, bucket.params)
-        if formats is None or not all(t.is_contiguous() for t in (*bucket.params, *bucket.grads)): return False
+        if formats is None: return False
+        # The loop's pieces alias each tensor's storage as rows: dense tensors only (a first step makes its state so).
+        held = (t for state in bucket.states for t in state.values() if isinstance(t, torch.Tensor))
+        if not all(t.is_contiguous() for t in (*bucket.params, *bucket.grads, *held)): return False
         rule, in_float32 = route.rule, core.rounding.in_float32(p0)
         dtypes = tuple(state_dtype(rule, key, p0, core.rounding) for key in rule.state_keys)
         return coded_ready(step, formats, core.state_format.rounding == 'stochastic', p0, kwargs, dtypes,
