@@ -172,7 +172,7 @@ def make_factory(spec: OptimizerSpec) -> Callable:
                        f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
                        f"`foreach=False` gives {native}. 16-bit params are written back with "
                        "`rounding`: 'kahan' (a compensation buffer in `kahan_dtype`), 'stochastic', or 'nearest' "
-                       "(fastai's own steps). `state_format` ('8bit', '4bit', a dict of state key -> format, or a "
-                       "`StateFormat`) keeps its averages in few bits.")
+                       "(fastai's own steps). `state_format` ('8bit', '4bit', '8bit-companded', a dict of state key -> "
+                       "format, or a `StateFormat`) keeps its averages in few bits.")
     factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])
     return factory
