@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ['Rounding', 'ROUNDINGS', 'KAHAN_DTYPES', 'COMP', 'check_rounding', 'is_low_precision', 'stochastic_round',
-           'random_bits', 'hashed_noise', 'kahan_split']
+           'random_bits', 'hashed_noise', 'state_value', 'kahan_split']
 
 ROUNDINGS = ('kahan', 'stochastic', 'nearest')
 KAHAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -99,6 +99,14 @@ def hashed_noise(x: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
     return (((x.view(torch.int32) ^ (salt.view(torch.int32) * 0x2545F491)) * 0x2C1B3C6D) >> 16) & 0xFFFF
 
 
+def state_value(x: torch.Tensor, dtype: torch.dtype, w: torch.Tensor) -> torch.Tensor:
+    """float32 state value `x` as it is written into state of `dtype`: for 16-bit state, stochastically rounded
+    with noise hashed from `x` and its param's new working value `w` (see `hashed_noise`; from `x` alone for
+    state not shaped like its param, or a value 16 bits hold exactly: a few-bit format's scales)."""
+    if dtype not in LOW_PRECISION: return x
+    return stochastic_round(x, dtype, hashed_noise(x, w if w.shape == x.shape else x))
+
+
 def kahan_split(w: torch.Tensor, dtype: torch.dtype, comp_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     "`w` (float32) as (p, comp): p = w rounded to `dtype`, comp = w − p in `comp_dtype`."
     p = w.to(dtype)
@@ -142,12 +150,9 @@ class Rounding:
         self.write_back(params, w, comps)
 
     def write_state(self, states: list[torch.Tensor], values: list[torch.Tensor], w: list[torch.Tensor]) -> None:
-        """Each float32 value of a step's state into its state tensor: 16-bit state by stochastic rounding with
-        noise hashed from the values and their params' new working values `w` (see `hashed_noise`), other
-        state as it is."""
+        "Each float32 value of a step's state into its state tensor, as `state_value` says."
         for s, x, wi in zip(states, values, w):
-            if s.dtype in LOW_PRECISION: s.copy_(stochastic_round(x, s.dtype, hashed_noise(x, wi if wi.shape == x.shape else x)))
-            elif s is not x: s.copy_(x)
+            if s is not x: s.copy_(state_value(x, s.dtype, wi))
 
     def write_back(self, params: list[torch.Tensor], w: list[torch.Tensor], comps) -> None:
         "Round each working value `w` into its param (and what rounding took off into its Kahan buffer)."

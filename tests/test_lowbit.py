@@ -184,7 +184,9 @@ def test_fused_codes_equal_foreach(fmt, dtype):
     """8-bit and 4-bit Adam rounded to nearest, fused (decoded, stepped and coded in one compiled loop) beside foreach
     (chunks decoded, stepped, coded eagerly) for 10 steps, params of whole blocks and not, of one block's
     tail only, and small: the same codes (all but where the two steps' last bits put a value on either side
-    of a code's boundary), scales and params as close as the two ways of computing the update leave them."""
+    of a code's boundary), scales and params as close as the two ways of computing the update leave them (bf16:
+    the weights with their Kahan buffers, within 2% of the move; small params' bf16 state is rounded with
+    noise hashed from values the two steps compute in their own ways)."""
     torch.manual_seed(0)
     shapes = [(64, 128), (256, 33), (5000,), (300,), (4100,)]
     ps = [nn.Parameter((torch.randn(s) * 0.1).to(dtype)) for s in shapes]
@@ -201,7 +203,7 @@ def test_fused_codes_equal_foreach(fmt, dtype):
             n_coded += 1
             assert (a.state[p][key + CODES] == b.state[q][key + CODES]).float().mean() >= 0.999, key
             torch.testing.assert_close(b.state[q][key + SCALE], a.state[p][key + SCALE], rtol=1e-5, atol=0)
-        torch.testing.assert_close(q, p, atol=1e-5 if dtype != torch.bfloat16 else 1e-2, rtol=0)
+        torch.testing.assert_close(_weights(b, q), _weights(a, p), atol=1e-5 if dtype != torch.bfloat16 else 2e-4, rtol=0)
     assert n_coded == 2 * sum(p.numel() >= 1000 and FORMATS[fmt].fits(p.numel()) for p in ps) >= 4
 
 
@@ -226,19 +228,32 @@ def test_fused_params_not_dense_decode_in_chunks(monkeypatch):
 @pytest.mark.parametrize('fmt,rounding', [('8bit', 'kahan'), ('8bit-companded', 'stochastic')])
 def test_fused_bf16_params_code_in_one_pass(fmt, rounding, monkeypatch):
     """bf16 params with 8-bit state, fused: stepped in the one-pass loop (the param written back with Kahan
-    summation or stochastic rounding, the scales exactly), near the foreach step's params after 5 steps."""
+    summation or stochastic rounding, the scales exactly), near the foreach step's params after 5 steps: the
+    weights with their Kahan buffers within a quarter of the largest move (the state's stochastic codes
+    differ); stochastically rounded params, whose every step is a draw, on average within a third of the
+    average move (measured: a sixth)."""
     taken = []
     monkeypatch.setattr(paths.CODED_FUSED, 'step', lambda *a, _step=paths.CODED_FUSED.step: (taken.append(1), _step(*a)))
     torch.manual_seed(0)
     ps = [nn.Parameter((torch.randn(s) * 0.1).bfloat16()) for s in [(64, 128), (4100,), (30,)]]
     qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    start = [p.detach().float() for p in ps]
     lowbit = StateFormat(fmt, min_numel=1000)
     a, b = (fastforeach.Adam(xs, 1e-3, state_format=lowbit, fused=fused, rounding=rounding) for xs, fused in ((ps, False), (qs, True)))
     for _ in range(5):
         _same_gradients(ps, qs)
         a.step(); b.step()
     assert taken and b.state[qs[0]]['grad_avg_scale'].dtype == FORMATS[fmt].scale_dtype
-    for p, q in zip(ps, qs): torch.testing.assert_close(q.float(), p.float(), atol=2e-2, rtol=0)
+    for p, q, p0 in zip(ps, qs, start):
+        wp, wq = _weights(a, p), _weights(b, q)
+        if rounding == 'kahan': assert (wq - wp).abs().max() <= 0.25 * (wp - p0).abs().max()
+        else: assert (wq - wp).abs().mean() <= (wp - p0).abs().mean() / 3
+
+
+def _weights(opt, p):
+    "`p`'s weights in float32, with its Kahan buffer where it has one."
+    comp = opt.state[p].get('kahan_comp')
+    return p.detach().float() + (comp.float() if comp is not None else 0)
 
 
 @pytest.mark.parametrize('fmt,fused', [('8bit', False), ('4bit', False), ('8bit-companded', True)])

@@ -27,7 +27,7 @@ from ..fused.coded import coded_formats, coded_ready, elementwise, one_row_piece
 from ..lowbit import CODES, SCALE
 from ..ops import mul_scalar_
 from .buckets import Bucket
-from .state import state_dtype, state_lists
+from .state import new_state, state_dtype, state_lists
 
 __all__ = ['ACCUMULATE', 'NEAREST', 'FUSED', 'FLOAT32', 'FOREACH', 'QUANTIZED', 'CODED_FUSED', 'weight_decay']
 
@@ -127,7 +127,7 @@ class Quantized:
     def step(self, core, route, bucket, hyper, kwargs):
         rule, formats = route.rule, core.state_format
         inner = FLOAT32 if core.rounding.in_float32(bucket.params[0]) else FOREACH
-        def full(key, p): return rule.state[key].zeros(p, state_dtype(rule, key, p, core.rounding))
+        def full(key, p): return new_state(rule, key, p, core.rounding)
         for chunk in bucket.chunks(chunk_bytes(route, bucket, True)):
             states, coded = formats.decoded(rule, chunk.params, chunk.states, full)
             inner.step_chunk(core, rule, chunk, hyper, kwargs, states)
@@ -158,7 +158,7 @@ class CodedFused:
         formats = coded_formats(core.state_format, rule, bucket.params)
         for p, state in zip(bucket.origins, bucket.states):  # a first step's state: zeros
             for key, fmt in zip(rule.state_keys, formats):
-                if fmt is None and key not in state: state[key] = rule.state[key].zeros(p, state_dtype(rule, key, p, core.rounding))
+                if fmt is None and key not in state: state[key] = new_state(rule, key, p, core.rounding)
                 elif fmt is not None and key + CODES not in state: state[key + CODES], state[key + SCALE] = fmt[0].zeros(p)
         rounding = core.rounding if core.rounding.in_float32(p0) else None
         run_coded(elementwise(route.fused), formats, core.state_format.rounding == 'stochastic', rule, bucket.params,

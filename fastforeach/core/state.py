@@ -24,6 +24,11 @@ def state_dtype(rule: StepRule, key: str, p, rounding: Rounding) -> torch.dtype:
     return rule.state[key].dtype_for(p, rounding.in_float32(p))
 
 
+def new_state(rule: StepRule, key: str, p, rounding: Rounding) -> torch.Tensor:
+    "`rule`'s state `key` for `p`, as a first step makes it: zeros, as its `StateSpec` says, in `state_dtype`."
+    return rule.state[key].zeros(p, state_dtype(rule, key, p, rounding))
+
+
 def state_lists(rule: StepRule, chunk, rounding: Rounding) -> list[list[torch.Tensor]]:
     """The chunk's state tensors, one list per state key of `rule` (local shards for a sharded chunk); missing
     ones are created as zeros first, as the rule's `StateSpec`s say (like their params, DTensors sharded
@@ -34,7 +39,7 @@ def state_lists(rule: StepRule, chunk, rounding: Rounding) -> list[list[torch.Te
     except KeyError:
         for p, state in zip(chunk.origins, chunk.states):
             for key in keys:
-                if key not in state: state[key] = rule.state[key].zeros(p, state_dtype(rule, key, p, rounding))
+                if key not in state: state[key] = new_state(rule, key, p, rounding)
         lists = [[state[key] for state in chunk.states] for key in keys]
     return [[local(t) for t in xs] for xs in lists] if chunk.sharded else lists
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..precision import hashed_noise, is_low_precision, stochastic_round
+from ..precision import state_value, stochastic_round
 from .coefficients import DECAY_FACTORS
 
 __all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
@@ -58,11 +58,7 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
                 out.append(update(*tensors, c))
             else: out.append(update(*tensors, c))
             if rounding is not None and first:
-                for t, t32 in zip(originals[2:], tensors[2:]):
-                    # (Scales of few-bit state, bfloat16 and one per block, are written exactly: see `fused/coded.py`.)
-                    if is_low_precision(t.dtype) and t.shape == p.shape:
-                        t32 = stochastic_round(t32, t.dtype, hashed_noise(t32, tensors[0]))
-                    t.copy_(t32)
+                for t, t32 in zip(originals[2:], tensors[2:]): t.copy_(state_value(t32, t.dtype, tensors[0]))
             if rounding is not None and writes:
                 w = tensors[0]
                 if comp is not None:
