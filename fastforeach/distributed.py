@@ -102,17 +102,20 @@ def norms_for(p) -> WholeNorms:
     return WholeNorms(tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if isinstance(placement, Shard)))
 
 
-def as_like(t: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`t`, a tensor saved for param `p`, on `p`'s device, in `dtype` (`p`'s by default) and laid out as `p`:
-    a plain tensor loaded for a sharded param is cut to this rank's shard (every rank holds the same whole
-    tensor, so nothing is sent), a DTensor for a plain param is gathered whole."""
+def as_like(t: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None, placements: tuple | None = None
+            ) -> torch.Tensor:
+    """`t`, a tensor saved for param `p`, on `p`'s device, in `dtype` (`p`'s by default) and laid out as `p`
+    (or as `placements` say, over `p`'s mesh): a plain tensor loaded for a sharded param is cut to this
+    rank's shard (every rank holds the same whole tensor, so nothing is sent), a DTensor for a plain param
+    is gathered whole."""
     dtype = dtype or p.dtype
     if is_sharded(p):
         from torch.distributed.tensor import distribute_tensor
-        if not is_sharded(t): return distribute_tensor(t.to(device=p.device, dtype=dtype), p.device_mesh, p.placements,
+        placements = tuple(placements or p.placements)
+        if not is_sharded(t): return distribute_tensor(t.to(device=p.device, dtype=dtype), p.device_mesh, placements,
                                                        src_data_rank=None)
         t = t.to(dtype=dtype)
-        return t if layout(t) == layout(p) else t.redistribute(p.device_mesh, p.placements)
+        return t if layout(t) == (p.device_mesh, placements) else t.redistribute(p.device_mesh, placements)
     if is_sharded(t): t = t.full_tensor()
     return t.to(device=p.device, dtype=dtype)
 
@@ -133,6 +136,23 @@ class WholeTensors:
         return [DTensor.from_local(t, o.device_mesh, o.placements, shape=o.shape, stride=o.stride(),
                                    run_check=False).full_tensor() if is_sharded(o) else t
                 for t, o in zip(shards, self.origins)]
+
+    def means(self, xs: list[torch.Tensor], dim: int, squares: bool = False) -> list[torch.Tensor]:
+        """The mean over `dim` (kept, as size 1) of each whole param's tensor, or of its squares, from this
+        rank's shards `xs` of tensors laid out along `dim` as their params: local sums, completed over the
+        mesh dims that shard `dim` (one all-reduce for each), divided by the whole param's size there."""
+        sums = [torch.linalg.vector_norm(x, dim=dim, keepdim=True).square_() if squares else x.sum(dim, keepdim=True)
+                for x in xs]
+        across: dict = {}
+        for i, o in enumerate(self.origins):
+            for d, placement in enumerate(o.placements if is_sharded(o) else ()):
+                if isinstance(placement, Shard) and placement.dim % o.ndim == dim % o.ndim:
+                    across.setdefault(o.device_mesh.get_group(d), []).append(i)
+        for group, idx in across.items():
+            flat = torch.cat([sums[i].flatten() for i in idx])
+            dist.all_reduce(flat, group=group)
+            for i, part in zip(idx, flat.split([sums[i].numel() for i in idx])): sums[i].copy_(part.view_as(sums[i]))
+        return [s.div_(o.shape[dim]) for s, o in zip(sums, self.origins)]
 
     def shards(self, wholes: list[torch.Tensor]) -> list[torch.Tensor]:
         from torch.distributed.tensor import distribute_tensor

@@ -13,6 +13,7 @@ import fastai.optimizer as native
 import torch
 
 from .lookahead import Lookahead, RangerForEachOptimizer
+from .optimizers.adafactor import AdafactorForEachOptimizer, native_adafactor
 from .optimizers.adam import AdamForEachOptimizer
 from .optimizers.adan import AdanForEachOptimizer, native_adan
 from .optimizers.lamb import LambForEachOptimizer
@@ -125,6 +126,9 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         'adamw': {'sqr_mom': 0.99, 'eps': 1e-5, 'adjust_lr': 'none', 'ns_dtype': torch.float64, 'ns_method': 'standard'},
         'route': {'route': every_matrix}}, lr=2e-3, in_fastai=False,
         make_options={'ns_dtype': torch.float64}),
+    OptimizerSpec('Adafactor', native_adafactor, AdafactorForEachOptimizer, {
+        'default': {}, 'wd': _WD, 'l2': {**_WD, 'decouple_wd': False},
+        'decay_eps_d': {'beta2_decay': -0.5, 'eps1': 1e-6, 'eps2': 1e-2, 'd': 2., 'wd': 0.1}}, in_fastai=False),
 ]}
 
 

@@ -45,9 +45,12 @@ class StateSpec:
     """How a state tensor is made for its param: zeros of `shape(p)` in `dtype` (the param's when None).
 
     `shape` None means shaped like the param, and laid out like it (memory format, and sharding for
-    DTensor params); only such state can be stepped by the fused forms and sharded under FSDP2. `weight`:
-    the state is a weight, not an average (ScheduleFreeAdam's z), kept in float32 for 16-bit params
-    written back with Kahan summation or stochastic rounding, as their master weights would be.
+    DTensor params); only such state can be stepped by the elementwise fused forms. `reduces`: the state is
+    a statistic of the param over these dims, kept as dims of size 1 (a matrix's row averages: (-1,)): laid
+    out like the param along the others, so that it is sharded with it under FSDP2, replicated along a
+    reduced dim the param is sharded on. `weight`: the state is a weight, not an average (ScheduleFreeAdam's
+    z), kept in float32 for 16-bit params written back with Kahan summation or stochastic rounding, as
+    their master weights would be.
 
     For state kept in few bits (`lowbit.py`): `average` says it may be (an average, not a value the rule
     must keep exactly, as Adan's previous gradient), `nonnegative` that it is never below 0 (a second
@@ -57,22 +60,45 @@ class StateSpec:
     weight: bool = False
     average: bool = True
     nonnegative: bool = False
+    reduces: tuple[int, ...] = ()
 
     @property
-    def like_param(self) -> bool: return self.shape is None
+    def like_param(self) -> bool: return self.shape is None and not self.reduces
+
+    @property
+    def shardable(self) -> bool:
+        "Whether it can be laid out over a sharded param's mesh (like the param, or a statistic of it over dims)."
+        return self.shape is None
 
     def dtype_for(self, p: torch.Tensor, float32_weights: bool = False) -> torch.dtype:
         "This state's dtype for `p` (`float32_weights`: 16-bit `p` stepped in float32, see `weight`)."
         if self.weight and float32_weights: return torch.float32
         return self.dtype or p.dtype
 
+    def _reduced(self, shape) -> tuple:
+        dims = {d % len(shape) for d in self.reduces}
+        return tuple(1 if d in dims else n for d, n in enumerate(shape))
+
     def shape_for(self, p: torch.Tensor) -> tuple:
-        return tuple(p.shape) if self.shape is None else tuple(self.shape(p))
+        if self.shape is not None: return tuple(self.shape(p))
+        return self._reduced(p.shape)
+
+    def placements_for(self, p) -> tuple:
+        "How this state of DTensor `p` is laid out over its mesh: as `p`, replicated where `p` is sharded on a reduced dim."
+        from torch.distributed.tensor import Replicate, Shard
+        dims = {d % p.ndim for d in self.reduces}
+        return tuple(Replicate() if isinstance(pl, Shard) and pl.dim % p.ndim in dims else pl for pl in p.placements)
 
     def zeros(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        "A new state tensor for `p`, all zeros (a DTensor sharded like `p` for a DTensor `p`, when like the param)."
+        "A new state tensor for `p`, all zeros (for a DTensor `p`, a DTensor laid out as `placements_for` says)."
+        from .distributed import is_sharded, local
         if self.like_param: return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return torch.zeros(self.shape_for(p), dtype=dtype, device=p.device)
+        if not (self.reduces and is_sharded(p)): return torch.zeros(self.shape_for(p), dtype=dtype, device=p.device)
+        from torch.distributed.tensor import DTensor
+        shape = self.shape_for(p)
+        zeros = torch.zeros(self._reduced(local(p).shape), dtype=dtype, device=p.device)
+        return DTensor.from_local(zeros, p.device_mesh, self.placements_for(p), shape=shape,
+                                  stride=torch.empty(shape, device='meta').stride(), run_check=False)
 
     def unlike(self, t, p: torch.Tensor) -> str | None:
         "None when `t`, saved for `p`, is a tensor of this state's shape for `p`; else what it is instead."
@@ -87,22 +113,29 @@ SECOND_MOMENT = StateSpec(nonnegative=True)
 STATES: dict[str, StateSpec] = {'sqr_avg': SECOND_MOMENT}
 SCALAR = StateSpec(shape=lambda p: ())
 # A matrix's (or a stack of matrices') statistics over its last dim (one per row) and over its
-# second-to-last (one per column): what a factored second moment keeps (Adafactor's).
-ROWS = StateSpec(shape=lambda p: tuple(p.shape[:-1]))
-COLUMNS = StateSpec(shape=lambda p: (*p.shape[:-2], p.shape[-1]))
+# second-to-last (one per column), kept as dims of size 1: what a factored second moment keeps (Adafactor's).
+ROWS = StateSpec(reduces=(-1,))
+COLUMNS = StateSpec(reduces=(-2,))
 
 
 # --- hypers ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Check:
     """What a hyper's value must be: `ok(value)`, said as `expected`. `kind`: 'real' (a finite real number,
-    or a 1-element tensor of one), 'int' (an int, not a bool) or 'choice' (one of a few strings)."""
+    or a 1-element tensor of one), 'int' (an int, not a bool) or 'choice' (one of a few strings). `named`: a
+    word taken besides those, for a value the rule works out at each step (Adafactor's eps1='auto')."""
     ok: Callable
     expected: str
     kind: str = 'real'
+    named: str | None = None
 
     def __call__(self, name: str, value, where: str = '') -> None:
         "Raise `ValueError` naming `name` and `value` when `value` fails this check."
+        if self.named is not None and isinstance(value, str):
+            if value != self.named:
+                raise ValueError(f"Invalid {name}{where}: {value!r} (must be {self.named!r} or a finite real number "
+                                 f"{self.expected})")
+            return
         if self.kind == 'choice':
             if not isinstance(value, str) or not self.ok(value):
                 raise ValueError(f"Invalid {name}{where}: {value!r} (must be one of {self.expected})")

@@ -91,7 +91,7 @@ def ddp(model):
 def _equal_to_one_process(rank, world):
     "Per (mode, optimizer, impl): the params' largest relative difference from one process, and what went wrong."
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate
     configs = [(name, impl) for name in REGISTRY for impl in ('foreach', 'fused')]
     # The one-process references, each trained by one rank (the whole batch, no collectives) and shared.
     mine = {}
@@ -118,6 +118,13 @@ def _equal_to_one_process(rank, world):
                         if isinstance(s, torch.Tensor) and s.shape == p.shape and (
                                 not isinstance(s, DTensor) or s.placements != p.placements):
                             problems.append(f"state {key!r} of a param of shape {tuple(p.shape)} is not sharded like it")
+                        # Statistics over some dims (Adafactor's rows and columns): sharded with it along the
+                        # others, replicated along a reduced dim it is sharded on.
+                        if isinstance(s, torch.Tensor) and s.ndim == p.ndim and s.shape != p.shape:
+                            expected = tuple(Replicate() if pl.is_shard() and s.shape[pl.dim] < p.shape[pl.dim] else pl
+                                             for pl in p.placements)
+                            if not isinstance(s, DTensor) or tuple(s.placements) != expected:
+                                problems.append(f"state {key!r} of a param of shape {tuple(p.shape)} is not laid out with it")
                 torch.save(opt.state_dict(), f"/dev/null")  # Larc's local_lr, Lookahead's slow weights...
             else:  # the replicas agree exactly
                 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -191,7 +198,9 @@ def _checkpoints(rank, world, directory, name):
     train(model, opt, first, lr, rank, world)
     dcp.save({'model': get_model_state_dict(model), 'optim': get_optimizer_state_dict(model, opt)},
              checkpoint_id=f"{directory}/{name}")
-    whole_sd = get_optimizer_state_dict(model, opt, options=full)
+    # A copy: where nothing had to be gathered (Adafactor's replicated column statistics) a full state dict
+    # holds the live tensors, as torch.optim's `state_dict` does.
+    whole_sd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full))
     whole_model = get_model_state_dict(model, options=full)
     train(model, opt, rest, lr, rank, world, first=10)
     result['straight'] = _params(model)
@@ -235,7 +244,7 @@ def _checkpoints(rank, world, directory, name):
     return result
 
 
-@pytest.mark.parametrize('name', ['Adam', 'Larc', 'ranger'])
+@pytest.mark.parametrize('name', ['Adam', 'Larc', 'ranger', 'Adafactor'])
 def test_distributed_checkpoints_resume_exactly(name, tmp_path):
     for rank, r in enumerate(spawn(_checkpoints, str(tmp_path), name)):
         assert r['template moved'] == 0 and r['load moved'] == 0, rank

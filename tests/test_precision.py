@@ -97,6 +97,10 @@ def update_error_bound(name: str, steps: int) -> float:
     # SGD (the registry's has no momentum) and Lookahead over it keep no state; LAMB's trust ratio divides
     # by the update's norm: its error once more; StableAdam's clipping divides by the squared average's
     # root: its error once more; Adan has three averages.
+    if name == 'Adafactor':
+        # Its β₂ at step t is 1 − t^-0.8: an error carried over t^0.8 steps, halved by the square root and
+        # doubled by the clipping, which divides by the update's RMS.
+        return 2 ** -9 * steps ** 0.8
     if name == 'Lion':
         # A sign: where the state's error meets a zero crossing the step flips, off by 2·lr. Counted in
         # flips, not ulps: at most 10 of 100 steps per element (measured: the worst element ~3).

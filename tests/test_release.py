@@ -213,7 +213,7 @@ def test_declarations_say_which_optimizers_accumulate():
     "The cases below, as the rules declare them (what the module docstring of `accumulation.py` says)."
     assert [n for n, _ in ACCUMULATES] == ['SGD', 'RMSProp', 'Adam', 'RAdam', 'Lamb', 'ranger', 'Lookahead']
     assert [n for n, _, _ in REFUSES] == ['SGD', 'RMSProp', 'QHAdam', 'Larc', 'Lookahead', 'Lion', 'Adan',
-                                          'StableAdam', 'ScheduleFreeAdam', 'Muon']
+                                          'StableAdam', 'ScheduleFreeAdam', 'Muon', 'Adafactor']
 
 
 @pytest.mark.parametrize('name,options', ACCUMULATES, ids=[n for n, _ in ACCUMULATES])

@@ -1,6 +1,7 @@
 """State not shaped like its param: a test-only rule keeps a scalar and a factored (row, column) second
-moment, as Adafactor does, declared with `rules.declare(state=...)`. The core creates, steps, saves, loads
-and checks it from the declaration alone; fused forms decline it, saying why."""
+moment (reduced dims kept, of size 1), as Adafactor does, declared with `rules.declare(state=...)`. The
+core creates, steps, saves, loads and checks it from the declaration alone; the elementwise fused forms
+decline it, saying why."""
 import copy
 
 import pytest
@@ -18,10 +19,10 @@ def factored_rms_step(p, g, steps, row_avg, col_avg, *, lr, sqr_mom, eps):
     torch._foreach_add_(steps, 1)
     for pi, gi, n, rows, cols in zip(p, g, steps, row_avg, col_avg):
         sq = gi * gi
-        rows.lerp_(sq.mean(-1), 1 - sqr_mom)
-        cols.lerp_(sq.mean(-2), 1 - sqr_mom)
+        rows.lerp_(sq.mean(-1, keepdim=True), 1 - sqr_mom)
+        cols.lerp_(sq.mean(-2, keepdim=True), 1 - sqr_mom)
         debias = 1 - sqr_mom ** n
-        v = (rows.unsqueeze(-1) * cols.unsqueeze(-2)) / rows.mean(-1, keepdim=True).unsqueeze(-1) / debias
+        v = rows * cols / rows.mean(-2, keepdim=True) / debias
         pi.addcdiv_(gi, v.sqrt() + eps, value=-lr)
 
 
@@ -29,14 +30,14 @@ def reference(params, grads_per_step, lr, sqr_mom, eps):
     "The same rule, one tensor at a time, written out plainly."
     params = [p.detach().clone() for p in params]
     rows = [torch.zeros(p.shape[:-1], dtype=p.dtype) for p in params]
-    cols = [torch.zeros((*p.shape[:-2], p.shape[-1]), dtype=p.dtype) for p in params]
+    cols = [torch.zeros((*p.shape[:-2], p.shape[-1]), dtype=p.dtype) for p in params]  # dims dropped here
     for n, grads in enumerate(grads_per_step, 1):
         for p, g, r, c in zip(params, grads, rows, cols):
             r.mul_(sqr_mom).add_((g * g).mean(-1), alpha=1 - sqr_mom)
             c.mul_(sqr_mom).add_((g * g).mean(-2), alpha=1 - sqr_mom)
             v = r[..., :, None] * c[..., None, :] / r.mean(-1)[..., None, None] / (1 - sqr_mom ** n)
             p -= lr * g / (v.sqrt() + eps)
-    return params, rows, cols
+    return params, [r[..., None] for r in rows], [c[..., None, :] for c in cols]
 
 
 SHAPES = [(16, 8), (4, 3, 5), (2, 3, 3, 3)]  # a matrix, a stack of matrices, a conv kernel
@@ -64,7 +65,7 @@ def test_declared_state_is_read_off_the_rule():
     rule = StepRule.of(factored_rms_step)
     assert rule.state_keys == ('steps', 'row_avg', 'col_avg') and not rule.like_params
     p = torch.zeros(4, 3, 5)
-    assert [rule.state[k].shape_for(p) for k in rule.state_keys] == [(), (4, 3), (4, 5)]
+    assert [rule.state[k].shape_for(p) for k in rule.state_keys] == [(), (4, 3, 1), (4, 1, 5)]
 
 
 def test_steps_like_its_reference():
@@ -97,7 +98,7 @@ def test_checkpoint_resumes_exactly():
 
 @pytest.mark.parametrize('key, bad, message', [
     ('row_avg', lambda t: torch.zeros(*t.shape, 2), r"param group 0, param 1 \(shape \(4, 3, 5\)\): state 'row_avg' has shape"),
-    ('col_avg', lambda t: torch.zeros(t.numel() + 1), r"state 'col_avg' has shape \(21,\), expected \(4, 5\)"),
+    ('col_avg', lambda t: torch.zeros(t.numel() + 1), r"state 'col_avg' has shape \(21,\), expected \(4, 1, 5\)"),
     ('steps', lambda t: torch.zeros(1), r"state 'steps' has shape \(1,\), expected \(\)"),
     ('steps', lambda t: 3, r"state 'steps' is a int"),
 ])

@@ -68,6 +68,7 @@ BENCH: dict[str, BenchCase] = {
     'StableAdam': BenchCase({}),
     'ScheduleFreeAdam': BenchCase({'wd': 0.01}, callbacks=lambda: [ScheduleFree()]),
     'Muon': BenchCase({'ns_dtype': torch.bfloat16}),  # as users run it (the registry's tests run float64)
+    'Adafactor': BenchCase({'wd': 0.01}),
 }
 QUICK_OPTIMIZERS = ['SGD', 'Adam']
 

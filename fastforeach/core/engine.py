@@ -23,7 +23,7 @@ from . import paths
 from .buckets import Bucket, buckets
 from .state import check_param_state, load_param_state
 
-__all__ = ['Core', 'Route']
+__all__ = ['Core', 'Route', 'Routed', 'routes_of']
 
 
 @dataclass
@@ -39,6 +39,20 @@ class Route:
         "The route of a step rule, or of a `FusedStep` (whose rule it reads)."
         fused = opt_step if isinstance(opt_step, FusedStep) else None
         return cls(StepRule.of(fused.rule if fused else opt_step), fused, takes)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Several steps (rules or fused steps) in one optimizer, each for the params its predicate takes:
+    `Routed(((step, takes), ...))`, `takes(p, state)` true for the params of that step and no other (as
+    Adafactor's factored rule for matrices and its plain one for the rest)."""
+    steps: tuple
+
+
+def routes_of(opt_step) -> list[Route]:
+    "The routes of a step rule, a `FusedStep` (one route for every param) or a `Routed`."
+    if isinstance(opt_step, Routed): return [Route.of(step, takes) for step, takes in opt_step.steps]
+    return [Route.of(opt_step)]
 
 
 class Core:
@@ -60,7 +74,7 @@ class Core:
         if self.state_format is not None and rounding == 'nearest':
             raise ValueError("Invalid state_format with rounding='nearest': 16-bit params are then stepped by fastai's "
                              "own steppers, whose state stays in the params' dtype (use 'kahan' or 'stochastic')")
-        self.routes = [Route.of(opt_step)]  # sets `checks` too
+        self.routes = routes_of(opt_step)  # sets `checks` too
         self.decouple_wd, self.steppers, self.accumulation = decouple_wd, steppers, None
         self.l2_into_grads = l2_into_grads
         self.plans, self.sharded = Plans(), False
@@ -98,10 +112,11 @@ class Core:
         if self.sharded and self.state_format is not None:
             raise ValueError("Invalid params: DTensors (FSDP2) with state_format (state in few bits is not sharded yet)")
         for route in self.routes:
-            if self.sharded and not route.rule.like_params:
-                odd = [k for k, spec in route.rule.state.items() if not spec.like_param]
-                raise ValueError(f"Invalid params: DTensors (FSDP2) for {route.rule.name}, whose state {odd} is not "
-                                 "shaped like its param (only state shaped like its param is sharded with it)")
+            odd = [k for k, spec in route.rule.state.items() if not spec.shardable]
+            if self.sharded and odd:
+                raise ValueError(f"Invalid params: DTensors (FSDP2) for {route.rule.name}, whose state {odd} is neither "
+                                 "shaped like its param nor a statistic of it over some of its dims (only such state "
+                                 "is sharded with it)")
 
     # --- hypers ------------------------------------------------------------------------------------
     def check_hypers(self, hypers: list[dict]) -> None:
@@ -145,10 +160,13 @@ class Core:
             out.append((hyper, buckets(params, grads, [state[p] for p in params], route.rule, self.sharded)))
         return out
 
-    def path_for(self, route: Route, p, kwargs: dict):
-        "The path that steps a bucket of params like `p` with this step's `kwargs` (see `paths.py`)."
+    def path_for(self, route: Route, p, kwargs: dict, sharded: bool = False):
+        """The path that steps a bucket of params like `p` with this step's `kwargs` (see `paths.py`). Shards of
+        params (`sharded`) whose fused step reduces state not shaped like them (per param, in its compiled
+        update) are stepped by the foreach rule, which completes its statistics across ranks."""
         in_float32 = self.rounding.in_float32(p)
-        if route.fused is not None and route.fused.ready(p, kwargs, self.rounding if in_float32 else None):
+        if (route.fused is not None and not (sharded and not route.fused.param_shaped) and
+                route.fused.ready(p, kwargs, self.rounding if in_float32 else None)):
             return paths.FUSED
         return paths.FLOAT32 if in_float32 else paths.FOREACH
 
@@ -159,7 +177,7 @@ class Core:
         else:
             kwargs = {**kwargs, **self.count_step(route.rule, bucket)}
             if route.rule.scalars is not None: kwargs.update(self._advance_scalars(route.rule, bucket, kwargs))
-            path = self.path_for(route, p0, kwargs)
+            path = self.path_for(route, p0, kwargs, bucket.sharded)
             if self.state_format is not None:
                 low = [bool(self.state_format.keys(route.rule, p)) for p in bucket.origins]
                 if any(low):  # those params' state decoded, stepped and coded again; the others as they are

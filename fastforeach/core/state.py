@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import as_like, local
+from ..distributed import as_like, is_sharded, local
 from ..lowbit import CODES, SCALE, StateFormat, saved_format, unlike_any
 from ..precision import COMP, Rounding
 from ..rules import LIKE_PARAM, StepRule
@@ -87,7 +87,10 @@ def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats
         elif key in s: value = s.pop(key)
         else: continue
         if fmt is not None: s[key + CODES], s[key + SCALE] = fmt.encode(as_like(value, p, torch.float32), nonnegative, False)
-        else: s[key] = as_like(value, p, state_dtype(rule, key, p, rounding))
+        else:
+            spec = rule.state[key]
+            placements = spec.placements_for(p) if spec.reduces and is_sharded(p) else None
+            s[key] = as_like(value, p, state_dtype(rule, key, p, rounding), placements)
     if COMP in s:
         comp = s.pop(COMP)
         if rounding.kahan and rounding.in_float32(p): s[COMP] = as_like(comp, p, rounding.kahan_dtype)

@@ -46,10 +46,13 @@ class FusedStep:
     would return (a dict of per-param state values, or None). `ready` says whether it can run on these
     tensors with these hypers (and `rounding`, for 16-bit params stepped in float32); when it cannot, the
     engine runs the foreach rule. A fused step is shared by every optimizer that uses it; what an
-    optimizer caches between steps lives in its own `plans`."""
+    optimizer caches between steps lives in its own `plans`. `param_shaped`: it walks each param's state
+    element for element with it (every fused step but `TensorwiseStep`), so takes only such state."""
+    param_shaped = True
+
     def __init__(self, rule: Callable):
         declared = StepRule.of(rule)
-        if not declared.like_params:
+        if self.param_shaped and not declared.like_params:
             odd = [k for k, spec in declared.state.items() if not spec.like_param]
             raise TypeError(f"{declared.name} has no fused form: its state {odd} is not shaped like its param, and "
                             "fused steps walk each param's state element for element with it")

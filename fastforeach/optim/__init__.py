@@ -7,7 +7,7 @@ accelerate: torch's names, defaults, param groups and state dicts, over the same
 from .base import GradientRelease, TorchForEachOptimizer, bias_and_norm
 from .lookahead import Lookahead
 from .modern import FASTAI_EQUIVALENTS, REFERENCE_EQUIVALENTS, Adan, Lamb, LARS, Larc, Lion, QHAdam, ScheduleFreeAdamW, StableAdamW
-from .optimizers import SGD, TORCH_EQUIVALENTS, Adam, AdamW, Muon, RAdam, RMSprop
+from .optimizers import SGD, TORCH_EQUIVALENTS, Adafactor, Adam, AdamW, Muon, RAdam, RMSprop
 
-__all__ = ['TorchForEachOptimizer', 'GradientRelease', 'bias_and_norm', 'Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'Muon', 'Lion', 'Adan', 'StableAdamW', 'Lamb',
+__all__ = ['TorchForEachOptimizer', 'GradientRelease', 'bias_and_norm', 'Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'Muon', 'Adafactor', 'Lion', 'Adan', 'StableAdamW', 'Lamb',
            'QHAdam', 'Larc', 'LARS', 'ScheduleFreeAdamW', 'Lookahead', 'TORCH_EQUIVALENTS', 'FASTAI_EQUIVALENTS', 'REFERENCE_EQUIVALENTS']

@@ -16,7 +16,7 @@ import torch
 from ..core import Core
 from ..core.state import FLAGS
 from ..lowbit import CODES, SCALE
-from ..core.engine import Route
+from ..core.engine import routes_of
 from ..rules import AT_LEAST_ZERO, CLOSED_FRACTION, FRACTION, Check
 
 __all__ = ['TorchForEachOptimizer', 'GradientRelease', 'bias_and_norm', 'FLAGS']
@@ -78,7 +78,8 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
 
     A subclass declares `defaults` (torch's names); `names`: each torch hyper's name in the core (fastai's
     vocabulary; a tuple for a tuple of hypers, as `betas` -> `mom`, `sqr_mom`), which `hypers(group)`
-    translates by; `rules`: the foreach rule and its fused form, which `rule(groups, fused)` picks from;
+    translates by; `rules`: the foreach rule and its fused form (or `Routed` steps), which `rule(groups,
+    fused)` picks from; `checks`: its own checks of hypers whose shared check (`CHECKS`) does not fit;
     `state_names`: the core's state key -> torch's (None: not saved); `refused`: torch's options the face
     does not do, with the only value each may take.
 
@@ -91,6 +92,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
     rules: tuple = ()
     state_names: dict[str, str | None] = {}
     refused: dict[str, object] = {}
+    checks: dict[str, Callable] = {}  # its own checks of torch's hypers, in place of the shared ones (`CHECKS`)
     decouple_wd: bool = False
 
     def __init__(self, params, defaults: dict, *, foreach: bool | None = None, fused: bool | None = None,
@@ -132,7 +134,8 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict, where: str = '') -> None:
         "Raise `ValueError` naming the hyper and value of `group` (torch's names) that this optimizer refuses."
         for name, value in group.items():
-            if name in CHECKS: CHECKS[name](name, value, where)
+            check = self.checks.get(name, CHECKS.get(name))
+            if check is not None: check(name, value, where)
             core = self.names.get(name)
             if isinstance(core, tuple) and (not isinstance(value, (tuple, list)) or len(value) != len(core)):
                 raise ValueError(f"Invalid {name}{where}: {value!r} (must be {len(core)} numbers: {', '.join(core)})")
@@ -155,7 +158,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
             self._marked = False
         if self.core is not None:  # a group added after construction
             rule = self.rule(self.param_groups, self.fused)
-            if Route.of(rule).rule.fn is not self.core.rule.fn: self.core.routes = [Route.of(rule)]
+            if routes_of(rule)[0].rule.fn is not self.core.rule.fn: self.core.routes = routes_of(rule)
             self.core.hold([p for g in self.param_groups for p in g['params']])
 
     # --- step ----------------------------------------------------------------------------------------

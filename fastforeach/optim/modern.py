@@ -185,6 +185,7 @@ FASTAI_EQUIVALENTS = {
     'AdamW': ('Adam', {'wd': {'weight_decay': 0.1, 'betas': (0.8, 0.9)}}),
     'SGD': ('SGD', {'momentum_l2': {'momentum': 0.9, 'weight_decay': 0.01}}),
     'RMSprop': ('RMSProp', {'plain_l2': {'alpha': 0.9, 'weight_decay': 0.01, 'eps': 1e-3}}),
+    'Adafactor': ('Adafactor', {'wd': {'weight_decay': 0.1, 'eps': (1e-6, 1e-2), 'd': 2.}}),
 }
 REFERENCE_EQUIVALENTS = {
     'Lion': ('optimi', 'Lion', {'wd': {'betas': (0.8, 0.95), 'weight_decay': 0.1}}),

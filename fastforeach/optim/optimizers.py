@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import torch
 
+from ..optimizers.adafactor import ADAFACTOR_STEPS, HYPERS as ADAFACTOR_HYPERS
 from ..optimizers.adam import adam_step, fused_adam_step
 from ..optimizers.muon import NS_COEFFICIENTS, NS_EPS, NS_METHODS, fused_muon_step, muon_step
 from ..optimizers.radam import fused_torch_radam_step, torch_radam_step
 from ..optimizers.rmsprop import torch_rmsprop_steps
 from ..optimizers.sgd import fused_sgd_step, fused_torch_sgd_step, sgd_step, torch_sgd_step
 from ..rules import FRACTION, choice, count
-from .base import TorchForEachOptimizer
+from .base import TorchForEachOptimizer, _float
 
-__all__ = ['Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'Muon', 'TORCH_EQUIVALENTS']
+__all__ = ['Adam', 'AdamW', 'RAdam', 'SGD', 'RMSprop', 'Muon', 'Adafactor', 'TORCH_EQUIVALENTS']
 
 
 # torch.optim.Muon's `adjust_lr_fn` and the core's `adjust_lr` for each.
@@ -154,6 +155,42 @@ class RMSprop(TorchForEachOptimizer):
         foreach_rule, fused_rule = torch_rmsprop_steps[self.centered, any(g['momentum'] for g in groups)]
         return fused_rule if fused else foreach_rule
 
+def _adafactor_eps(name, value, where):
+    "torch's Adafactor `eps`: (eps1, eps2), eps1 None (the machine epsilon of the update's dtype) or >= 0, eps2 >= 0."
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be 2 numbers: eps1, None or >= 0, and eps2 >= 0)")
+    if value[0] is not None: _float(ADAFACTOR_HYPERS['eps1'])(f"{name}[0]", value[0], where)
+    _float(ADAFACTOR_HYPERS['eps2'])(f"{name}[1]", value[1], where)
+
+
+class Adafactor(TorchForEachOptimizer):
+    """torch.optim.Adafactor: for a param of 2 dims or more, row_var and col_var, its gradient's squares
+    averaged over each row and each column (β₂ = 1 − t^beta2_decay at step t), v = row_var ⊗ col_var /
+    max(mean(row_var), eps1); for the others, variance, the squares' average itself;  α = max(eps2,
+    RMS(p))·min(lr, 1/√t);  p ← p·(1 − lr·weight_decay);  u = g / √max(v, eps1²);  p ← p − α·u / max(1,
+    RMS(u)/d). eps1 None: the machine epsilon of the dtype the update is computed in (float32 for 16-bit
+    params, which fastforeach steps in float32; torch takes the param's). Weight decay is decoupled, as
+    torch's. `maximize` is refused when set."""
+    names = {'lr': 'lr', 'beta2_decay': 'beta2_decay', 'eps': ('eps1', 'eps2'), 'd': 'd', 'weight_decay': 'wd'}
+    rules = (ADAFACTOR_STEPS[False], ADAFACTOR_STEPS[True])
+    refused = {'maximize': False}
+    checks = {'eps': _adafactor_eps, 'beta2_decay': _float(ADAFACTOR_HYPERS['beta2_decay']),
+              'd': _float(ADAFACTOR_HYPERS['d'])}
+    decouple_wd = True
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1., weight_decay=0., *, foreach=None,
+                 maximize=False, fused=None, no_wd=None, rounding='kahan', kahan_dtype=torch.float32, state_format=None):
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, no_wd=no_wd, rounding=rounding,
+                         kahan_dtype=kahan_dtype, state_format=state_format)
+
+    def hypers(self, group):
+        out = super().hypers(group)
+        if out['eps1'] is None: out['eps1'] = 'auto'
+        return out
+
+
 # Each class beside torch.optim's own optimizer of the same math, with configs (torch's keywords) that
 # cover its options: what the tests hold the torch face to.
 TORCH_EQUIVALENTS = {
@@ -171,6 +208,8 @@ TORCH_EQUIVALENTS = {
                                                'momentum': {'momentum': 0.9, 'alpha': 0.9},
                                                'centered': {'centered': True, 'weight_decay': 0.01},
                                                'centered_momentum': {'centered': True, 'momentum': 0.8}}),
+    'Adafactor': (Adafactor, torch.optim.Adafactor, {'default': {}, 'wd': {'weight_decay': 0.1},
+                                                     'eps_d': {'eps': (1e-6, 1e-2), 'd': 2., 'beta2_decay': -0.5}}),
 }
 
 

@@ -121,6 +121,11 @@ class _Together:
         finally: torch_muon._zeropower_via_newtonschulz = cast
 
 
+def _torch_adafactor(groups, lr, foreach, beta2_decay=-0.8, eps1='auto', eps2=1e-3, d=1., wd=0., decouple_wd=True):
+    return torch.optim.Adafactor(_with_wd(groups, wd), lr=lr, beta2_decay=beta2_decay,
+                                 eps=(None if eps1 == 'auto' else eps1, eps2), d=d, weight_decay=wd, foreach=foreach)
+
+
 def _with_wd(groups, wd):
     return [{**g, 'weight_decay': wd if g['do_wd'] else 0.} for g in groups]
 
@@ -136,6 +141,7 @@ REFERENCES: dict[str, Reference] = {
         'z': ('z', lambda v, step, o: v), 'sqr_avg': ('exp_avg_sq', lambda v, step, o: v)}),
     'Muon': Reference('torch', _torch_muon, {
         'grad_avg': (('momentum_buffer', 'exp_avg'), lambda v, step, o: v), 'sqr_avg': ('exp_avg_sq', lambda v, step, o: v)}),
+    'Adafactor': Reference('torch', _torch_adafactor, {key: (key, lambda v, step, o: v) for key in ('row_var', 'col_var', 'variance')}),
 }
 
 
