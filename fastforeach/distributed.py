@@ -137,12 +137,11 @@ class WholeTensors:
                                    run_check=False).full_tensor() if is_sharded(o) else t
                 for t, o in zip(shards, self.origins)]
 
-    def means(self, xs: list[torch.Tensor], dim: int, squares: bool = False) -> list[torch.Tensor]:
-        """The mean over `dim` (kept, as size 1) of each whole param's tensor, or of its squares, from this
-        rank's shards `xs` of tensors laid out along `dim` as their params: local sums, completed over the
-        mesh dims that shard `dim` (one all-reduce for each), divided by the whole param's size there."""
-        sums = [torch.linalg.vector_norm(x, dim=dim, keepdim=True).square_() if squares else x.sum(dim, keepdim=True)
-                for x in xs]
+    def means(self, xs: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+        """The mean over `dim` (kept, as size 1) of each whole param's tensor, from this rank's shards `xs` of
+        tensors laid out along `dim` as their params: local sums, completed over the mesh dims that shard
+        `dim` (one all-reduce for each), divided by the whole param's size there."""
+        sums = [x.sum(dim, keepdim=True) for x in xs]
         across: dict = {}
         for i, o in enumerate(self.origins):
             for d, placement in enumerate(o.placements if is_sharded(o) else ()):

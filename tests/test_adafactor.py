@@ -142,3 +142,33 @@ def test_torch_checkpoints_load_both_ways():
         assert set(s) == set(back.state_dict()['state'][i]) and s['step'].item() == 6
         for k in ('row_var', 'col_var', 'variance'):
             if k in s: assert s[k].shape == back.state_dict()['state'][i][k].shape
+
+
+def test_fused_compiles_large_params_and_steps_small_ones_foreach(monkeypatch):
+    """`fused=True`: params of `MIN_NUMEL` elements or more take the compiled update, smaller ones the foreach
+    rule (cheaper on CPU); either way the same steps, every param compiled or none."""
+    from fastforeach.fused import tensorwise
+    calls, real = [], tensorwise.TensorwiseStep._call
+    def counted(self, per_param, *args):
+        calls.append([tuple(tensors[0].shape) for tensors in per_param])
+        return real(self, per_param, *args)
+    monkeypatch.setattr(tensorwise.TensorwiseStep, '_call', counted)
+
+    def run(least):
+        monkeypatch.setitem(tensorwise.MIN_NUMEL, 'cpu', least)
+        net = model().double()
+        opt = fastforeach.Adafactor(net.parameters(), wd=0.1, fused=True)
+        for p in (net[0].bias, net[1].weight, net[1].bias): opt.state[p]['do_wd'] = False
+        calls.clear()
+        for i in range(5):
+            grads(list(net.parameters()), i)
+            opt.step()
+        stepped = [shapes for shapes in calls if not {(8, 8, 1024), (1 << 16,)} & set(shapes)]  # not the compiles' warm-ups
+        return [p.detach() for p in net.parameters()], stepped
+    (mixed, some), (every, all_), (none, no_calls) = run(1 << 13), run(0), run(1 << 30)
+    # Both matrices (16,384 and 8,192 elements) in one call a step: they take weight decay, the rest do not.
+    assert some == [[(256, 64), (32, 256)]] * 5 and not no_calls
+    assert sorted(shape for shapes in all_ for shape in shapes) == sorted([(256, 64), (32, 256), (256,), (32,), (256,), (256,)] * 5)
+    for a, b, c in zip(mixed, every, none):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-15)

@@ -57,8 +57,12 @@ def adafactor_factored_step(p, g, row_var, col_var, *, step, lr, beta2_decay, ep
     v = row_var ⊗ col_var / max(mean(row_var), eps1);  then `adafactor_move` with v. (Means over a dim
     that FSDP2 shards are completed across ranks: `whole.means`.)"""
     rate, floor = step ** beta2_decay, floor_of(eps1, p[0].dtype)
-    torch._foreach_lerp_(row_var, whole.means(g, -1, squares=True), rate)
-    torch._foreach_lerp_(col_var, whole.means(g, -2, squares=True), rate)
+    # g² once for both means. (torch's Adafactor squares a vector norm along the dim instead: on CPU, along
+    # dim -2 of xresnet50's kernels, 16x slower than this whole step.)
+    squares = torch._foreach_mul(g, g)
+    torch._foreach_lerp_(row_var, whole.means(squares, -1), rate)
+    torch._foreach_lerp_(col_var, whole.means(squares, -2), rate)
+    del squares
     estimates = [torch.mul(rows, cols).div_(mean.clamp_min(floor))
                  for rows, cols, mean in zip(row_var, col_var, whole.means(row_var, -2))]
     torch._foreach_clamp_min_(estimates, floor * floor)
@@ -97,11 +101,13 @@ def adafactor_update(p, g, variance, c):
 
 
 def adafactor_factored_update(p, g, row_var, col_var, c):
-    "One param of `adafactor_factored_step` (seen as a stack of matrices), weight decay included."
+    """One param of `adafactor_factored_step`, weight decay included: `p` and `g` seen as stacks of matrices,
+    `row_var` as (stack, rows), `col_var` as (stack, columns)."""
     g = g + c[ADAFACTOR.l2] * p
-    row_var.lerp_((g * g).mean(-1, keepdim=True), c[ADAFACTOR.rate])
-    col_var.lerp_((g * g).mean(-2, keepdim=True), c[ADAFACTOR.rate])
-    _moved(p, g, row_var * col_var / row_var.mean(-2, keepdim=True).clamp_min(c[ADAFACTOR.floor]), c)
+    row_var.lerp_((g * g).mean(-1), c[ADAFACTOR.rate])
+    col_var.lerp_((g * g).mean(-2), c[ADAFACTOR.rate])
+    mean = row_var.mean(-1).clamp_min(c[ADAFACTOR.floor])
+    _moved(p, g, row_var.unsqueeze(-1) * col_var.unsqueeze(-2) / mean.unsqueeze(-1).unsqueeze(-1), c)
 
 
 def _coefficients(*, dtype, step, lr, beta2_decay, eps1, eps2, d):
