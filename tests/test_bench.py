@@ -34,10 +34,26 @@ def test_quick_mode_writes_table_json_png_text_and_summary(tmp_path, capsys):
     assert (tmp_path / 'r.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     summary = (tmp_path / 'r.md').read_text()
     assert summary == bench.summary_table(result)
+    # The torch face beside torch's own optimizers (quick mode leaves out the peers: see the next test).
+    assert '| torch foreach ms | torch fused ms | fastforeach.optim foreach ms | fastforeach.optim fused ms |\n' in summary
+    assert '| AdamW | MLP |' in summary and '| SGD | MLP |' in summary
+    assert not any(r['impl'].startswith(bench.harness.PEER) for r in rows)
     adam_mlp = next(r for r in rows if (r['model'], r['optimizer'], r['impl']) == ('mlp', 'Adam', 'fused'))
     assert f"| Adam | {rows[rows.index(adam_mlp) - 1]['speedup']:.2f}x | **{adam_mlp['speedup']:.2f}x** | " \
            f"{adam_mlp['ms'] / adam_mlp['adamw_ms']:.2f} |" in summary
     assert result['info']['command'] in summary
+
+
+def test_peers_step_beside_the_torch_face():
+    "Other libraries' optimizers where installed (torch-optimi comes with the tests): a column of the torch-face table."
+    from fastforeach.bench.harness import PEER, implementations
+    from fastforeach.bench.report import torch_face_table
+    impls = implementations('Adam', ('optimi',))
+    assert PEER + 'optimi' in impls and 'optim_fused' in impls
+    rows = [{'model': 'mlp', 'optimizer': 'Adam', 'impl': impl, 'ms': float(i + 1)}
+            for i, impl in enumerate(('torch_foreach', 'torch_fused', 'optim_foreach', 'optim_fused', PEER + 'optimi'))]
+    assert torch_face_table(rows).splitlines()[2] == '| AdamW | MLP | 1.00 | 2.00 | 3.00 | 4.00 | 5.00 |'
+    assert torch_face_table(rows).splitlines()[0].endswith('| optimi ms |')
 
 
 def test_train_table_trains_each_implementation():

@@ -20,7 +20,7 @@ from .experiments.memory import format_memory_floor, format_memory_table, memory
 from .experiments.newton_schulz import format_newton_schulz_table, newton_schulz_table
 from .experiments.release import format_release_table, release_table
 from .experiments.training import accumulation_table, state_format_table, train_table
-from .harness import BENCH, QUICK_OPTIMIZERS, run_bench
+from .harness import BENCH, PEERS, QUICK_OPTIMIZERS, run_bench
 from .models import MODELS, QUICK_MODELS
 from .report import describe_machine, format_table, machine_info, plot, summary_table
 
@@ -84,8 +84,9 @@ def main(argv=None) -> int:
 
 def _run(args, models, optimizers, command) -> int:
     "Run what `args` asks for, print the report and write the files."
+    # Quick mode leaves out the peers (heavyball compiles its steps with max-autotune: a minute on 2 cores).
     rows = run_bench(models, optimizers, steps=args.steps, warmup=args.warmup, check_steps=args.check_steps,
-                     device=args.device)
+                     device=args.device, peers=() if args.quick else tuple(PEERS))
     result = {'info': machine_info(args.threads, args.device, command), 'steps': args.steps, 'warmup': args.warmup,
               'check_steps': args.check_steps, 'rows': [asdict(r) for r in rows]}
     report = [f"# {command}\n# {describe_machine(result['info'])}", format_table(rows)]

@@ -21,7 +21,7 @@ from ..testing.oracle import Twins, max_relative_difference
 from ..testing.references import REFERENCES
 from .models import MODELS, params_like
 
-__all__ = ['BENCH', 'QUICK_OPTIMIZERS', 'BenchCase', 'Row', 'implementations', 'adamw_builder', 'contenders', 'time_opts',
+__all__ = ['PEERS', 'PEER', 'BENCH', 'QUICK_OPTIMIZERS', 'BenchCase', 'Row', 'implementations', 'adamw_builder', 'contenders', 'time_opts',
            'time_steps', 'cuda_costs', 'device_sync', 'max_difference', 'run_bench', 'REFERENCE', 'FASTAI_ADAM', 'ADAMW', 'torch_adamw',
            'torch_builder']
 
@@ -77,8 +77,41 @@ QUICK_OPTIMIZERS = ['SGD', 'Adam']
 REFERENCE, FASTAI_ADAM = 'reference', 'fastai Adam'
 
 
-def implementations(name: str) -> dict[str, Callable]:
-    "Implementation name -> builder `(params, lr) -> optimizer` for the optimizer `name`."
+def _optimi_peer(name):
+    import optimi
+    if name == 'SGD': return lambda params, lr: optimi.SGD(params, lr, momentum=0.9, weight_decay=0.01, foreach=True)
+    return lambda params, lr: optimi.AdamW(params, lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, foreach=True)
+
+
+class _GivesGradsBack:
+    """An optimizer that frees the gradients in its step (heavyball's), given them back before each: the
+    benchmark's gradients are fixed. (An attribute set per param, inside the step's time: microseconds.)"""
+    def __init__(self, opt):
+        self.opt, self.params = opt, [p for g in opt.param_groups for p in g['params']]
+        self.grads = [p.grad for p in self.params]
+
+    def step(self):
+        for p, g in zip(self.params, self.grads): p.grad = g
+        return self.opt.step()
+
+    def __getattr__(self, name): return getattr(self.opt, name)
+
+
+def _heavyball_peer(name):
+    import heavyball
+    if name == 'SGD': return lambda params, lr: _GivesGradsBack(heavyball.SGD(params, lr, beta=0.9, weight_decay=0.01))
+    return lambda params, lr: _GivesGradsBack(heavyball.AdamW(params, lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01))
+
+
+# Other libraries' optimizers of the kind the torch face offers, timed beside it where installed (`peer <package>`
+# rows). Not the same math to the last detail (optimi's SGD dampens, heavyball warms its betas up): no
+# difference column.
+PEERS = {'optimi': _optimi_peer, 'heavyball': _heavyball_peer}
+PEER = 'peer '
+
+
+def implementations(name: str, peers: tuple = tuple(PEERS)) -> dict[str, Callable]:
+    "Implementation name -> builder `(params, lr) -> optimizer` for the optimizer `name` (with `peers` of `PEERS` where installed)."
     spec, case = REGISTRY[name], BENCH[name]
     impls = {impl: _builder(spec, impl, case.options) for impl in IMPLEMENTATIONS}
     if case.torch_equal is not None:
@@ -87,6 +120,9 @@ def implementations(name: str) -> dict[str, Callable]:
     if case.face_equal is not None:
         for impl in ('foreach', 'fused'):
             impls[f'optim_{impl}'] = torch_builder(case.face_equal(impl), spec, case.options)
+        for package in peers:
+            try: impls[PEER + package] = PEERS[package](name)
+            except ImportError: pass
     if name in REFERENCES:
         build = REFERENCES[name].build
         impls[REFERENCE] = lambda params, lr: build([{'params': list(params), 'do_wd': True, 'fastai_group': 0}], lr,
@@ -208,20 +244,21 @@ def max_difference(model: nn.Module, impl_build: Callable, native_build: Callabl
     return max_relative_difference(twins)
 
 
-def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='cpu', progress=True) -> list[Row]:
+def run_bench(models, optimizers, *, steps=7, warmup=3, check_steps=20, device='cpu', progress=True,
+              peers: tuple = tuple(PEERS)) -> list[Row]:
     from fastprogress.fastprogress import progress_bar
     jobs = [(m, o) for m in models for o in optimizers]
     rows, built, on_cuda = [], {}, torch.device(device).type == 'cuda'
     for model_name, opt_name in (progress_bar(jobs) if progress else jobs):
         if model_name not in built: built = {model_name: MODELS[model_name]()}  # one model in memory at a time
         model, spec = built[model_name], REGISTRY[opt_name]
-        impls, host = implementations(opt_name), {}
+        impls, host = implementations(opt_name, peers), {}
         times = time_steps(model, {**impls, ADAMW: adamw_builder()}, spec.lr, steps, warmup, device, host)
         adamw_ms = times.pop(ADAMW) * 1e3
         n_tensors = sum(1 for _ in model.parameters())
         n_elements = sum(p.numel() for p in model.parameters())
         for impl, seconds in times.items():
-            diff = 0. if impl == 'native' else None if impl == FASTAI_ADAM else max_difference(
+            diff = 0. if impl == 'native' else None if impl == FASTAI_ADAM or impl.startswith(PEER) else max_difference(
                 model, impls[impl], impls['native'], spec.lr, check_steps, device)
             peak_mb, kernels = cuda_costs(model, impls[impl], spec.lr) if on_cuda else (None, None)
             rows.append(Row(model_name, opt_name, impl, seconds * 1e3, times['native'] / seconds, diff,

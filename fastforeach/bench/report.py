@@ -7,9 +7,9 @@ import torch
 
 from ..registry import REGISTRY
 from ..testing.references import REFERENCES
-from .harness import FASTAI_ADAM, REFERENCE, Row
+from .harness import FASTAI_ADAM, PEER, PEERS, REFERENCE, Row
 
-__all__ = ['format_table', 'reference_table', 'summary_table', 'SUMMARY_MODELS', 'machine_info', 'describe_machine', 'plot']
+__all__ = ['format_table', 'reference_table', 'torch_face_table', 'summary_table', 'SUMMARY_MODELS', 'machine_info', 'describe_machine', 'plot']
 
 
 def format_table(rows: list[Row]) -> str:
@@ -38,6 +38,23 @@ def reference_table(rows: list[dict]) -> str:
             fused, reference = by[(m, name, 'fused')], by[(m, name, REFERENCE)]
             lines.append(f"| {name} | {label} | {by[(m, name, 'foreach')]:.2f} | {fused:.2f} | {reference:.2f} "
                          f"| **{reference / fused:.2f}x** | {by[(m, name, FASTAI_ADAM)]:.2f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def torch_face_table(rows: list[dict]) -> str:
+    """Markdown: per optimizer with a torch-face class and model of `SUMMARY_MODELS`, the step times of torch's
+    own foreach and fused optimizer, of `fastforeach.optim`'s foreach and fused, and of the peers installed."""
+    by = {(r['model'], r['optimizer'], r['impl']): r['ms'] for r in rows}
+    peers = [p for p in PEERS if any(key[2] == PEER + p for key in by)]
+    lines = ['| optimizer | model | torch foreach ms | torch fused ms | fastforeach.optim foreach ms | '
+             'fastforeach.optim fused ms |' + ''.join(f' {p} ms |' for p in peers), '|---|---' + '|---:' * (4 + len(peers)) + '|']
+    for name in dict.fromkeys(r['optimizer'] for r in rows):
+        for m, label in SUMMARY_MODELS.items():
+            if (m, name, 'optim_fused') not in by: continue
+            cells = [by.get((m, name, impl)) for impl in ('torch_foreach', 'torch_fused', 'optim_foreach', 'optim_fused')]
+            cells += [by.get((m, name, PEER + p)) for p in peers]
+            lines.append(f"| {'AdamW' if name == 'Adam' else name} | {label} | " +
+                         ' | '.join('' if c is None else f"{c:.2f}" for c in cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -87,9 +104,13 @@ def summary_table(result: dict) -> str:
     info = result['info']
     modern = [r for r in result['rows'] if r['optimizer'] in REFERENCES]
     more = ['', 'The optimizers fastai lacks, beside their published implementation in its fastest mode on the device '
-            '(optimi foreach, schedulefree foreach, torch\'s Muon with AdamW) and fastai\'s Adam:', '',
+            '(optimi foreach, schedulefree foreach, torch\'s Muon with AdamW, torch\'s Adafactor) and fastai\'s Adam:', '',
             reference_table(modern).rstrip('\n')] \
         if modern else []
+    if any(r['impl'] == 'optim_fused' for r in result['rows']):
+        more += ['', 'The torch face (`fastforeach.optim`, fastai\'s defaults) beside torch\'s own optimizers and other '
+                 'libraries\' (same hypers; their math differs in details), ms a step:', '',
+                 torch_face_table(result['rows']).rstrip('\n')]
     return '\n'.join(lines + more + ['', f"`{info['command']}` on {describe_machine(info)}."]) + '\n'
 
 
