@@ -160,32 +160,42 @@ class Core:
             out.append((hyper, buckets(params, grads, [state[p] for p in params], route.rule, self.sharded)))
         return out
 
-    def path_for(self, route: Route, p, kwargs: dict, sharded: bool = False):
-        """The path that steps a bucket of params like `p` with this step's `kwargs` (see `paths.py`). Shards of
-        params (`sharded`) whose fused step reduces state not shaped like them (per param, in its compiled
-        update) are stepped by the foreach rule, which completes its statistics across ranks."""
+    def path_for(self, route: Route, p, kwargs: dict, sharded: bool = False, fused: bool = True):
+        """The path that steps a bucket of params like `p` with this step's `kwargs` (see `paths.py`): the
+        route's fused step where `fused` and it is ready. Shards of params (`sharded`) whose fused step
+        reduces state not shaped like them (per param, in its compiled update) are stepped by the foreach
+        rule, which completes its statistics across ranks."""
         in_float32 = self.rounding.in_float32(p)
-        if (route.fused is not None and not (sharded and not route.fused.param_shaped) and
+        if (fused and route.fused is not None and not (sharded and not route.fused.param_shaped) and
                 route.fused.ready(p, kwargs, self.rounding if in_float32 else None)):
             return paths.FUSED
         return paths.FLOAT32 if in_float32 else paths.FOREACH
 
     def _step_bucket(self, route: Route, bucket: Bucket, hyper: dict, kwargs: dict) -> None:
         p0 = bucket.params[0]
-        if self.accumulation is not None: path = paths.ACCUMULATE
-        elif self.as_fastai(p0): path = paths.NEAREST
-        else:
-            kwargs = {**kwargs, **self.count_step(route.rule, bucket)}
-            if route.rule.scalars is not None: kwargs.update(self._advance_scalars(route.rule, bucket, kwargs))
-            path = self.path_for(route, p0, kwargs, bucket.sharded)
-            if self.state_format is not None:
-                low = [bool(self.state_format.keys(route.rule, p)) for p in bucket.origins]
-                if any(low):  # those params' state decoded, stepped and coded again; the others as they are
-                    rest = [i for i, q in enumerate(low) if not q]
-                    if rest: path.step(self, route, bucket.pick(rest), hyper, kwargs)
-                    coded = bucket.pick([i for i, q in enumerate(low) if q])
-                    fused = path is paths.FUSED and paths.CODED_FUSED.takes(self, route, coded, kwargs)
-                    path, bucket = paths.CODED_FUSED if fused else paths.QUANTIZED, coded
+        if self.accumulation is not None: return paths.ACCUMULATE.step(self, route, bucket, hyper, kwargs)
+        if self.as_fastai(p0): return paths.NEAREST.step(self, route, bucket, hyper, kwargs)
+        kwargs = {**kwargs, **self.count_step(route.rule, bucket)}
+        if route.rule.scalars is not None: kwargs.update(self._advance_scalars(route.rule, bucket, kwargs))
+        # The params the fused step does not take (`FusedStep.takes`) on the rule's own path, the others on its.
+        takes = route.fused.takes if route.fused is not None else None
+        taken = [takes(p) for p in bucket.origins] if takes is not None else [route.fused is not None]
+        if any(taken) and not all(taken):
+            self._step_counted(route, bucket.pick([i for i, t in enumerate(taken) if not t]), hyper, kwargs, False)
+            bucket = bucket.pick([i for i, t in enumerate(taken) if t])
+        self._step_counted(route, bucket, hyper, kwargs, any(taken))
+
+    def _step_counted(self, route: Route, bucket: Bucket, hyper: dict, kwargs: dict, fused: bool) -> None:
+        "Step `bucket`, its step count and running scalars advanced (in `kwargs`), fused where `fused` and ready."
+        path = self.path_for(route, bucket.params[0], kwargs, bucket.sharded, fused)
+        if self.state_format is not None:
+            low = [bool(self.state_format.keys(route.rule, p)) for p in bucket.origins]
+            if any(low):  # those params' state decoded, stepped and coded again; the others as they are
+                rest = [i for i, q in enumerate(low) if not q]
+                if rest: path.step(self, route, bucket.pick(rest), hyper, kwargs)
+                coded = bucket.pick([i for i, q in enumerate(low) if q])
+                fused = path is paths.FUSED and paths.CODED_FUSED.takes(self, route, coded, kwargs)
+                path, bucket = paths.CODED_FUSED if fused else paths.QUANTIZED, coded
         path.step(self, route, bucket, hyper, kwargs)
 
     def as_fastai(self, p) -> bool:

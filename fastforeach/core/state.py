@@ -88,8 +88,7 @@ def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats
         else: continue
         if fmt is not None: s[key + CODES], s[key + SCALE] = fmt.encode(as_like(value, p, torch.float32), nonnegative, False)
         else:
-            spec = rule.state[key]
-            placements = spec.placements_for(p) if spec.reduces and is_sharded(p) else None
+            placements = rule.state[key].placements_for(p) if is_sharded(p) else None
             s[key] = as_like(value, p, state_dtype(rule, key, p, rounding), placements)
     if COMP in s:
         comp = s.pop(COMP)

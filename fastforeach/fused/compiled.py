@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Callable
 
 import torch
@@ -61,9 +60,6 @@ class CompiledStep(FusedStep):
         update = self.update if self.choose is None else self.choose(hypers)
         if self.then: return ((update, PLAIN), (self.then, PLAIN))
         return ((update, PLAIN if self.own_decay else DECAY),)
-
-    @cached_property
-    def _rule(self) -> StepRule: return StepRule.of(self.rule)
 
     @property
     def _state_keys(self) -> tuple[str, ...]: return self._rule.state_keys

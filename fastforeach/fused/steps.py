@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -57,6 +58,12 @@ class FusedStep:
             raise TypeError(f"{declared.name} has no fused form: its state {odd} is not shaped like its param, and "
                             "fused steps walk each param's state element for element with it")
         self.rule = rule
+
+    @cached_property
+    def _rule(self) -> StepRule: return StepRule.of(self.rule)
+
+    # `takes(p)`: whether it steps `p`, where not every param (the engine steps the others on the rule's own path).
+    takes: Callable | None = None
 
     def ready(self, p: torch.Tensor, hypers: dict, rounding: Rounding | None = None) -> bool: return rounding is None
 

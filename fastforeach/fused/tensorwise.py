@@ -2,13 +2,10 @@
 compiled update per param (`TensorwiseStep`)."""
 from __future__ import annotations
 
-import math
-from functools import cached_property
 from typing import Callable
 
 import torch
 
-from ..distributed import WholeTensors
 from ..ops import device_tensor
 from ..precision import Rounding
 from ..rules import StepRule
@@ -18,9 +15,9 @@ from .steps import PLAIN_CONTEXT, FusedStep, split_by_wd
 
 __all__ = ['TensorwiseStep', 'MIN_NUMEL']
 
-# Per device type, the size from which a param takes the compiled update: smaller ones take the foreach
-# rule (on CPU a compiled call per 8 params costs more than the foreach ops on small tensors; measured on
-# the MLP, xresnet50 and the transformer). Not for 16-bit params stepped in float32: they all take it.
+# Per device type, the size from which a param takes the compiled update (`takes`): smaller ones take the
+# rule's own path (on CPU a compiled call costs more than the foreach ops on small tensors; measured on the
+# MLP, xresnet50 and the transformer).
 MIN_NUMEL = {'cpu': 1 << 13}
 # Params per compiled call. Each is a loop with reductions of its own in the graph: with 8, bf16 Adafactor's
 # two graphs took 89 s to compile cold (CPU, 2 threads), with 2, 35 s; the params that take the compiled
@@ -37,17 +34,7 @@ def _seen_as(t: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor 
         return copy, copy
 
 
-FOREACH_BYTES = 1 << 20  # of params per run of the foreach rule on small params: the chunks the foreach path takes on CPU
-
-
-def _runs(idx: list[int], params, limit: int) -> list[list[int]]:
-    "`idx` cut into runs of params of at most `limit` bytes together (or one param each, above it)."
-    runs, size = [], limit
-    for i in idx:
-        n = params[i].numel() * params[i].element_size()
-        if size + n > limit: runs.append([]); size = 0
-        runs[-1].append(i); size += n
-    return runs
+_DUMMIES: dict = {}
 
 
 class TensorwiseStep(FusedStep):
@@ -59,25 +46,19 @@ class TensorwiseStep(FusedStep):
     `coefficients(dtype=..., **hypers)` gives by name, `dtype` being the one the update computes in.
 
     Its state may have any shape (`param_shaped` False): reductions over a param's rows or columns in one
-    graph. Params below `MIN_NUMEL` elements take the foreach rule, and all do where the update does not
-    compile (16-bit params stepped in float32 aside: for them `ready` says whether it compiled). The update does the weight decay itself, where its rule wants it (Adafactor: after it has read
-    the param's RMS). 16-bit params stepped in float32 are written back in the same call (see `_runner`)."""
+    graph. It takes params of `MIN_NUMEL` elements or more; the engine steps the others on the rule's own
+    path, and all of them where the update does not compile. The update does the weight decay itself,
+    where its rule wants it (Adafactor: after it has read the param's RMS). 16-bit params stepped in
+    float32 are written back in the same call (see `_runner`)."""
     param_shaped = False
 
     def __init__(self, rule: Callable, update: Callable, coefficients: Callable, layout: Coefficients, ndim: int):
         super().__init__(rule)
         self.update, self.coefficients, self.layout, self.ndim = update, coefficients, layout, ndim
 
-    @cached_property
-    def _rule(self) -> StepRule: return StepRule.of(self.rule)
+    def takes(self, p) -> bool: return p.numel() >= MIN_NUMEL.get(p.device.type, 0)
 
     def ready(self, p, hypers, rounding: Rounding | None = None) -> bool:
-        """Whether it can step params like `p`: always where it may fall back on its foreach rule (params not
-        stepped in float32: see `run`), else when the update compiled for them (written back as `rounding`
-        says, for 16-bit params)."""
-        return rounding is None or self.compiles(p, rounding)
-
-    def compiles(self, p, rounding: Rounding | None = None) -> bool:
         "Whether the update compiled for params like `p` (written back as `rounding` says), on dummies: compiled once."
         rule, mode = self._rule, rounding.mode if rounding is not None else None
         states = tuple(rule.state[k].dtype_for(p) for k in rule.state_keys)
@@ -115,10 +96,14 @@ class TensorwiseStep(FusedStep):
                     if copy is not None: t.copy_(copy.view(t.shape))
 
     def _dummies(self, dtypes: tuple, device) -> list[list[torch.Tensor]]:
-        "`CHUNK` distinct one-element tensors per list, seen as the update sees it, of its dtype (padding: written, never read)."
-        one = torch.zeros((1,) * self.ndim, device='meta')
-        return [[torch.zeros([1] * len(shape), dtype=dtype, device=device) for _ in range(CHUNK)]
-                for dtype, shape in zip(dtypes, self._shapes(one))]
+        """`CHUNK` distinct one-element tensors per list, seen as the update sees it, of its dtype (padding:
+        written, never read), made once."""
+        key = (self.update, dtypes, device)
+        if key not in _DUMMIES:
+            one = torch.zeros((1,) * self.ndim, device='meta')
+            _DUMMIES[key] = [[torch.zeros([1] * len(shape), dtype=dtype, device=device) for _ in range(CHUNK)]
+                             for dtype, shape in zip(dtypes, self._shapes(one))]
+        return _DUMMIES[key]
 
     def run(self, params, grads, states, do_wd, hypers, *, wd, decouple_wd, plans, context=PLAIN_CONTEXT):
         p0, lr = params[0], hypers['lr']
@@ -126,29 +111,9 @@ class TensorwiseStep(FusedStep):
         rule_c = self.layout.values(self.coefficients(dtype=dtype, **hypers))
         rounding = context.rounding.mode if context.rounding is not None else None
         comps = context.comps if rounding == 'kahan' else None
-        least = MIN_NUMEL.get(p0.device.type, 0) if rounding is None else 0
-        # Compiled (once) only when a param takes it; where it does not compile, the foreach rule steps them all.
-        if rounding is None and any(p.numel() >= least for p in params) and not self.compiles(p0): least = math.inf
-        small = [i for i, p in enumerate(params) if p.numel() < least]
-        for run in _runs(small, params, FOREACH_BYTES):
-            self._foreach(run, params, grads, states, hypers, [wd if do_wd[i] else 0. for i in run], decouple_wd, context)
         for idx, takes_wd in split_by_wd(do_wd, wd):
-            idx = [i for i in idx if params[i].numel() >= least]
-            if not idx: continue
             decay = wd if takes_wd else 0.
             factors = [1 - lr * decay, 0.] if decouple_wd else [1., decay]
             c = device_tensor([*factors, *rule_c], dtype, p0.device)
             self._call([[params[i], grads[i], *(ss[i] for ss in states), *([comps[i]] if comps else [])] for i in idx],
                        c, rounding)
-
-    def _foreach(self, idx, params, grads, states, hypers, wds: list, decouple_wd: bool, context) -> None:
-        """The foreach rule on the params at `idx`, each with weight decay `wds[i]`, as the fused step does it:
-        decoupled (the rule's own, for a rule that does it), or L2 into new gradients."""
-        rule, ps, gs = self._rule, [params[i] for i in idx], [grads[i] for i in idx]
-        kwargs = dict(hypers)
-        if not decouple_wd: gs = [g + wd * p if wd else g for g, p, wd in zip(gs, ps, wds)]
-        if rule.uses_norms: kwargs['norms'] = context.norms
-        if rule.uses_whole: kwargs['whole'] = WholeTensors(ps)
-        if rule.decays: kwargs['decay'] = wds if decouple_wd else [0.] * len(ps)
-        elif decouple_wd and any(wds): torch._foreach_mul_(ps, [1 - hypers['lr'] * wd for wd in wds])
-        self.rule(ps, gs, *([ss[i] for i in idx] for ss in states), **kwargs)
