@@ -44,10 +44,11 @@ class ForEachOptimizer(Optimizer):
     does not say `do_wd=False`: decoupled, `p ← p·(1 − lr·wd)`, or L2, `g ← g + wd·p`.
 
     16-bit params (bfloat16, float16) are stepped as `rounding` says (see `precision.py`): on float32 working
-    values written back with Kahan summation (`'kahan'`, its buffer in `kahan_dtype`) or stochastic rounding
-    (`'stochastic'`), or, with `'nearest'`, by the steppers of the optimizer that fastai's factory `fastai`
-    builds with the same hypers and `fastai_options`, bit for bit as fastai does (without `fastai`, the rule
-    steps them as they are, each op rounded to 16 bits). `state_format`: averages in 8 or 4 bits (see `lowbit.py`).
+    values written back with Kahan summation (`'kahan'`, its buffer in `kahan_dtype`), as 24-bit masters
+    (`'master24'`, bf16 and a byte) or by stochastic rounding (`'stochastic'`), or, with `'nearest'`, by the
+    steppers of the optimizer that fastai's factory `fastai` builds with the same hypers and `fastai_options`,
+    bit for bit as fastai does (without `fastai`, the rule steps them as they are, each op rounded to 16 bits).
+    `state_format`: averages in 8 or 4 bits (see `lowbit.py`).
     """
     def __init__(self, params, opt_step: Callable, decouple_wd: bool = True, *, rounding: str = 'kahan',
                  kahan_dtype: torch.dtype = torch.float32, state_format=None, fastai: Callable | None = None,

@@ -12,6 +12,15 @@ A bf16 weight of 1.0 has neighbours 2^-7 apart: written back to the nearest bf16
   weights below about 0.01.
 - `'stochastic'`: stochastic rounding, to the neighbour above or below with probabilities that make the
   expected result w: no extra memory, unbiased, noisy.
+- `'master24'`: 24-bit master weights (bfloat16 params only): beside each bf16 weight an int8 buffer
+  (state key `kahan_comp`, as Kahan's) holding the next 8 bits of a float32 master below the weight's 16,
+  in 1/256ths of its ulp. The step works on the master, w = p + comp·ulp/256 (exact in float32), rounds
+  w's low byte away stochastically (so that updates far under the byte's step, 3e-5 at a weight of 1.0,
+  keep their mean), then writes p = w rounded to nearest bf16 and comp = w − p.
+  1 byte a param where the float32 buffer takes 4; the master is within ulp/256 of float32's. The
+  correction cannot saturate: p is always the master's nearest bf16, so comp lies in [−128, 127]. A
+  correction made from anything else (a float Kahan buffer loaded from a checkpoint, a float32 weight
+  switched to bf16) is rounded to the nearest 1/256 ulp and clamped to that range.
 - `'nearest'`: fastai's behaviour, exactly: the param is stepped by fastai's own steppers, each op
   rounded to 16 bits as fastai's native optimizer does (bit for bit; one param at a time, as fastai).
 
@@ -39,9 +48,11 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ['Rounding', 'ROUNDINGS', 'KAHAN_DTYPES', 'COMP', 'check_rounding', 'is_low_precision', 'stochastic_round',
-           'random_bits', 'hashed_noise', 'state_value', 'kahan_split']
+           'random_bits', 'hashed_noise', 'state_value', 'kahan_split', 'master_value', 'BUFFERED', 'SEEDED', 'master_split', 'correction']
 
-ROUNDINGS = ('kahan', 'stochastic', 'nearest')
+ROUNDINGS = ('kahan', 'master24', 'stochastic', 'nearest')
+BUFFERED = ('kahan', 'master24')  # the roundings that keep a buffer beside each 16-bit param
+SEEDED = ('stochastic', 'master24')  # those that round at random
 KAHAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 COMP = 'kahan_comp'  # the state key of the compensation buffer
@@ -113,6 +124,37 @@ def kahan_split(w: torch.Tensor, dtype: torch.dtype, comp_dtype: torch.dtype) ->
     return p, (w - p.to(w.dtype)).to(comp_dtype)
 
 
+def master_value(p: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that 16-bit `p` and its buffer `comp` stand for: p + comp, or with an int8 buffer
+    (24-bit masters, bfloat16 `p`) the bits of p followed by those of comp, exactly."""
+    if comp.dtype != torch.int8: return p.float() + comp.float()
+    return (p.float().view(torch.int32) + comp.to(torch.int32) * 256).view(torch.float32)
+
+
+def master_split(w: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 `w` as a 24-bit master (bfloat16, int8): w's lowest 8 bits rounded away with `noise` (integers
+    in [0, 256): up with probability (what is cut off) / 256; None: to nearest), then the bf16 nearest to the
+    rest and the 8 bits of it below the bf16's, a signed byte (the bf16 is rounded to nearest, so they lie
+    in [−128, 127]). Non-finite values pass as they are, with a zero byte."""
+    bits = (w.view(torch.int32) + (128 if noise is None else noise.to(torch.int32))) & -256
+    high = (bits + 0x8000) & -65536
+    finite = torch.isfinite(w)
+    p = torch.where(finite, high.view(torch.float32), w).to(torch.bfloat16)
+    return p, torch.where(finite, (bits - high) // 256, 0).to(torch.int8)
+
+
+def correction(w: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The buffer, in `dtype`, that makes 16-bit `p` stand for float32 `w`: w − p; for int8 (24-bit masters)
+    w − p in 1/256ths of p's ulp, rounded to nearest and clamped to [−128, 127] (p need not be w's nearest
+    bf16 here: a correction made from a Kahan buffer or a float32 weight)."""
+    if dtype != torch.int8: return (w - p.float()).to(dtype)
+    # Counted in float32 steps between bit patterns, from a zero p given w's sign.
+    base = p.float().view(torch.int32)
+    base = torch.where(p == 0, w.view(torch.int32) & -0x80000000, base)
+    steps = (w.view(torch.int32) - base).double() / 256
+    return torch.where(torch.isfinite(w), steps.round().clamp(-128, 127), 0).to(torch.int8)
+
+
 @dataclass(frozen=True)
 class Rounding:
     "How an optimizer writes float32 updates back into 16-bit params (see the module docstring)."
@@ -122,7 +164,25 @@ class Rounding:
     def __post_init__(self): check_rounding(self.mode, self.kahan_dtype)
 
     @property
-    def kahan(self) -> bool: return self.mode == 'kahan'
+    def kahan(self) -> bool:
+        "Whether 16-bit params keep a buffer of what rounding took off: Kahan's or a 24-bit master's."
+        return self.mode in BUFFERED
+
+    @property
+    def seeded(self) -> bool:
+        "Whether the write-back rounds at random (a compiled update takes a seed per step)."
+        return self.mode in SEEDED
+
+    @property
+    def comp_dtype(self) -> torch.dtype:
+        "The dtype of the buffers: int8 for 24-bit masters, `kahan_dtype` for Kahan's."
+        return torch.int8 if self.mode == 'master24' else self.kahan_dtype
+
+    def check(self, p) -> None:
+        "Raise `ValueError` for a param this rounding cannot step."
+        if self.mode == 'master24' and p.dtype == torch.float16:
+            raise ValueError("Invalid rounding: 'master24' with float16 params (24-bit masters split a float32 "
+                             "into bfloat16 and a byte; use 'kahan' for float16)")
 
     def in_float32(self, p: torch.Tensor) -> bool:
         "Whether params like `p` are stepped on float32 working values (16 bits, Kahan or stochastic)."
@@ -132,11 +192,12 @@ class Rounding:
         "Each param's Kahan buffer (created as zeros, like its param, on its first step); None unless Kahan."
         if not self.kahan: return None
         for p, state in zip(origins, states):
-            if COMP not in state: state[COMP] = torch.zeros_like(p, dtype=self.kahan_dtype)
+            if COMP not in state: state[COMP] = torch.zeros_like(p, dtype=self.comp_dtype)
         return [state[COMP] for state in states]
 
     def working(self, params: list[torch.Tensor], comps) -> list[torch.Tensor]:
-        "float32 working values: p + comp with Kahan, p otherwise (new tensors)."
+        "float32 working values: p + comp with Kahan, the master with 24-bit masters, p otherwise (new tensors)."
+        if comps is not None and self.mode == 'master24': return [master_value(p, c) for p, c in zip(params, comps)]
         w = [p.float() for p in params]
         if comps is not None: torch._foreach_add_(w, comps)
         return w
@@ -156,7 +217,12 @@ class Rounding:
 
     def write_back(self, params: list[torch.Tensor], w: list[torch.Tensor], comps) -> None:
         "Round each working value `w` into its param (and what rounding took off into its Kahan buffer)."
-        if comps is not None:
+        if comps is not None and self.mode == 'master24':
+            for p, c, x in zip(params, comps, w):
+                p_new, c_new = master_split(x, random_bits(x) & 255)
+                p.copy_(p_new)
+                c.copy_(c_new)
+        elif comps is not None:
             torch._foreach_copy_(params, w)
             torch._foreach_sub_(w, params)
             torch._foreach_copy_(comps, w)

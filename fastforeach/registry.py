@@ -26,7 +26,7 @@ from .optimizers.rmsprop import RMSPropForEachOptimizer
 from .optimizers.schedulefree import ScheduleFreeAdamForEachOptimizer, native_schedule_free_adam
 from .optimizers.sgd import SGDForEachOptimizer
 from .optimizers.stableadam import StableAdamForEachOptimizer, native_stable_adam
-from .precision import check_rounding
+from .precision import SEEDED, check_rounding
 
 __all__ = ['OptimizerSpec', 'REGISTRY', 'make_factory']
 
@@ -156,8 +156,8 @@ def make_factory(spec: OptimizerSpec) -> Callable:
         for name, flag in (('foreach', foreach), ('fused', fused)):
             if not isinstance(flag, bool): raise ValueError(f"Invalid {name}: {flag!r} (must be True or False)")
         check_rounding(rounding, kahan_dtype)
-        if not foreach and (fused or rounding == 'stochastic' or kahan_dtype != torch.float32 or state_format is not None):
-            given = 'fused=True' if fused else f"rounding={rounding!r}" if rounding == 'stochastic' else \
+        if not foreach and (fused or rounding in SEEDED or kahan_dtype != torch.float32 or state_format is not None):
+            given = 'fused=True' if fused else f"rounding={rounding!r}" if rounding in SEEDED else \
                 f"kahan_dtype={kahan_dtype}" if kahan_dtype != torch.float32 else f"state_format={state_format!r}"
             raise ValueError(f"Invalid options for {spec.name}: {given} with foreach=False (fastai's native "
                              "optimizers have no fused form, keep full-precision state and round 16-bit params to "
@@ -175,7 +175,8 @@ def make_factory(spec: OptimizerSpec) -> Callable:
     factory.__doc__ = (f"{what}. `foreach=True` (the default) "
                        f"gives `{spec.foreach.__name__}`, with `fused=True` its one-pass fused step; "
                        f"`foreach=False` gives {native}. 16-bit params are written back with "
-                       "`rounding`: 'kahan' (a compensation buffer in `kahan_dtype`), 'stochastic', or 'nearest' "
+                       "`rounding`: 'kahan' (a compensation buffer in `kahan_dtype`), 'master24' (an int8 buffer: "
+                       "24-bit master weights), 'stochastic', or 'nearest' "
                        "(fastai's own steps). `state_format` ('8bit', '4bit', '8bit-companded', a dict of state key -> "
                        "format, or a `StateFormat`) keeps its averages in few bits.")
     factory.__signature__ = sig.replace(parameters=params[:at] + flags + params[at:])

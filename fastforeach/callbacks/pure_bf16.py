@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 
 from ..core import inner_optimizer
-from ..precision import COMP
+from ..precision import COMP, correction, master_split
 
 __all__ = ['PureBF16', 'to_pure_bf16', 'model_to_bf16']
 
@@ -26,8 +26,8 @@ BF16 = torch.bfloat16
 def model_to_bf16(model: torch.nn.Module, opt=None) -> None:
     """`model`'s float params and buffers in bf16, in place (the same Parameter objects, so an optimizer
     built over them goes on). For each float32 param, what rounding to bf16 takes off is kept in `opt`'s
-    Kahan buffer when `opt` is a fastforeach optimizer summing with Kahan, so nothing of the weight is lost
-    at the switch; `opt`'s state shaped like a param is cast to bf16 with it."""
+    buffer when `opt` is a fastforeach optimizer that keeps one (Kahan's; a 24-bit master's byte, to 1/256
+    of an ulp), so that nothing of the weight is lost at the switch; `opt`'s state shaped like a param is cast to bf16 with it."""
     inner = inner_optimizer(opt) if opt is not None else None
     keeps = getattr(inner, '_keeps_comp', None)
     with torch.no_grad():
@@ -39,8 +39,10 @@ def model_to_bf16(model: torch.nn.Module, opt=None) -> None:
                 if key != COMP and isinstance(value, torch.Tensor) and value.shape == p.shape:
                     state[key] = value.to(BF16)
             if keeps is not None and keeps(p16):
-                remainder = (p - p16.to(p.dtype)).to(inner.rounding.kahan_dtype)
-                state[COMP] = remainder + state[COMP] if COMP in state else remainder
+                w = p.float() + state[COMP].float() if COMP in state else p.float()
+                dtype = inner.rounding.comp_dtype
+                if dtype == torch.int8: p16, state[COMP] = master_split(w)
+                else: state[COMP] = correction(w, p16, dtype)
             p.data = p16
         for b in model.buffers():
             if b.is_floating_point(): b.data = b.to(BF16)

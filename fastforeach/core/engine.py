@@ -109,6 +109,7 @@ class Core:
     def hold(self, params) -> None:
         "Take note of the params this core will step: whether any is a DTensor (FSDP2), which its rules must allow."
         self.sharded = any(is_sharded(p) for p in params)
+        for p in params: self.rounding.check(p)
         if self.sharded and self.state_format is not None:
             raise ValueError("Invalid params: DTensors (FSDP2) with state_format (state in few bits is not sharded yet)")
         for route in self.routes:

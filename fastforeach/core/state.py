@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import as_like, is_sharded, local
+from ..distributed import as_like, is_sharded, local, wrap_like
 from ..lowbit import CODES, SCALE, StateFormat, saved_format, unlike_any
-from ..precision import COMP, Rounding
+from ..precision import COMP, Rounding, correction, master_value
 from ..rules import LIKE_PARAM, StepRule
 
 __all__ = ['state_lists', 'state_dtype', 'check_param_state', 'load_param_state', 'inner_optimizer', 'FLAGS']
@@ -92,5 +92,15 @@ def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats
             s[key] = as_like(value, p, state_dtype(rule, key, p, rounding), placements)
     if COMP in s:
         comp = s.pop(COMP)
-        if rounding.kahan and rounding.in_float32(p): s[COMP] = as_like(comp, p, rounding.kahan_dtype)
+        if rounding.kahan and rounding.in_float32(p): s[COMP] = comp_like(comp, p, rounding.comp_dtype)
     return s
+
+
+def comp_like(comp: torch.Tensor, p, dtype: torch.dtype) -> torch.Tensor:
+    """A loaded buffer `comp` of 16-bit `p` as a buffer in `dtype`, laid out as `p`: cast between Kahan buffers;
+    between a Kahan buffer and a 24-bit master's byte, made again from the float32 weight they stand for."""
+    if (comp.dtype == torch.int8) == (dtype == torch.int8): return as_like(comp, p, dtype)
+    comp = as_like(comp, p, comp.dtype)
+    weight = local(p).detach()
+    made = correction(master_value(weight, local(comp)), weight, dtype)
+    return wrap_like(made, p) if is_sharded(p) else made

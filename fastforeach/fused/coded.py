@@ -141,7 +141,7 @@ def _operand_kinds(p: torch.Tensor, formats: tuple, state_dtypes: tuple, roundin
     for fmt, dtype in zip(formats, state_dtypes):
         out += [(dtype, block)] if fmt is None else [(torch.uint8, fmt[0].n_codes(block)),
                                                    (fmt[0].scale_dtype, 1)]
-    if rounding is not None and rounding.kahan: out.append((rounding.kahan_dtype, block))
+    if rounding is not None and rounding.kahan: out.append((rounding.comp_dtype, block))
     return out
 
 

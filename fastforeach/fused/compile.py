@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..precision import state_value, stochastic_round
+from ..precision import BUFFERED, SEEDED, master_split, master_value, state_value, stochastic_round
 from .coefficients import DECAY_FACTORS
 
 __all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
@@ -33,9 +33,9 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
     at the head of `c` (see `coefficients.py`): the decoupled factor (1 − lr·wd, or 1) and the L2 factor (wd,
     or 0). Every update gets the whole `c`.
 
-    With `rounding` ('kahan' or 'stochastic', for 16-bit params: see `precision.py`), the update works on
-    float32 copies of its tensors, the param's with its Kahan buffer (the last list) added, or with a seed
-    for its stochastic rounding's noise (the last list, see `hashed_bits`): the `first` phase of a step
+    With `rounding` ('kahan', 'master24' or 'stochastic', for 16-bit params: see `precision.py`), the update
+    works on float32 copies of its tensors, the param's with its buffer (the list after the tensors') added,
+    and with a seed for the noise of a random rounding (the last list, see `hashed_bits`): the `first` phase of a step
     (lists: params, grads, *states) writes the state back (16-bit state stochastically rounded with noise
     hashed from its data, `precision.hashed_noise`, in both modes), the phase that `writes` the param
     writes it and its buffer back, in the same pass: each 16-bit tensor read once and written once. (A
@@ -47,10 +47,10 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
         for i in range(len(lists[0])):
             tensors = [xs[i] for xs in lists]
             if rounding is not None:
-                comp = tensors.pop() if rounding == 'kahan' else None
-                seed = tensors.pop() if rounding == 'stochastic' else None
+                seed = tensors.pop() if rounding in SEEDED else None
+                comp = tensors.pop() if rounding in BUFFERED else None
                 p, originals = tensors[0], tensors
-                tensors = [p.float() + comp.float() if comp is not None else p.float(), *(t.float() for t in tensors[1:])]
+                tensors = [master_value(p, comp) if comp is not None else p.float(), *(t.float() for t in tensors[1:])]
             if mode == DECAY:
                 w, g = tensors[0], tensors[1]
                 tensors[1] = g + c[_L2] * w
@@ -61,7 +61,11 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
                 for t, t32 in zip(originals[2:], tensors[2:]): t.copy_(state_value(t32, t.dtype, tensors[0]))
             if rounding is not None and writes:
                 w = tensors[0]
-                if comp is not None:
+                if comp is not None and seed is not None:  # a 24-bit master
+                    p_new, comp_new = master_split(w, hashed_bits(w, seed + i * _GOLDEN) & 255)
+                    comp.copy_(comp_new)
+                    p.copy_(p_new)
+                elif comp is not None:
                     p_new = w.to(p.dtype)
                     comp.copy_(w - p_new.float())
                     p.copy_(p_new)
@@ -157,7 +161,7 @@ def flat_compiles(phase: tuple, like: torch.Tensor, n_coefficients: int, dtypes:
     dtypes = dtypes[:n_flat] if dtypes else (like.dtype,) * n_flat
     def attempt():
         spread = [_warmup(like, dtype=coefficient_dtype(like.dtype)) for _ in range(n_spread)]
-        comps = [_warmup(like, dtype=comp_dtype)] if rounding == 'kahan' else []
+        comps = [_warmup(like, dtype=comp_dtype)] if rounding in BUFFERED else []
         run_flat(update, [*(_warmup(like, dtype=dtype) for dtype in dtypes), *spread, *comps],
                  _warmup(like, n_coefficients, coefficient_dtype(like.dtype)), rounding, writes)
     return _compiles((phase, dtypes, like.device.type, rounding, comp_dtype), [update], like, attempt)
@@ -204,15 +208,16 @@ def run_chunks(phases: tuple, chunks: list, c: torch.Tensor, n: int, rounding: s
     returned per tensor (lists of 0-d tensors): LAMB's norms, which must be known before its update.
 
     With `rounding` (see `_runner`), every phase works on the params' float32 working values and the last
-    writes them back; with 'kahan' the chunk's last list is the Kahan buffers, handed to every phase last."""
+    writes them back; with a buffer ('kahan', 'master24') the chunk's last list is the buffers, handed to every
+    phase after the tensors."""
     like, last = chunks[0][0][0], len(phases) - 1
     fns = [_compiled(update, mode, like.dtype, like.device.type, rounding, i == last, i == 0)
            for i, (update, mode) in enumerate(phases)]
     out = []
     for chunk in chunks:
-        comps = chunk[-1:] if rounding == 'kahan' else []
+        comps = chunk[-1:] if rounding in BUFFERED else []
         chunk = chunk[:-1] if comps else chunk
-        seeds = [_seeds(like, len(chunk[0]))] if rounding == 'stochastic' else []
+        seeds = [_seeds(like, len(chunk[0]))] if rounding in SEEDED else []
         res = fns[0]([*chunk, *comps, *seeds], c)
         for fn in fns[1:]: res = fn([chunk[0], *chunk[2:], *map(list, zip(*res)), *comps, *seeds], c)
         out += res
@@ -223,10 +228,10 @@ def run_flat(update: Callable, tensors: list[torch.Tensor], c: torch.Tensor, rou
              writes: bool = True):
     """The compiled `update(*tensors, c)` on whole tensors (a pack's): what it returns. With `rounding` (see
     `_runner`), on float32 values of them, written back (the params only if the phase `writes` them; with
-    'kahan', `tensors` ends with the Kahan buffer)."""
+    a buffer, `tensors` ends with it)."""
     like = tensors[0]
     if rounding is None: return _compiled(update, FLAT, like.dtype, like.device.type)(tensors, c)
-    seeds = [_seeds(like, 1)] if rounding == 'stochastic' else []
+    seeds = [_seeds(like, 1)] if rounding in SEEDED else []
     return _compiled(update, PLAIN, like.dtype, like.device.type, rounding, writes)([[t] for t in tensors] + seeds, c)[0]
 
 

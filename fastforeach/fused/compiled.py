@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..ops import device_tensor
-from ..precision import COMP, Rounding
+from ..precision import COMP, SEEDED, Rounding
 from ..rules import StepRule
 from .coefficients import Coefficients
 from .compile import CHUNK, DECAY, PLAIN, chunked, coefficient_dtype, compiles, flat_compiles, run_chunks
@@ -75,12 +75,12 @@ class CompiledStep(FusedStep):
         if rounding is None:
             return (all(compiles(self._phases(hypers), p, self._n_lists, n_coefficients, chunk) for chunk in chunks) and
                     all(flat_compiles(phase, p, n_coefficients) for phase in self.pack_phases))
-        comps = (rounding.kahan_dtype,) if rounding.kahan else ()
+        comps = (rounding.comp_dtype,) if rounding.kahan else ()
         # Weight-like state of 16-bit params is float32 (ScheduleFreeAdam's z: see `StateSpec.weight`).
         states = tuple(torch.float32 if k in self._rule.weight_state else p.dtype for k in self._state_keys)
         return (all(compiles(self._phases(hypers), p, self._n_lists + len(comps), n_coefficients, chunk, rounding.mode,
                              (p.dtype, p.dtype, *states, *comps)) for chunk in chunks) and
-                all(flat_compiles(phase, p, n_coefficients, None, rounding.mode, rounding.kahan_dtype)
+                all(flat_compiles(phase, p, n_coefficients, None, rounding.mode, rounding.comp_dtype)
                     for phase in self.pack_phases))
 
     @property
@@ -91,7 +91,7 @@ class CompiledStep(FusedStep):
         p0, lr = params[0], hypers['lr']
         outs, stored = [None] * len(params), {}
         rounding = context.rounding.mode if context.rounding is not None else None
-        comps = context.comps if rounding == 'kahan' else None
+        comps = context.comps if context.rounding is not None and context.rounding.kahan else None
         # Packs adopt their params (see `Pack`) unless they are shards of DTensors.
         adopt = context.sizes is None
         # Sizes of whole params, so that shards are packed alike, in the same order, on every rank.
@@ -132,7 +132,7 @@ class CompiledStep(FusedStep):
             return run_chunks(phases, chunked(pack.lists, pack_chunk(pack.flat_p.device)), c, 1, rounding)[0]
         # A graph replays the kernels on the tensors it captured: only for packs that own their buffers and
         # take nothing from outside but the gradients and `c` (see `graphs.py`).
-        if pack.adopted and norms.is_local and rounding != 'stochastic':
+        if pack.adopted and norms.is_local and rounding not in SEEDED:
             outs = pack.graph.step((phases, l2, rounding, pack.flat_g.data_ptr()), c, step)
         else: outs = step(c)
         pack.give_back()

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..ops import device_tensor
-from ..precision import Rounding
+from ..precision import SEEDED, Rounding
 from ..rules import StepRule
 from .coefficients import Coefficients
 from .compile import PLAIN, _compiled, _compiles, _seeds, coefficient_dtype
@@ -62,7 +62,7 @@ class TensorwiseStep(FusedStep):
         "Whether the update compiled for params like `p` (written back as `rounding` says), on dummies: compiled once."
         rule, mode = self._rule, rounding.mode if rounding is not None else None
         states = tuple(rule.state[k].dtype_for(p) for k in rule.state_keys)
-        comps = (rounding.kahan_dtype,) if rounding is not None and rounding.kahan else ()
+        comps = (rounding.comp_dtype,) if rounding is not None and rounding.kahan else ()
 
         def attempt():
             # Sizes as large as real weights': inductor plans its loops (threads, vector width) from the first.
@@ -81,8 +81,8 @@ class TensorwiseStep(FusedStep):
         return [whole, whole, *(kept(self._rule.state[k]) for k in self._rule.state_keys), whole]
 
     def _call(self, per_param: list[list[torch.Tensor]], c: torch.Tensor, rounding: str | None) -> None:
-        """The compiled update on each param's tensors (param, gradient, state, then its Kahan buffer with
-        'kahan'), `CHUNK` params a call, the last call's padded with one-element dummies (one graph)."""
+        """The compiled update on each param's tensors (param, gradient, state, then its buffer with
+        'kahan' or 'master24'), `CHUNK` params a call, the last call's padded with one-element dummies (one graph)."""
         like = per_param[0][0]
         fn = _compiled(self.update, PLAIN, like.dtype, like.device.type, rounding)
         dummies = self._dummies(tuple(t.dtype for t in per_param[0]), like.device)
@@ -90,7 +90,7 @@ class TensorwiseStep(FusedStep):
             seen = [[_seen_as(t, shape) for t, shape in zip(tensors, self._shapes(tensors[0]))]
                     for tensors in per_param[at:at + CHUNK]]
             lists = [[view for view, _ in views] + pad[len(seen):] for views, pad in zip(zip(*seen), dummies)]
-            fn(lists + ([_seeds(like, CHUNK)] if rounding == 'stochastic' else []), c)
+            fn(lists + ([_seeds(like, CHUNK)] if rounding in SEEDED else []), c)
             for tensors, views in zip(per_param[at:at + CHUNK], seen):
                 for t, (_, copy) in zip(tensors, views):
                     if copy is not None: t.copy_(copy.view(t.shape))
@@ -110,7 +110,7 @@ class TensorwiseStep(FusedStep):
         dtype = coefficient_dtype(p0.dtype)
         rule_c = self.layout.values(self.coefficients(dtype=dtype, **hypers))
         rounding = context.rounding.mode if context.rounding is not None else None
-        comps = context.comps if rounding == 'kahan' else None
+        comps = context.comps if context.rounding is not None and context.rounding.kahan else None
         for idx, takes_wd in split_by_wd(do_wd, wd):
             decay = wd if takes_wd else 0.
             factors = [1 - lr * decay, 0.] if decouple_wd else [1., decay]

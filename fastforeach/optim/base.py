@@ -87,7 +87,7 @@ class TorchForEachOptimizer(torch.optim.Optimizer):
     the param's name where `params` came from `named_parameters()`, else None; `bias_and_norm` is what
     fastai's Learner does). `foreach`/`fused`: the foreach rule or its fused form; both None: fused where
     every param is on CUDA, foreach elsewhere (on CPU the first fused step compiles for seconds).
-    16-bit params are written back with `rounding` ('kahan', 'stochastic' or 'nearest'; see `precision.py`)."""
+    16-bit params are written back with `rounding` ('kahan', 'master24', 'stochastic' or 'nearest'; see `precision.py`)."""
     names: dict[str, str | tuple[str, ...]] = {}
     rules: tuple = ()
     state_names: dict[str, str | None] = {}
