@@ -378,10 +378,12 @@ def test_pure_bf16_save_load_resumes_exactly(impl, tmp_path):
         assert torch.equal(straight.opt.state[a][COMP], resumed.opt.state[b][COMP])
 
 
-def test_kahan_checkpoint_in_fastais_own_optimizer(tmp_path):
-    "fastai's optimizer loads a pure-bf16 checkpoint: the Kahan buffers are dropped, with a warning, and it trains."
+@pytest.mark.parametrize('rounding', ['kahan', 'master24'])
+def test_kahan_checkpoint_in_fastais_own_optimizer(rounding, tmp_path):
+    """fastai's optimizer loads a pure-bf16 checkpoint: the buffers (Kahan's, 24-bit masters' bytes) are
+    dropped, with a warning, and it trains."""
     from functools import partial
-    first = digits_run(fastforeach.Adam, True, lambda learn: learn.fit(1, 1e-3), tmp_path)
+    first = digits_run(partial(fastforeach.Adam, rounding=rounding), True, lambda learn: learn.fit(1, 1e-3), tmp_path)
     first.save('bf16', with_opt=True)
     def resume(learn):
         learn.load('bf16', with_opt=True)
