@@ -32,14 +32,14 @@ noise is hashed from the data (`hashed_noise`), so a resumed run is exact. float
 are stepped as they always are: `rounding` does not apply to them.
 
 Moves of 1000 steps of −u on bf16 weights w0, as a fraction of the intended move (1 is exact; float32
-working value; stochastic: the mean over 4096 weights):
+working value; stochastic and master24: the mean over 4096 weights):
 
-    w0     u      nearest  stochastic  kahan bf16  kahan fp16  kahan fp32
-    1.0    1e-4     0.000       1.001       0.994       1.001       1.000
-    1.0    1e-5     0.000       0.994       0.896       0.977       1.001
-    1.0    1e-6     0.000       0.992       0.488       0.961       1.013
-    3.0    1e-5     0.000       1.006       0.391       1.072       1.001
-    0.01   1e-8     0.000       0.970       0.381       0.000       1.024
+    w0     u      nearest  stochastic  kahan bf16  kahan fp16  kahan fp32  master24
+    1.0    1e-4     0.000       1.001       0.994       1.001       1.000     1.001
+    1.0    1e-5     0.000       0.994       0.896       0.977       1.001     1.002
+    1.0    1e-6     0.000       0.992       0.488       0.961       1.013     1.014
+    3.0    1e-5     0.000       1.006       0.391       1.072       1.001     1.001
+    0.01   1e-8     0.000       0.970       0.381       0.000       1.024     1.026
 """
 from __future__ import annotations
 

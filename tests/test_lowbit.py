@@ -488,11 +488,11 @@ def test_torch_face_keeps_codes_under_torchs_names():
 
 def test_eight_bit_averages_train_as_float32():
     """The benchmark's accuracy table on a subset (two seeds, three epochs): Adam with 8-bit averages, with
-    float32 params and in pure bf16, and with companded 8-bit averages, ends within a point of float32 Adam's
-    mean accuracy on digits."""
+    float32 params and in pure bf16, with companded 8-bit averages, and in pure bf16 with 24-bit masters and
+    averages in 4 and 8 bits, ends within a point of float32 Adam's mean accuracy on digits."""
     from fastforeach.bench.experiments.training import STATE_FORMATS, state_format_table
     setups = [s for s in STATE_FORMATS if s[0] in ('float32', '8-bit, stochastic', 'pure bf16 (Kahan), 8-bit, stochastic',
-                                                    '8-bit companded, stochastic')]
+                                                    '8-bit companded, stochastic', 'pure bf16, 24-bit masters, 4/8-bit')]
     rows = {r['setup']: r for r in state_format_table(seeds=(0, 1), epochs=3, setups=setups)['rows']}
     base = rows.pop('float32')['accuracy']
     assert base > 0.9 and all(abs(r['accuracy'] - base) <= 0.01 for r in rows.values()), (base, rows)

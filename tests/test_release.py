@@ -76,10 +76,10 @@ def test_release_steps_as_a_normal_step(name, impl, device):
     assert all(p.grad is None for p in released.model.parameters())
 
 
-def releasing(model, bucket_bytes=25 << 20):
+def releasing(model, bucket_bytes=25 << 20, opt_func=fastforeach.Adam):
     "A Learner's optimizer over `model` with `GradientRelease` ready for backward passes run by hand."
     cb = fastforeach.GradientRelease(bucket_bytes)
-    learn = digits_learner(fastforeach.Adam, cbs=[cb])
+    learn = digits_learner(opt_func, cbs=[cb])
     learn.model, learn.opt = model, None
     learn.create_opt()
     learn.training = True
@@ -107,6 +107,36 @@ def test_peak_gradient_bytes_are_a_bucket_and_a_layer():
     cb.after_fit()
     assert peaks[False] == sum(p.nbytes for p in model.parameters())
     assert peaks[True] <= 2 * layer + layer
+
+
+@pytest.mark.parametrize('impl', ['foreach', 'fused'])
+def test_adam_in_4_6_bytes_a_param_with_release(impl):
+    """bf16 params, 24-bit masters, the first moment in 4 bits and the second in 8, gradients released: 4.6
+    bytes a param at most held between steps (2 + 1 + 0.53 + 1.02), and during backward the gradients of a
+    bucket and a layer at most besides."""
+    from functools import partial
+
+    from fastforeach.memory import memory_report
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)]).bfloat16()
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    layer = sum(p.nbytes for p in model[0].parameters())
+    opt_func = partial(fastforeach.Adam, rounding='master24', fused=impl == 'fused',
+                       state_format={'grad_avg': '4bit', 'sqr_avg': '8bit'})
+    learn, cb = releasing(model, bucket_bytes=2 * layer, opt_func=opt_func)
+    tracker = PeakGradBytes(model.parameters())
+    cb.before_fit()
+    for _ in range(3):
+        cb.before_backward()
+        model(x).float().pow(2).mean().backward()
+        cb.after_backward()
+    tracker.remove()
+    cb.after_fit()
+    params = list(model.parameters())
+    report = memory_report(params, learn.opt)['per_param']
+    assert report['grads'] == 0 and report['total'] <= 4.6, report
+    assert all(learn.opt.state[p]['kahan_comp'].dtype == torch.int8 for p in params)
+    assert tracker.peak <= 2 * layer + layer
 
 
 @pytest.mark.parametrize('cb,message', [(GradientAccumulation(2), 'GradientAccumulation'),
