@@ -41,3 +41,19 @@ def pytest_runtest_makereport(item, call):
     if REQUIRE_CUDA and report.skipped:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome, report.longrepr = 'failed', f"skipped where FASTFOREACH_REQUIRE_CUDA=1: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def foreach_steps_16bit_params_by_its_rule(request):
+    """Tests that compare an 'foreach' implementation (an `impl` parameter) test the foreach rule's own path:
+    for them, 16-bit params are not handed to the rule's fused form, as they are by default
+    (`fused.FUSED_16BIT`; `tests/test_precision.py` tests that routing)."""
+    from fastforeach.fused import FUSED_16BIT
+    callspec = getattr(request.node, 'callspec', None)
+    if callspec is None or callspec.params.get('impl') != 'foreach':
+        yield
+        return
+    saved = set(FUSED_16BIT)
+    FUSED_16BIT.clear()
+    try: yield
+    finally: FUSED_16BIT.update(saved)

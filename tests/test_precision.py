@@ -78,6 +78,43 @@ def masters_of_run(impl, step, n=4096):
     return master_value(p.detach(), opt.state[p][COMP]).double()
 
 
+@pytest.mark.parametrize('rounding', ['kahan', 'master24', 'stochastic'])
+def test_foreach_optimizers_step_16bit_params_by_the_fused_form(rounding, monkeypatch):
+    """An optimizer built without `fused=True` steps 16-bit params by its rule's fused form where it has one
+    (`fused.FUSED_16BIT`; measured 8x faster than the foreach form's float32 copies on CPU): bit for bit
+    as `fused=True` (the same seeds for the random roundings), float32 params by the foreach rule, and with
+    the device type taken out of `FUSED_16BIT`, 16-bit params by the foreach rule's float32 path."""
+    from fastforeach.core import paths
+    from fastforeach.fused import FUSED_16BIT
+    taken = []
+    for path in (paths.FUSED, paths.FLOAT32, paths.FOREACH):
+        monkeypatch.setattr(path, 'step', lambda *a, _path=path, _step=path.step: (taken.append(_path.name), _step(*a)))
+    def run(fused, dtype=BF16):
+        groups = [[p.detach().to(dtype).requires_grad_() for p in g] for g in oracle_layers()]
+        opt = fastforeach.Adam(groups, lr=1e-3, fused=fused, rounding=rounding)
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        for _ in range(3):
+            for p in [p for g in groups for p in g][:-1]: p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return [p.detach() for g in groups for p in g]
+    run(True)  # compiled first: compiling draws from the generator
+    fused = run(True)
+    taken.clear()
+    routed = run(False)
+    assert set(taken) == {paths.FUSED.name} and all(torch.equal(a, b) for a, b in zip(fused, routed))
+    taken.clear()
+    run(False, torch.float32)
+    assert set(taken) == {paths.FOREACH.name}
+    saved = set(FUSED_16BIT)
+    FUSED_16BIT.clear()
+    try:
+        taken.clear()
+        run(False)
+        assert set(taken) == {paths.FLOAT32.name}
+    finally: FUSED_16BIT.update(saved)
+
+
 @pytest.mark.parametrize('impl', IMPLS)
 def test_kahan_keeps_even_tinier_updates_with_its_default_buffer(impl):
     "1e-6 per step, 400x under half an ulp: the default (float32) buffer keeps them to within 5%."

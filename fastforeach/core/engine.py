@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..distributed import is_sharded, wrap_like
-from ..fused import FusedStep, Plans
+from ..fused import FUSED_16BIT, FusedStep, Plans, fused_form
 from ..lowbit import plain_state, state_format_of
 from ..precision import COMP, Rounding, is_low_precision
 from ..rules import StepRule, check_hyper
@@ -29,16 +29,19 @@ __all__ = ['Core', 'Route', 'Routed', 'routes_of']
 @dataclass
 class Route:
     """The params a rule steps: those for which `takes(p, state)` is true (all, when None), with the rule's
-    fused form (None: the foreach rule)."""
+    fused form (None: the foreach rule); `for_16bit`, for a foreach rule that has a fused form
+    (`fused.fused_form`), the route of that form, which steps 16-bit params (see `fused.FUSED_16BIT`)."""
     rule: StepRule
     fused: FusedStep | None = None
     takes: Callable | None = None
+    for_16bit: 'Route | None' = None
 
     @classmethod
     def of(cls, opt_step: Callable, takes: Callable | None = None) -> 'Route':
         "The route of a step rule, or of a `FusedStep` (whose rule it reads)."
         fused = opt_step if isinstance(opt_step, FusedStep) else None
-        return cls(StepRule.of(fused.rule if fused else opt_step), fused, takes)
+        rule, twin = StepRule.of(fused.rule if fused else opt_step), None if fused else fused_form(opt_step)
+        return cls(rule, fused, takes, cls(rule, twin, takes) if twin is not None else None)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,8 @@ class Core:
         p0 = bucket.params[0]
         if self.accumulation is not None: return paths.ACCUMULATE.step(self, route, bucket, hyper, kwargs)
         if self.as_fastai(p0): return paths.NEAREST.step(self, route, bucket, hyper, kwargs)
+        if route.for_16bit is not None and p0.device.type in FUSED_16BIT and self.rounding.in_float32(p0):
+            route = route.for_16bit
         kwargs = {**kwargs, **self.count_step(route.rule, bucket)}
         if route.rule.scalars is not None: kwargs.update(self._advance_scalars(route.rule, bucket, kwargs))
         # The params the fused step does not take (`FusedStep.takes`) on the rule's own path, the others on its.
