@@ -24,12 +24,12 @@ A bf16 weight of 1.0 has neighbours 2^-7 apart: written back to the nearest bf16
 - `'nearest'`: fastai's behaviour, exactly: the param is stepped by fastai's own steppers, each op
   rounded to 16 bits as fastai's native optimizer does (bit for bit; one param at a time, as fastai).
 
-The state (averages, momentum) stays in the params' dtype, written back by stochastic rounding with
-'kahan' and 'stochastic' alike: an average with β = 0.999 moves by 0.1% of itself a step, under half a
-bf16 ulp (2^-9), so rounded to nearest it stops moving (QHAdam's second moment over 1000 steps of
-gradients 1 ± 0.5 ended 27% below float64's rounded to nearest, within 1% stochastically rounded). The
-noise is hashed from the data (`hashed_noise`), so a resumed run is exact. float32 and float64 params
-are stepped as they always are: `rounding` does not apply to them.
+The state (averages, momentum) stays in the params' dtype, written back by stochastic rounding in every
+mode but 'nearest': an average with β = 0.999 moves by 0.1% of itself a step, under half a bf16 ulp
+(2^-9), so rounded to nearest it stops moving (QHAdam's second moment over 1000 steps of gradients
+1 ± 0.5 ended 27% below float64's rounded to nearest, within 1% stochastically rounded). The noise is
+hashed from the data (`hashed_noise`), so a resumed run is exact. float32 and float64 params are stepped
+as they always are: `rounding` does not apply to them.
 
 Moves of 1000 steps of −u on bf16 weights w0, as a fraction of the intended move (1 is exact; float32
 working value; stochastic and master24: the mean over 4096 weights):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...fused import packs_as_on
+from ...fused import FUSED_16BIT, packs_as_on
 from ...memory import memory_report
 from ...registry import REGISTRY
 from ..harness import device_sync, implementations, time_opts, time_steps
@@ -50,9 +50,11 @@ def format_memory_floor(rows: list[dict]) -> str:
         f"{r['model']:<12} {r['what']:<18} {r['reads'] or '':>10} {r['ms']:>8.2f} {r['fastai_over_this']:>17.2f}x"
         for r in rows])
 
-# What `--memory` counts, per model: (label, optimizer, param dtype, options, pack threshold on this device).
+# What `--memory` counts, per model: (label, optimizer, param dtype, options, pack threshold on this device, or
+# `FOREACH_RULE`: 16-bit params stepped by the foreach rule, not its fused form).
 # Adam's fused step is PyTorch's kernel in float32 (no packs); RAdam's is compiled, and packs small params.
 _BF16 = torch.bfloat16
+FOREACH_RULE = 'foreach rule'
 MEMORY_SETUPS = [
     ('fastai native', 'Adam', torch.float32, {'foreach': False}, None),
     ('foreach', 'Adam', torch.float32, {}, None),
@@ -61,10 +63,11 @@ MEMORY_SETUPS = [
     ('fused', 'RAdam', torch.float32, {'fused': True}, None),
     ('fused, CUDA packs', 'RAdam', torch.float32, {'fused': True}, 'cuda'),
     ('foreach, Kahan', 'Adam', _BF16, {}, None),
+    ('foreach rule, Kahan', 'Adam', _BF16, {}, FOREACH_RULE),
     ('fused, Kahan', 'Adam', _BF16, {'fused': True}, None),
     ('fused, Kahan bf16', 'Adam', _BF16, {'fused': True, 'kahan_dtype': _BF16}, None),
     ('fused, stochastic', 'Adam', _BF16, {'fused': True, 'rounding': 'stochastic'}, None),
-    ('foreach, 24-bit masters', 'Adam', _BF16, {'rounding': 'master24'}, None),
+    ('foreach rule, 24-bit masters', 'Adam', _BF16, {'rounding': 'master24'}, FOREACH_RULE),
     ('fused, 24-bit masters', 'Adam', _BF16, {'fused': True, 'rounding': 'master24'}, None),
     ('fused, Kahan', 'RAdam', _BF16, {'fused': True}, None),
     ('fused, Kahan, CUDA packs', 'RAdam', _BF16, {'fused': True}, 'cuda'),
@@ -101,19 +104,27 @@ def _peer(name: str, label: str):
 
 
 class _WithThreshold:
-    "An optimizer stepped with another device's pack threshold (see `fused.packs_as_on`)."
+    """An optimizer stepped with another device's pack threshold (see `fused.packs_as_on`), or with its 16-bit
+    params by its foreach rule (`threshold` `FOREACH_RULE`: `fused.FUSED_16BIT` emptied for the step)."""
     def __init__(self, opt, device: str, threshold: str):
         self.opt, self.device, self.threshold = opt, device, threshold
 
     def step(self):
-        with packs_as_on(self.device, self.threshold): self.opt.step()
+        if self.threshold != FOREACH_RULE:
+            with packs_as_on(self.device, self.threshold): self.opt.step()
+            return
+        saved = set(FUSED_16BIT)
+        FUSED_16BIT.clear()
+        try: self.opt.step()
+        finally: FUSED_16BIT.update(saved)
 
 
 def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
     """Bytes per param element each setup holds after its warm-up steps (`memory.memory_report`): params,
     gradients, optimizer state and fastforeach's own buffers, the last also as a share of the param bytes;
     and its step time, the setups interleaved as in `time_opts`. 'CUDA packs' steps with CUDA's pack
-    threshold (`fused.PACK_MAX_NUMEL`), which packs far more params."""
+    threshold (`fused.PACK_MAX_NUMEL`), which packs far more params; 'foreach rule' steps 16-bit params by
+    the foreach rule (by default a foreach optimizer steps them by the rule's fused form)."""
     import fastforeach
     net, setups = MODELS[model](), {}
     for label, name, dtype, options, threshold in MEMORY_SETUPS:
