@@ -174,10 +174,10 @@ def update_error_bound(name: str, steps: int) -> float:
 
 
 # 24-bit masters: every optimizer foreach, and fused one of each kind of compiled step (an elementwise update,
-# RAdam's choice of two, pack phases around norms, weight-like state, per-tensor statistics, Lookahead's sync):
-# their write-back is shared code, and every fused optimizer's graphs compiled again would cost the suite's
-# cold run a minute.
-MASTER24_FUSED = ('Adam', 'RAdam', 'Lamb', 'Larc', 'ScheduleFreeAdam', 'Adafactor', 'ranger')
+# pack phases around norms (Lamb's, as Larc's and StableAdam's), weight-like state, per-tensor statistics,
+# RAdam's choice of two updates under Lookahead's sync): their write-back is shared code, and every fused
+# optimizer's graphs compiled again would cost the suite's cold run a minute.
+MASTER24_FUSED = ('Adam', 'Lamb', 'ScheduleFreeAdam', 'Adafactor', 'ranger')
 BUFFERED_CASES = [(name, rounding, impl) for name in REGISTRY for rounding in ('kahan', 'master24') for impl in IMPLS
                   if rounding == 'kahan' or impl == 'foreach' or name in MASTER24_FUSED]
 
