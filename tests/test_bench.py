@@ -132,9 +132,11 @@ def test_memory_table_counts_every_setup(model):
     bitsandbytes' and torchao's (where installed); fastforeach's own buffers at most 2% of the param bytes,
     with the CPU's pack threshold and with CUDA's (which packs far more)."""
     # The fused steps with bitsandbytes' format hold what its foreach step holds, and compile for most of a minute
-    # (with 24-bit masters too; their 4/8-bit state is counted in tests/test_lowbit.py).
+    # (with 24-bit masters too; their 4/8-bit state is counted in tests/test_lowbit.py). torchao compiles a graph
+    # per param shape: 145 s cold on xresnet18's, so its bytes are compared on the transformer's.
     setups = [s for s in MEMORY_SETUPS if not s[0].startswith(('fused, 8-bit state', 'fused, stochastic, 8-bit state',
-                                                               'fused, 24-bit masters, '))]
+                                                               'fused, 24-bit masters, '))
+              and not (model == 'xresnet18' and s[0] == 'torchao')]
     with patch.object(memory_experiment, 'MEMORY_SETUPS', setups):
         rows = {r['setup']: r for r in bench.memory_table(model, steps=2, warmup=1)}
     assert rows['Adam float32 fastai native']['total'] == rows['Adam float32 fused']['total'] == 16
