@@ -118,8 +118,11 @@ def state_value(x: torch.Tensor, dtype: torch.dtype, w: torch.Tensor) -> torch.T
     return stochastic_round(x, dtype, hashed_noise(x, w if w.shape == x.shape else x))
 
 
-def kahan_split(w: torch.Tensor, dtype: torch.dtype, comp_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    "`w` (float32) as (p, comp): p = w rounded to `dtype`, comp = w − p in `comp_dtype`."
+def kahan_split(w: torch.Tensor, dtype: torch.dtype, comp_dtype: torch.dtype, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w` (float32) as (p, comp): p = w rounded to `dtype`, comp = w − p in `comp_dtype`; for an int8
+    `comp_dtype`, a 24-bit master (`master_split`, its low byte rounded with `noise`)."""
+    if comp_dtype == torch.int8: return master_split(w, noise)
     p = w.to(dtype)
     return p, (w - p.to(w.dtype)).to(comp_dtype)
 
@@ -167,11 +170,6 @@ class Rounding:
     def kahan(self) -> bool:
         "Whether 16-bit params keep a buffer of what rounding took off: Kahan's or a 24-bit master's."
         return self.mode in BUFFERED
-
-    @property
-    def seeded(self) -> bool:
-        "Whether the write-back rounds at random (a compiled update takes a seed per step)."
-        return self.mode in SEEDED
 
     @property
     def comp_dtype(self) -> torch.dtype:

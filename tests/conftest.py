@@ -48,12 +48,9 @@ def foreach_steps_16bit_params_by_its_rule(request):
     """Tests that compare an 'foreach' implementation (an `impl` parameter) test the foreach rule's own path:
     for them, 16-bit params are not handed to the rule's fused form, as they are by default
     (`fused.FUSED_16BIT`; `tests/test_precision.py` tests that routing)."""
-    from fastforeach.fused import FUSED_16BIT
+    from contextlib import nullcontext
+
+    from fastforeach.fused import foreach_for_16bit
     callspec = getattr(request.node, 'callspec', None)
-    if callspec is None or callspec.params.get('impl') != 'foreach':
+    with foreach_for_16bit() if callspec is not None and callspec.params.get('impl') == 'foreach' else nullcontext():
         yield
-        return
-    saved = set(FUSED_16BIT)
-    FUSED_16BIT.clear()
-    try: yield
-    finally: FUSED_16BIT.update(saved)

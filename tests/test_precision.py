@@ -61,21 +61,12 @@ def test_24bit_masters_keep_tiny_updates(impl, step):
     of float32 weights (themselves 1.5% over the exact move at 1e-6: float32 near 1.0 moves in steps of
     6e-8), in one byte a param."""
     float32, _, _ = constant_moves('nearest', impl, step, dtype=torch.float32)
-    end = masters_of_run(impl, step)
+    torch.manual_seed(0)
+    p, byte, _ = constant_moves('master24', impl, step, n=4096)
+    assert torch.equal(byte, byte.round()) and byte.abs().max() <= 128  # (as returned, in float64) a byte
+    end = master_value(p.to(BF16), byte.to(torch.int8)).double()
     assert abs((1 - end.mean().item()) / (1 - float32.item()) - 1) < 0.01
     assert end.std() > 0  # the low byte does round at random
-
-
-def masters_of_run(impl, step, n=4096):
-    """The float32 masters (bf16 weight and int8 byte) of `constant_moves` with 24-bit masters."""
-    torch.manual_seed(0)
-    p = nn.Parameter(torch.full((n,), 1.0, dtype=BF16))
-    opt = fastforeach.SGD([p], lr=1., rounding='master24', fused=impl == 'fused')
-    for _ in range(1000):
-        p.grad = torch.full((n,), step, dtype=BF16)
-        opt.step()
-    assert opt.state[p][COMP].dtype == torch.int8
-    return master_value(p.detach(), opt.state[p][COMP]).double()
 
 
 @pytest.mark.parametrize('rounding', ['kahan', 'master24', 'stochastic'])
@@ -83,9 +74,9 @@ def test_foreach_optimizers_step_16bit_params_by_the_fused_form(rounding, monkey
     """An optimizer built without `fused=True` steps 16-bit params by its rule's fused form where it has one
     (`fused.FUSED_16BIT`; measured 7x faster than the foreach form's float32 copies on CPU): bit for bit
     as `fused=True` (the same seeds for the random roundings), float32 params by the foreach rule, and with
-    the device type taken out of `FUSED_16BIT`, 16-bit params by the foreach rule's float32 path."""
+    within `foreach_for_16bit()`, 16-bit params by the foreach rule's float32 path."""
     from fastforeach.core import paths
-    from fastforeach.fused import FUSED_16BIT
+    from fastforeach.fused import foreach_for_16bit
     taken = []
     for path in (paths.FUSED, paths.FLOAT32, paths.FOREACH):
         monkeypatch.setattr(path, 'step', lambda *a, _path=path, _step=path.step: (taken.append(_path.name), _step(*a)))
@@ -106,13 +97,9 @@ def test_foreach_optimizers_step_16bit_params_by_the_fused_form(rounding, monkey
     taken.clear()
     run(False, torch.float32)
     assert set(taken) == {paths.FOREACH.name}
-    saved = set(FUSED_16BIT)
-    FUSED_16BIT.clear()
-    try:
-        taken.clear()
-        run(False)
-        assert set(taken) == {paths.FLOAT32.name}
-    finally: FUSED_16BIT.update(saved)
+    taken.clear()
+    with foreach_for_16bit(): run(False)
+    assert set(taken) == {paths.FLOAT32.name}
 
 
 @pytest.mark.parametrize('impl', IMPLS)

@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 
 from ..core import inner_optimizer
-from ..precision import COMP, correction, master_split
+from ..precision import COMP, kahan_split
 
 __all__ = ['PureBF16', 'to_pure_bf16', 'model_to_bf16']
 
@@ -40,9 +40,7 @@ def model_to_bf16(model: torch.nn.Module, opt=None) -> None:
                     state[key] = value.to(BF16)
             if keeps is not None and keeps(p16):
                 w = p.float() + state[COMP].float() if COMP in state else p.float()
-                dtype = inner.rounding.comp_dtype
-                if dtype == torch.int8: p16, state[COMP] = master_split(w)
-                else: state[COMP] = correction(w, p16, dtype)
+                p16, state[COMP] = kahan_split(w, BF16, inner.rounding.comp_dtype)
             p.data = p16
         for b in model.buffers():
             if b.is_floating_point(): b.data = b.to(BF16)

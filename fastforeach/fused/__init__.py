@@ -33,8 +33,9 @@ from .compiled import CompiledStep
 from .layout import Operands, end_to_end, flat_alias, is_dense
 from .packs import PACK_MAX_NUMEL, Pack, PackStep, pack_max_numel, packs_as_on
 from .plans import Plans
-from .steps import COMPILED_MIN_NUMEL, FUSED_16BIT, Context, EitherStep, FusedStep, KernelStep, fused_form, split_by_wd
+from .steps import (COMPILED_MIN_NUMEL, FUSED_16BIT, Context, EitherStep, FusedStep, KernelStep, foreach_for_16bit, fused_form,
+                    split_by_wd)
 
-__all__ = ['Coefficients', 'FUSED_16BIT', 'fused_form', 'FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
+__all__ = ['Coefficients', 'FUSED_16BIT', 'fused_form', 'foreach_for_16bit', 'FusedStep', 'KernelStep', 'EitherStep', 'CompiledStep', 'Operands', 'Pack', 'PackStep', 'Plans', 'CHUNK',
            'PACK_MAX_NUMEL', 'packs_as_on', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles', 'is_dense', 'run_chunks',
            'run_flat', 'flat_alias', 'end_to_end', 'compile_cache_info', 'pack_max_numel', 'Context']

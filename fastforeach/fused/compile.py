@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..precision import BUFFERED, SEEDED, master_split, master_value, state_value, stochastic_round
+from ..precision import BUFFERED, SEEDED, kahan_split, master_value, state_value, stochastic_round
 from .coefficients import DECAY_FACTORS
 
 __all__ = ['CHUNK', 'WARMUP_SIZE', 'PLAIN', 'DECAY', 'FLAT', 'chunked', 'coefficient_dtype', 'compiles', 'flat_compiles',
@@ -61,15 +61,12 @@ def _runner(update: Callable, mode: str, rounding: str | None = None, writes: bo
                 for t, t32 in zip(originals[2:], tensors[2:]): t.copy_(state_value(t32, t.dtype, tensors[0]))
             if rounding is not None and writes:
                 w = tensors[0]
-                if comp is not None and seed is not None:  # a 24-bit master
-                    p_new, comp_new = master_split(w, hashed_bits(w, seed + i * _GOLDEN) & 255)
+                noise = hashed_bits(w, seed + i * _GOLDEN) if seed is not None else None
+                if comp is not None:  # a 24-bit master's low byte rounded with 8 bits of the noise
+                    p_new, comp_new = kahan_split(w, p.dtype, comp.dtype, None if noise is None else noise & 255)
                     comp.copy_(comp_new)
                     p.copy_(p_new)
-                elif comp is not None:
-                    p_new = w.to(p.dtype)
-                    comp.copy_(w - p_new.float())
-                    p.copy_(p_new)
-                else: p.copy_(stochastic_round(w, p.dtype, hashed_bits(w, seed + i * _GOLDEN)))
+                else: p.copy_(stochastic_round(w, p.dtype, noise))
         return out
     return run
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -14,7 +15,7 @@ from ..ops import mul_scalar_
 from ..precision import Rounding
 from ..rules import StepRule
 
-__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'Context', 'split_by_wd', 'fused_form', 'COMPILED_MIN_NUMEL',
+__all__ = ['FusedStep', 'KernelStep', 'EitherStep', 'Context', 'split_by_wd', 'fused_form', 'foreach_for_16bit', 'COMPILED_MIN_NUMEL',
            'COMPILED_OVER_KERNEL', 'FUSED_16BIT']
 
 # Per device type, the average size of tensor from which `EitherStep` takes its compiled update over a kernel
@@ -29,6 +30,15 @@ COMPILED_OVER_KERNEL: set[str] = set()
 # bf16 on CPU xresnet50: 317 ms a step foreach, 43 ms fused, float32 foreach 40 ms).
 FUSED_16BIT: set[str] = {'cpu', 'cuda'}
 _FUSED_FORMS: dict[Callable, 'FusedStep'] = {}
+
+
+@contextmanager
+def foreach_for_16bit():
+    "Within it, 16-bit params are stepped by the foreach rule of an optimizer built without `fused=True` (see `FUSED_16BIT`)."
+    saved = set(FUSED_16BIT)
+    FUSED_16BIT.clear()
+    try: yield
+    finally: FUSED_16BIT.update(saved)
 
 
 def fused_form(rule: Callable) -> 'FusedStep | None':

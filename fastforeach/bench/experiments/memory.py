@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...fused import FUSED_16BIT, packs_as_on
+from ...fused import foreach_for_16bit, packs_as_on
 from ...memory import memory_report
 from ...registry import REGISTRY
 from ..harness import device_sync, implementations, time_opts, time_steps
@@ -105,18 +105,13 @@ def _peer(name: str, label: str):
 
 class _WithThreshold:
     """An optimizer stepped with another device's pack threshold (see `fused.packs_as_on`), or with its 16-bit
-    params by its foreach rule (`threshold` `FOREACH_RULE`: `fused.FUSED_16BIT` emptied for the step)."""
+    params by its foreach rule (`threshold` `FOREACH_RULE`: see `fused.foreach_for_16bit`)."""
     def __init__(self, opt, device: str, threshold: str):
         self.opt, self.device, self.threshold = opt, device, threshold
 
     def step(self):
-        if self.threshold != FOREACH_RULE:
-            with packs_as_on(self.device, self.threshold): self.opt.step()
-            return
-        saved = set(FUSED_16BIT)
-        FUSED_16BIT.clear()
-        try: self.opt.step()
-        finally: FUSED_16BIT.update(saved)
+        with foreach_for_16bit() if self.threshold == FOREACH_RULE else packs_as_on(self.device, self.threshold):
+            self.opt.step()
 
 
 def memory_table(model: str, device='cpu', steps=5, warmup=2) -> list[dict]:
