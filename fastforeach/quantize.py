@@ -159,8 +159,10 @@ def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: t
     mid = map[near]
     side = torch.where(scaled > mid, 1, -1)
     beside = map[(near + side).clamp(0, map.numel() - 1)]
-    chance = ((scaled - mid) / (beside - mid)).nan_to_num(0.).clamp(0., 1.)  # NaN: no entry beside
-    return (near + torch.where(noise.float() * 2. ** -16 < chance, side, 0)).to(torch.uint8), absmax
+    # The chance (value − nearest) / (beside − nearest) against the noise, without a division. No entry beside
+    # (the signed map's least entry is −0.993: a value of −1 has none below it): the clamp keeps the nearest.
+    up = noise.float() * (2. ** -16) * (beside - mid).abs() < (scaled - mid).abs()
+    return (near + torch.where(up, side, 0)).clamp(0, map.numel() - 1).to(torch.uint8), absmax
 
 
 def decode_rows_4bit(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
@@ -187,8 +189,8 @@ def encode_rows_4bit(x: torch.Tensor, map: torch.Tensor, entries: tuple, noise: 
     else:
         below = below.clamp(max=len(entries) - 2)
         low, high = map[below], map[below + 1]
-        chance = ((scaled.clamp(entries[0], entries[-1]) - low) / (high - low)).clamp(0., 1.)
-        codes = below + (noise.float() * 2. ** -16 < chance).int()
+        # The chance (value − low) / (high − low) against the noise, without a division.
+        codes = below + (noise.float() * (2. ** -16) * (high - low) < scaled.clamp(entries[0], entries[-1]) - low).int()
     codes = codes.to(torch.uint8)
     return (codes[:, 0::2] << 4) | codes[:, 1::2], scale
 
@@ -232,8 +234,8 @@ def _round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
 def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of `x` (one block each) as 8-bit codes of their square roots and the blocks' scales (a bfloat16
-    column), in arithmetic: no table, so that a compiled loop vectorises it, and no division but one for
-    a stochastic code.
+    column), in arithmetic: no table, so that a compiled loop vectorises it, and no division but one a
+    block.
 
     A block's values relative to its largest are coded as the square of a level: fine where most values
     lie, near zero (the smallest nonzero code stands for 6e-5 of the largest, where a linear code would
@@ -250,21 +252,21 @@ def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tenso
     if nonnegative:
         scale = _round_up_to_bfloat16(x.amax(dim=1, keepdim=True).sqrt())
         s = scale.float()
-        r = torch.where(s > 0, x.sqrt() / s, 0.)
-        level = r * _UNSIGNED_LEVELS - 1.
+        level = x.sqrt() * torch.where(s > 0, _UNSIGNED_LEVELS / s, 0.) - 1.
         if noise is None: return level.round().clamp(0., _UNSIGNED_LEVELS - 1.).to(torch.uint8), scale
         below = level.floor().clamp(0., _UNSIGNED_LEVELS - 2.)
-        # In units of a level squared: value (level + 1)², below (below + 1)², above (below + 2)².
-        chance = (((level + 1.) ** 2 - (below + 1.) ** 2) / (2. * below + 3.)).clamp(0., 1.)
-        return (below + (noise.float() * 2. ** -16 < chance).float()).to(torch.uint8), scale
+        # In units of a level squared: value (level + 1)², below (below + 1)², above (below + 2)²; the chance
+        # (value − below) / (above − below) compared with the noise without a division.
+        up = noise.float() * (2. ** -16 * (2. * below + 3.)) < (level + 1.) ** 2 - (below + 1.) ** 2
+        return (below + up.float()).to(torch.uint8), scale
     scale = _round_up_to_bfloat16(x.abs().amax(dim=1, keepdim=True))
     s = scale.float()
-    v = torch.where(s > 0, x / s, 0.)
+    v = x * torch.where(s > 0, 1. / s, 0.)
     level = v.abs().sqrt() * _SIGNED_LEVELS  # of |v|; the sign goes on after
     if noise is None: below, up = level.round(), 0.
     else:
         below = level.floor().clamp(max=_SIGNED_LEVELS - 1.)
-        up = (noise.float() * 2. ** -16 < ((level * level - below * below) / (2. * below + 1.)).clamp(0., 1.)).float()
+        up = (noise.float() * (2. ** -16 * (2. * below + 1.)) < level * level - below * below).float()
     return (torch.where(v < 0, -(below + up), below + up) + _SIGNED_LEVELS).to(torch.uint8), scale
 
 

@@ -150,6 +150,60 @@ def test_stochastic_codes_keep_small_increments_of_an_average():
     assert abs(means['nearest'] - target) > 0.05 * target  # stuck near where it started
 
 
+def _loop_codes(x: torch.Tensor, signed: bool, bits: int, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, decoded values) of rows `x` by the compiled loop's coders (`encode_rows`, `encode_rows_4bit`), run
+    eagerly; to nearest without `noise`."""
+    from fastforeach.quantize import (bin_table, decode_rows, decode_rows_4bit, encode_rows, encode_rows_4bit)
+    if bits == 8:
+        map = dynamic_map(signed)
+        codes, absmax = encode_rows(x, map, bin_table(map), noise)
+        return codes, decode_rows(codes, absmax, map)
+    map = dynamic_map(True, 4) if signed else linear_map(4)
+    codes, scales = encode_rows_4bit(x, map, tuple(map.tolist()), noise)
+    return torch.stack([codes >> 4, codes & 15], dim=-1).view(x.shape), decode_rows_4bit(codes, scales, map)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=128, max_size=128),
+       signed=st.booleans(), bits=st.sampled_from([8, 4]), noise=st.sampled_from([0, 1, 32768, 65535]))
+def test_loop_stochastic_codes_are_next_to_the_value(values, signed, bits, noise):
+    """The compiled loop's stochastic codes, whatever the noise, stand for an entry next to the value: within the
+    map's widest gap (and a bin of the 8-bit table) times the block's largest, never off the map's ends (a
+    block's largest value negative scales to −1, below the signed map's least entry −0.993: no entry lies
+    beyond it)."""
+    x = torch.tensor(values).view(1, -1)
+    if not signed: x = x.abs()
+    _, back = _loop_codes(x, signed, bits, torch.full(x.shape, noise, dtype=torch.int32))
+    map = dynamic_map(signed, bits) if signed or bits == 8 else linear_map(4)
+    bound = ((map[1:] - map[:-1]).max() + 2 / 65535) * x.abs().max()
+    assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+@pytest.mark.parametrize('signed', [True, False], ids=['signed', 'unsigned'])
+def test_loop_stochastic_codes_are_unbiased(signed, bits):
+    """The compiled loop's stochastic codes, over many noises, average to the value (within 4 standard errors of
+    a draw between the two entries around it), for values in the map's range: each block's largest value is
+    negative (it scales to −1, beyond the signed maps' least entries: it takes that entry), one block is of
+    zeros, and second moments below the 4-bit linear map's least entry take it."""
+    gen = torch.Generator().manual_seed(0)
+    block = 256 if bits == 8 else 128
+    x = torch.randn(6, block, generator=gen) * torch.logspace(-4, 0, 6).view(-1, 1)
+    x[:, 0] = -x.abs().amax(dim=1) * 1.5
+    x[5] = 0.
+    if not signed: x = x.abs()
+    total, draws = torch.zeros_like(x), 3000
+    for _ in range(draws):
+        total += _loop_codes(x, signed, bits, torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32))[1]
+    map = dynamic_map(signed, bits) if signed or bits == 8 else linear_map(4)
+    largest = x.abs().amax(dim=1, keepdim=True)
+    gap = (map[1:] - map[:-1]).max() * largest
+    scaled = x / largest.clamp_min(1e-30)
+    kept = (scaled >= map[0]) & (scaled <= map[-1])
+    assert kept.float().mean() > 0.5
+    assert ((total / draws - x).abs() <= 4 * gap / 2 / draws ** 0.5)[kept].all()
+
+
 def _companded(x, nonnegative, noise=None):
     from fastforeach.lowbit import FORMATS
     fmt = FORMATS['8bit-companded']

@@ -72,6 +72,7 @@ def _coded_update(update: Callable, formats: tuple, stochastic: bool) -> Callabl
 
     def coded(p, g, *tensors):
         *tensors, c = tensors
+        for t in (g, *tensors): torch._check(t.shape[0] == p.shape[0])  # one row a block, in every operand
         states, decoded, i = [], [], 0
         for fmt in formats:
             if fmt is None:
