@@ -10,17 +10,24 @@ What is not elementwise is a norm of a whole param (Larc's and LAMB's trust rati
 `norms` argument (see `rules.StepRule`) and gets a `WholeNorms`, which computes the norms of the local
 shards and completes them with one all-reduce per call, over every list and param it is given.
 
+State in few bits (`lowbit.py`) is sharded with params whose shards are runs of their flat order (Shard(0),
+FSDP2's): the codes like the param, the blocks' scales whole on every rank, the blocks that two shards
+share scaled by their largest value over both (`complete_max`).
+
 Only `Shard` and `Replicate` placements are supported: a param whose gradient is laid out otherwise
 (a `Partial` sum still to be reduced) is refused before a step changes anything.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 
 from .ops import device_tensor
 
-__all__ = ['is_sharded', 'local', 'layout', 'WholeNorms', 'LOCAL_NORMS', 'norms_for', 'as_like', 'check_layout']
+__all__ = ['is_sharded', 'local', 'whole', 'layout', 'WholeNorms', 'LOCAL_NORMS', 'norms_for', 'as_like', 'check_layout', 'flat_start',
+           'run_error', 'complete_max']
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -37,6 +44,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """The plain tensor of this rank's shard of `t` (`t` itself when it is not a DTensor). The same tensor
     object at every call, as the fused steps' caches need (`DTensor.to_local()` makes a new view)."""
     return t._local_tensor if is_sharded(t) else t
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    "The whole tensor of DTensor `t` (gathered from every rank), `t` itself when it is plain."
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def layout(t) -> tuple | None:
@@ -93,6 +105,36 @@ def root_mean_square(whole: WholeNorms, local_norms: torch.Tensor, local_numels:
     "‖x‖ / √n of whole params from their shards' norms and sizes: √n is the norm of n ones, completed alike."
     norm, root_n = whole.complete(torch.stack((local_norms, local_numels.sqrt())))
     return norm / root_n
+
+
+def flat_start(t) -> int:
+    """Where this rank's shard of `t` starts in `t`'s flat order: 0 for a plain tensor (a shard must be one
+    run of it: see `run_error`)."""
+    if not is_sharded(t) or t.ndim == 0: return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return offset[0] * math.prod(t.shape[1:])
+
+
+def run_error(t) -> str | None:
+    """Why this rank's shard of DTensor `t` is not one run of `t`'s flat order, or None: it is when `t` is
+    sharded along dim 0 over at most one mesh dim (FSDP2's layout) and replicated over the others."""
+    shards = [pl for pl in t.placements if not isinstance(pl, Replicate)]
+    if not shards or (len(shards) == 1 and type(shards[0]) is Shard and shards[0].dim % max(t.ndim, 1) == 0): return None
+    return f"placements {tuple(t.placements)} (a shard that is one run of the param's flat order needs Shard(0) on one mesh dim)"
+
+
+def complete_max(values: list[torch.Tensor], origins: list) -> None:
+    """Each of `values` (1-d, one per param of `origins`), this rank's part of it zero elsewhere, made the
+    elementwise max over the ranks that shard its param, in place: one all-reduce per process group."""
+    across: dict = {}
+    for v, o in zip(values, origins):
+        groups = norms_for(o).groups
+        if groups: across.setdefault(groups, []).append(v)
+    for groups, vs in across.items():
+        flat = torch.cat(vs)
+        for group in groups: dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        for v, part in zip(vs, flat.split([v.numel() for v in vs])): v.copy_(part)
 
 
 def norms_for(p) -> WholeNorms:

@@ -18,9 +18,18 @@ on it rather than reading codes as values.
 A fused step whose update is elementwise decodes, steps and codes each param's state in one compiled loop
 (`fused/coded.py`); otherwise a step decodes a cache-sized chunk of params' state to float32 (float64 for
 float64 params), runs the optimizer's rule on it, and encodes it back (`Quantized` in `core/paths.py`).
-Either way there is no float32 copy of the whole model's state. `rounding` says how the codes are written: `'stochastic'` (default) to the entry below or
-above at random, unbiased, so that an average with β = 0.999 keeps increments far below the map's spacing;
-`'nearest'`, bitsandbytes' and torchao's own rounding, code for code.
+Either way there is no float32 copy of the whole model's state. `rounding` says how the codes are
+written: `'stochastic'` (default) to the entry below or above at random, unbiased, so that an average with
+β = 0.999 keeps increments far below the map's spacing, with noise hashed from each new value and its
+param's (a resumed run codes as the run straight through did); `'nearest'`, bitsandbytes' and torchao's
+own rounding, code for code.
+
+Params sharded along dim 0 (FSDP2) keep 8-bit state: each rank the codes of its shard (a DTensor laid
+out as the param) and the scales of every block of the param (replicated: 1/256 or 1/32 of the codes'
+bytes of the whole param). A shard is one run of the param's flat order and may start and end inside a
+block: a step scales the blocks shards share by their largest value over every rank (one all-reduce of
+the blocks' maxima per bucket), so that the codes are one process's, whatever the number of ranks.
+4-bit codes, two elements a byte, are not sharded.
 
 `state_format` is a format's name for every average, a dict of state key -> format name (keys left out
 stay in full precision), or a `StateFormat` with the rounding and the size threshold too. Weights kept
@@ -36,8 +45,11 @@ from typing import Callable
 import torch
 
 from .quantize import (BLOCKSIZE, BLOCKSIZE_4BIT, BLOCKSIZE_COMPANDED, bin_table, companded_decode_rows, companded_encode_rows,
+                       companded_scale,
                        decode_rows, decode_rows_4bit, dequantize_4bit, dequantize_blockwise, dynamic_map, encode_rows,
-                       encode_rows_4bit, linear_map, quantize_4bit, quantize_blockwise, quantize_stochastic)
+                       encode_rows_4bit, linear_map, quantize_4bit, quantize_blockwise)
+from .distributed import as_like, complete_max, flat_start, is_sharded, local, whole, wrap_like
+from .precision import hashed_noise
 from .rules import StepRule
 
 __all__ = ['LowBit', 'Companded', 'FORMATS', 'StateFormat', 'CODES', 'SCALE', 'ROUNDINGS', 'state_format_of', 'saved_format',
@@ -73,11 +85,11 @@ class LowBit:
         scales = torch.zeros(self.n_scales(p.numel()), dtype=self.scale_dtype, device=p.device)
         return (codes.view(p.shape) if self.bits == 8 else codes), scales
 
-    def encode(self, x: torch.Tensor, nonnegative: bool, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        "(codes, scales) of `x`: 8-bit codes shaped like `x`, 4-bit ones flat."
+    def encode(self, x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        "(codes, scales) of `x`, to nearest (bitsandbytes' and torchao's codes): 8-bit codes shaped like `x`, 4-bit ones flat."
         map = self.map(nonnegative)
-        if self.bits == 4: return quantize_4bit(x, map, self.blocksize, stochastic)
-        return (quantize_stochastic if stochastic else quantize_blockwise)(x, map, self.blocksize)
+        if self.bits == 4: return quantize_4bit(x, map, self.blocksize)
+        return quantize_blockwise(x, map, self.blocksize)
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool, shape) -> torch.Tensor:
         "The float32 values, in `shape`, that `codes` and `scales` stand for."
@@ -95,11 +107,47 @@ class LowBit:
         map = self._tables(nonnegative, codes.device)[0]
         return decode_rows(codes, scales, map) if self.bits == 8 else decode_rows_4bit(codes, scales, map)
 
-    def encode_rows(self, x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        "(codes, scales) of rows `x`, to nearest or (given `noise`, 16 random bits an element) stochastically."
+    def encode_rows(self, x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None, scale: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of rows `x`, to nearest or (given `noise`, 16 random bits an element) stochastically;
+        the rows' `scale` (a column, `scale_of` their blocks' largest) where they hold only part of their blocks."""
         map, bins = self._tables(nonnegative, x.device)
-        if self.bits == 8: return encode_rows(x, map, bins, noise)
-        return encode_rows_4bit(x, map, _cached(('entries', self.name, nonnegative), lambda: tuple(map.tolist())), noise)
+        if self.bits == 8: return encode_rows(x, map, bins, noise, scale)
+        return encode_rows_4bit(x, map, _cached(('entries', self.name, nonnegative), lambda: tuple(map.tolist())), noise,
+                                scale)
+
+    def scale_of(self, largest: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+        "The scales of blocks whose largest absolute values are `largest`."
+        return largest if self.bits == 8 else largest.clamp_min(1e-12)
+
+    # A run of a param's flat order (a shard of it, or all of it) that starts `head` elements into a block.
+    in_runs = property(lambda self: self.bits == 8)  # 4-bit codes pack two elements a byte, flat: whole params only
+
+    def blocks_of(self, start: int, numel: int) -> tuple[int, int]:
+        "(first, count): the blocks that elements `start` … `start + numel − 1` of a flat order touch."
+        if numel == 0: return start // self.blocksize, 0
+        return start // self.blocksize, (start + numel - 1) // self.blocksize - start // self.blocksize + 1
+
+    def decode_run(self, codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool, head: int = 0) -> torch.Tensor:
+        """The float32 values (flat) of the codes of a run of elements starting `head` elements into its first
+        block, with the scales of the blocks it touches."""
+        n = codes.numel() * 8 // self.bits
+        rows = _padded_rows(codes.reshape(-1), self.n_codes(self.blocksize), self.n_codes(head))
+        return self.decode_rows(rows, scales, nonnegative).reshape(-1)[head:head + n]
+
+    def run_rows(self, x: torch.Tensor, head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        "A run's values (see `decode_run`) as float32 rows of one block, zero-padded; and each row's largest |value|."
+        rows = _padded_rows(x.reshape(-1).float(), self.blocksize, head)
+        return rows, rows.abs().amax(dim=1, keepdim=True)
+
+    def encode_run(self, rows: torch.Tensor, largest: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None,
+                   head: int, numel: int) -> torch.Tensor:
+        """The codes (flat) of a run of `numel` elements starting `head` elements into its first block: `run_rows`
+        and their blocks' `largest`, completed across the ranks that share them; stochastically given `noise`
+        (16 random bits an element of the run)."""
+        if noise is not None: noise = _padded_rows(noise.reshape(-1), self.blocksize, head)
+        codes, _ = self.encode_rows(rows, nonnegative, noise, self.scale_of(largest, nonnegative))
+        return codes.reshape(-1)[self.n_codes(head):self.n_codes(head + numel)]
 
     def prepare_rows(self, nonnegative: bool, device) -> None:
         "Make what the compiled coders look up on `device`, before they are traced."
@@ -129,26 +177,23 @@ class Companded(LowBit):
     compiled loop codes them at nearly the speed of a float32 update; 64-element blocks with bfloat16 scales."""
     arithmetic = True
 
-    def encode(self, x, nonnegative, stochastic):
-        rows, n = _padded_rows(x, self.blocksize)
-        noise = torch.randint(0, 1 << 16, rows.shape, dtype=torch.int32, device=x.device) if stochastic else None
-        codes, scales = companded_encode_rows(rows, nonnegative, noise)
-        return codes.reshape(-1)[:n].view(x.shape), scales.view(-1)
+    def encode(self, x, nonnegative):
+        codes, scales = companded_encode_rows(_padded_rows(x.float(), self.blocksize), nonnegative, None)
+        return codes.reshape(-1)[:x.numel()].view(x.shape), scales.view(-1)
 
     def decode(self, codes, scales, nonnegative, shape):
-        rows, n = _padded_rows(codes, self.blocksize)
-        return companded_decode_rows(rows, scales.view(-1, 1), nonnegative).reshape(-1)[:n].view(shape)
+        return self.decode_run(codes, scales, nonnegative).view(shape)
 
     def prepare_rows(self, nonnegative, device): pass
     def decode_rows(self, codes, scales, nonnegative): return companded_decode_rows(codes, scales, nonnegative)
-    def encode_rows(self, x, nonnegative, noise): return companded_encode_rows(x, nonnegative, noise)
+    def encode_rows(self, x, nonnegative, noise, scale=None): return companded_encode_rows(x, nonnegative, noise, scale)
+    def scale_of(self, largest, nonnegative): return companded_scale(largest, nonnegative)
 
 
-def _padded_rows(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
-    "`x` flat, padded with zeros to whole blocks, as rows of one block; and its number of elements."
+def _padded_rows(x: torch.Tensor, blocksize: int, head: int = 0) -> torch.Tensor:
+    "`x` flat, after `head` zeros and padded with zeros to whole blocks, as rows of one block."
     flat = x.reshape(-1)
-    n = flat.numel()
-    return torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize), n
+    return torch.nn.functional.pad(flat, (head, -(head + flat.numel()) % blocksize)).view(-1, blocksize)
 
 
 _MAPS: dict = {}
@@ -217,34 +262,60 @@ class StateFormat:
                                       if fmt is not None and _quantizable(rule, key) and fmt.fits(n)}
         return self._keys[rule.fn, n]
 
-    def decoded(self, rule: StepRule, params: list, states: list, full: Callable) -> tuple[list, list]:
+    def decoded(self, rule: StepRule, params: list, states: list, full: Callable, origins: list | None = None
+                ) -> tuple[list, list]:
         """The state lists `rule` steps for `params`: the keys each keeps in few bits decoded (to float32, float64
         for float64 params; zeros on a first step), the others as they are (`full(key, p)` makes a missing one);
-        and what `encode` writes back after the step."""
+        and what `encode` writes back after the step. For sharded params, `params` are this rank's shards of
+        `origins`: their codes are those of one run of the param's flat order, their scales the whole param's."""
+        origins = params if origins is None else origins
         lists, coded = [[] for _ in rule.state_keys], []
-        for p, state in zip(params, states):
-            low = self.keys(rule, p)
+        for p, origin, state in zip(params, origins, states):
+            low, start = self.keys(rule, origin), flat_start(origin)
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             for xs, key in zip(lists, rule.state_keys):
                 fmt = low.get(key)
                 if fmt is None:
-                    if key not in state: state[key] = full(key, p)
-                    xs.append(state[key])
+                    if key not in state: state[key] = full(key, origin)
+                    xs.append(local(state[key]))
                     continue
                 nonnegative = rule.state[key].nonnegative
-                if key + CODES in state: x = fmt.decode(state[key + CODES], state[key + SCALE], nonnegative, p.shape).to(dtype)
+                if key + CODES in state:
+                    first, count = fmt.blocks_of(start, p.numel())
+                    x = fmt.decode_run(local(state[key + CODES]), state[key + SCALE][first:first + count], nonnegative,
+                                       start % fmt.blocksize).view(p.shape).to(dtype)
                 else: x = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 xs.append(x)
-                coded.append((state, key, fmt, nonnegative, x))
+                coded.append((state, key, fmt, nonnegative, x, p, origin))
         return lists, coded
 
     def encode(self, coded: list) -> None:
-        "Write the stepped values of `decoded` back as codes and scales, into the tensors already kept (in place)."
-        stochastic = self.rounding == 'stochastic'
-        for state, key, fmt, nonnegative, x in coded:
-            codes, scales = fmt.encode(x, nonnegative, stochastic)
-            if key + CODES in state: state[key + CODES].copy_(codes); state[key + SCALE].copy_(scales)
-            else: state[key + CODES], state[key + SCALE] = codes, scales
+        """Write the stepped values of `decoded` back as codes and scales, into the tensors already kept (in place):
+        stochastically with noise hashed from each value and its param's new value (see `precision.hashed_noise`:
+        a resumed run codes as the run straight through did). The blocks that sharded params' shards share are
+        scaled by their largest value over every rank (one all-reduce), so the codes are those of one process."""
+        runs, whole = [], []
+        for state, key, fmt, nonnegative, x, p, origin in coded:
+            start = flat_start(origin)
+            rows, largest = fmt.run_rows(x, start % fmt.blocksize)
+            first, count = fmt.blocks_of(start, p.numel())
+            if is_sharded(origin):  # every block's largest, this rank's ones in place
+                full = largest.new_zeros(fmt.n_scales(origin.numel()))
+                full[first:first + count] = largest.view(-1)
+                whole.append((full, origin))
+                largest = full[first:first + count].view(-1, 1)  # a view: completed in place below
+            else: full = largest.view(-1)
+            runs.append((rows, largest, full))
+        if whole: complete_max(*map(list, zip(*whole)))
+        for (state, key, fmt, nonnegative, x, p, origin), (rows, largest, full) in zip(coded, runs):
+            noise = hashed_noise(x.float().reshape(-1), p.float().reshape(-1)) if self.rounding == 'stochastic' else None
+            codes = fmt.encode_run(rows, largest, nonnegative, noise, flat_start(origin) % fmt.blocksize, p.numel())
+            codes, scales = codes.view(p.shape if fmt.bits == 8 else (-1,)), fmt.scale_of(full, nonnegative)
+            if key + CODES in state:
+                local(state[key + CODES]).copy_(codes); state[key + SCALE].copy_(scales)
+            else:
+                state[key + CODES] = wrap_like(codes, origin) if is_sharded(origin) else codes
+                state[key + SCALE] = scales.to(fmt.scale_dtype)
 
 
 def plain_state(rule: StepRule, p: torch.Tensor, state: dict) -> dict:
@@ -253,7 +324,8 @@ def plain_state(rule: StepRule, p: torch.Tensor, state: dict) -> dict:
     for key in rule.state_keys:
         fmt = saved_format(out.get(key + CODES), out.get(key + SCALE), p)
         if fmt is None: continue
-        out[key] = fmt.decode(out.pop(key + CODES), out.pop(key + SCALE), rule.state[key].nonnegative, p.shape).to(p.dtype)
+        value = fmt.decode(whole(out.pop(key + CODES)), whole(out.pop(key + SCALE)), rule.state[key].nonnegative, p.shape)
+        out[key] = as_like(value, p) if is_sharded(p) else value.to(p.dtype)
     return out
 
 

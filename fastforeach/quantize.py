@@ -23,7 +23,7 @@ import torch
 
 __all__ = ['dynamic_map', 'linear_map', 'quantize_blockwise', 'quantize_stochastic', 'dequantize_blockwise', 'quantize_4bit',
            'dequantize_4bit', 'decode_rows', 'encode_rows', 'bin_table', 'decode_rows_4bit', 'encode_rows_4bit',
-           'companded_decode_rows', 'companded_encode_rows',
+           'companded_decode_rows', 'companded_encode_rows', 'companded_scale',
            'BLOCKSIZE', 'BLOCKSIZE_4BIT', 'BLOCKSIZE_COMPANDED']
 
 BLOCKSIZE = 256  # elements per block of 8-bit state (bitsandbytes' optimizers')
@@ -142,16 +142,17 @@ def decode_rows(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tensor) ->
     return map[codes.int()] * scales.view(-1, 1)  # one column, whatever size its width was traced with
 
 
-def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: torch.Tensor | None,
+                absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_blockwise` (`noise` None) or a stochastic coding of `x` inside a compiled loop, rows of one
     block each: (uint8 codes, absmax as a column). Codes to nearest equal `quantize_blockwise`'s, bit for bit.
     Stochastic: to the map's entry nearest the scaled value or the one beside it on the value's side, the
     latter with probability (value − nearest) / (beside − nearest), given `noise` (16 random bits an element,
     `bins` being `bin_table(map)`): unbiased as `quantize_stochastic` is, with two lookups in the map instead
-    of three and no random number generator (gathers are this loop's cost: they do not vectorise)."""
+    of three and no random number generator (gathers are this loop's cost: they do not vectorise).
+    `absmax` (a column): the blocks' absmax when the rows hold only part of them (a shard's, see `lowbit.py`)."""
     x = x.float()
-    absmax = x.abs().amax(dim=1, keepdim=True)
+    if absmax is None: absmax = x.abs().amax(dim=1, keepdim=True)
     scaled = x * (1. / absmax)  # NaN in a block of zeros
     if noise is None: return bins[torch.where(absmax > 0, _bin_of(scaled), 0.).int().clamp(0, _BINS - 1)], absmax
     scaled = torch.where(absmax > 0, scaled, 0.).clamp(-1., 1.)  # a block of zeros: the zero entry
@@ -172,14 +173,14 @@ def decode_rows_4bit(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tenso
     return map[indices.int()] * scales.view(-1, 1)
 
 
-def encode_rows_4bit(x: torch.Tensor, map: torch.Tensor, entries: tuple, noise: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_rows_4bit(x: torch.Tensor, map: torch.Tensor, entries: tuple, noise: torch.Tensor | None,
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_4bit` inside a compiled loop, rows of one block each: (codes, two a byte; scales, a column).
     To nearest (`noise` None) its codes, bit for bit; with `noise` (16 random bits an element) the entry
     below or above, unbiased. The entry below is counted from the map's 16 values (`entries`, Python floats:
     constants of the graph), not searched for."""
     x = x.float()
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    if scale is None: scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     scaled = x / scale
     below = sum((scaled >= v).int() for v in entries[1:])  # the largest entry at most the value (the first if none)
     if noise is None:
@@ -231,8 +232,13 @@ def _round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
     return ((x.view(torch.int32) + 0xFFFF) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def companded_scale(largest: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    "The bfloat16 scale of companded blocks whose largest value (absolute, for signed blocks) is `largest`."
+    return _round_up_to_bfloat16(largest.sqrt() if nonnegative else largest)
+
+
+def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None,
+                          scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of `x` (one block each) as 8-bit codes of their square roots and the blocks' scales (a bfloat16
     column), in arithmetic: no table, so that a compiled loop vectorises it, and no division but one a
     block.
@@ -247,11 +253,12 @@ def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tenso
 
     To nearest: the nearest level of the square root. With `noise` (16 random bits an element): the level
     below or the one above, the upper with probability (x − below) / (above − below) measured in x itself,
-    so that the decoded value is x in expectation."""
+    so that the decoded value is x in expectation. `scale` (a column): the blocks' scales when the rows hold
+    only part of them (a shard's, see `lowbit.py`)."""
     x = x.float()
+    if scale is None: scale = companded_scale((x if nonnegative else x.abs()).amax(dim=1, keepdim=True), nonnegative)
+    s = scale.float()
     if nonnegative:
-        scale = _round_up_to_bfloat16(x.amax(dim=1, keepdim=True).sqrt())
-        s = scale.float()
         level = x.sqrt() * torch.where(s > 0, _UNSIGNED_LEVELS / s, 0.) - 1.
         if noise is None: return level.round().clamp(0., _UNSIGNED_LEVELS - 1.).to(torch.uint8), scale
         below = level.floor().clamp(0., _UNSIGNED_LEVELS - 2.)
@@ -259,8 +266,6 @@ def companded_encode_rows(x: torch.Tensor, nonnegative: bool, noise: torch.Tenso
         # (value − below) / (above − below) compared with the noise without a division.
         up = noise.float() * (2. ** -16 * (2. * below + 3.)) < (level + 1.) ** 2 - (below + 1.) ** 2
         return (below + up.float()).to(torch.uint8), scale
-    scale = _round_up_to_bfloat16(x.abs().amax(dim=1, keepdim=True))
-    s = scale.float()
     v = x * torch.where(s > 0, 1. / s, 0.)
     level = v.abs().sqrt() * _SIGNED_LEVELS  # of |v|; the sign goes on after
     if noise is None: below, up = level.round(), 0.

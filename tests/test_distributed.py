@@ -325,6 +325,95 @@ def test_bf16_buffers_are_sharded_and_checkpointed(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(r['straight'], r['resumed'])), (rank, config)
 
 
+# --- few-bit state under FSDP2 ----------------------------------------------------------------------
+
+QUANTIZED = [(fmt, rounding, impl) for fmt in ('8bit', '8bit-companded') for rounding in ('stochastic', 'nearest')
+             for impl in ('foreach', 'fused')]
+
+
+def _given_gradients(model, step: int) -> None:
+    "Every param's gradient for `step`, the same whole tensor on every rank and in one process (a shard of it under FSDP2)."
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        g = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-2
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else g
+
+
+def _quantized_state(rank, world, directory):
+    """Adam with 8-bit state (bitsandbytes' format and the companded one, stochastic and nearest, foreach and
+    fused) on a model sharded by FSDP2 and in one process, both given the same whole gradients (FSDP2's
+    reduce-scatter would sum them in another order): the quantized params' weights, codes and scales after 6
+    steps, the state's layout, and a DCP checkpoint at step 3 resumed in a fresh model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor
+
+    from fastforeach.lowbit import CODES, SCALE, StateFormat
+
+    def make(fmt, rounding, impl, sharded):
+        model = net()
+        if sharded: fsdp2(model)
+        return model, REGISTRY['Adam'].make(
+            impl, param_groups(model), wd=0.01, state_format=StateFormat(fmt, rounding=rounding))
+
+    def steps(model, opt, first, last):
+        for t in range(first, last):
+            _given_gradients(model, t)
+            opt.step()
+            opt.zero_grad()
+
+    def held(model, opt):
+        "(weight, codes, scales) of each param with few-bit state, whole."
+        return [(whole(p).detach().clone(), *(whole(opt.state[p][k + suffix]).clone() for k in ('grad_avg', 'sqr_avg')
+                                              for suffix in (CODES, SCALE)))
+                for p in model.parameters() if 'grad_avg' + CODES in opt.state[p]]
+
+    out = {}
+    for fmt, rounding, impl in QUANTIZED:
+        model, opt = make(fmt, rounding, impl, True)
+        steps(model, opt, 0, 3)
+        name = f"{directory}/{fmt}-{rounding}-{impl}"
+        dcp.save({'model': get_model_state_dict(model), 'optim': get_optimizer_state_dict(model, opt)}, checkpoint_id=name)
+        steps(model, opt, 3, 6)
+        coded = [(p, opt.state[p]) for p in model.parameters() if 'grad_avg' + CODES in opt.state[p]]
+        laid_out = len(coded) == 2 and all(
+            isinstance(st['grad_avg' + CODES], DTensor) and st['grad_avg' + CODES].placements == p.placements
+            and not isinstance(st['sqr_avg' + SCALE], DTensor) and st['sqr_avg' + SCALE].numel() == -(-p.numel() // (
+                256 if fmt == '8bit' else 64)) for p, st in coded)
+        straight = held(model, opt)
+
+        resumed, ropt = make(fmt, rounding, impl, True)
+        template = {'model': get_model_state_dict(resumed), 'optim': get_optimizer_state_dict(resumed, ropt)}
+        dcp.load(template, checkpoint_id=name, planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_model_state_dict(resumed, template['model'])
+        set_optimizer_state_dict(resumed, ropt, template['optim'], options=StateDictOptions(strict=False))
+        steps(resumed, ropt, 3, 6)
+
+        single, sopt = make(fmt, rounding, 'foreach', False)  # fused: the compiled loop rounds differently
+        steps(single, sopt, 0, 6)
+        out[(fmt, rounding, impl)] = {'laid out': laid_out, 'straight': straight, 'resumed': held(resumed, ropt),
+                                      'one process': held(single, sopt)}
+    return out
+
+
+def test_quantized_state_under_fsdp2_equals_one_process(tmp_path):
+    """8-bit state sharded with its params (codes as DTensors laid out as them, the scales of every block on
+    every rank): code for code what one process holds, though shards start and end inside blocks (the
+    blocks they share are scaled by their largest value over both ranks), and a DCP checkpoint resumes bit
+    for bit. (fused=True steps sharded few-bit state by decoding it, as foreach does.)"""
+    for rank, runs in enumerate(spawn(_quantized_state, str(tmp_path))):
+        for config, r in runs.items():
+            assert r['laid out'], (rank, config)
+            for kind in ('resumed', 'one process'):
+                assert len(r[kind]) == len(r['straight']) == 2, (rank, config, kind)
+                for a, b in zip(r[kind], r['straight']):
+                    assert all(torch.equal(x, y) for x, y in zip(a, b)), (rank, config, kind)
+
+
 # --- fastai's Learner under DDP --------------------------------------------------------------------
 
 def _learner_under_distrib_ctx(rank, world):
@@ -400,6 +489,26 @@ def _unsupported_layouts(rank, world):
             unchanged = all(torch.equal(t.full_tensor(), b) for t, b in zip((q, p), before)) and not opt.state[q]
             out[(label, impl)] = (error, unchanged)
     return out
+
+
+def _few_bit_layouts(rank, world):
+    """Few-bit state for DTensor params it cannot be sharded with: 4-bit codes (two elements a byte) and a
+    shard that is not one run of the flat order (Shard(1)): the error making the optimizer raises."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh('cpu', (world,))
+    out = {}
+    for label, fmt, placement in (('4-bit', '4bit', Shard(0)), ('Shard(1)', '8bit', Shard(1))):
+        p = nn.Parameter(distribute_tensor(torch.zeros(64, 128), mesh, [placement]))
+        try: REGISTRY['Adam'].make('foreach', [p], state_format=fmt); out[label] = None
+        except ValueError as e: out[label] = str(e)
+    return out
+
+
+def test_few_bit_state_refuses_layouts_it_cannot_shard():
+    for results in spawn(_few_bit_layouts):
+        assert 'state_format' in results['4-bit'] and '4bit' in results['4-bit'], results
+        assert 'Shard(dim=1)' in results['Shard(1)'] and 'Shard(0)' in results['Shard(1)'], results
 
 
 def test_unsupported_layouts_are_refused_before_a_step():

@@ -21,7 +21,7 @@ from test_oracle import TOLERANCES
 class Lossless(LowBit):
     """A stand-in format that keeps float32 values exactly, as 4 bytes of codes each: the path that decodes,
     steps and encodes, without the rounding of a real format."""
-    def encode(self, x, nonnegative, stochastic):
+    def encode(self, x, nonnegative):
         return x.float().reshape(-1).view(torch.uint8).clone(), torch.zeros(self.n_scales(x.numel()))
 
     def decode(self, codes, scales, nonnegative, shape): return codes.view(torch.float32).view(shape)
@@ -35,7 +35,7 @@ class Lossless(LowBit):
 
     def decode_rows(self, codes, scales, nonnegative): return codes.view(torch.float32)
 
-    def encode_rows(self, x, nonnegative, noise):
+    def encode_rows(self, x, nonnegative, noise, scale=None):
         return x.float().view(torch.uint8), x.new_zeros(x.shape[0], 1, dtype=torch.float32)
 
 

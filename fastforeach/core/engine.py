@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..distributed import is_sharded, wrap_like
+from ..distributed import is_sharded, run_error, wrap_like
 from ..fused import FUSED_16BIT, FusedStep, Plans, fused_form
 from ..lowbit import plain_state, state_format_of
 from ..precision import COMP, Rounding, is_low_precision
@@ -114,7 +114,13 @@ class Core:
         self.sharded = any(is_sharded(p) for p in params)
         for p in params: self.rounding.check(p)
         if self.sharded and self.state_format is not None:
-            raise ValueError("Invalid params: DTensors (FSDP2) with state_format (state in few bits is not sharded yet)")
+            for p in params:
+                formats = {fmt for route in self.routes for fmt in self.state_format.keys(route.rule, p).values()}
+                why = run_error(p) if is_sharded(p) and formats else None
+                if why is None and is_sharded(p) and any(not fmt.in_runs for fmt in formats):
+                    why = f"state_format {sorted(f.name for f in formats if not f.in_runs)} (its codes pack two elements a byte)"
+                if why: raise ValueError(f"Invalid params: a DTensor of shape {tuple(p.shape)} with state in few bits "
+                                         f"cannot be sharded so: {why}")
         for route in self.routes:
             odd = [k for k, spec in route.rule.state.items() if not spec.shardable]
             if self.sharded and odd:

@@ -121,7 +121,8 @@ class Float32(Foreach):
 class Quantized:
     """State kept in few bits (see `lowbit.py`): each chunk's state decoded, the chunk stepped as `FOREACH`
     steps it (`FLOAT32` for 16-bit params), its state encoded back. Chunks of at most `FLOAT32_CHUNK_BYTES`
-    on a GPU too: the decoded state of the whole model is never held at once."""
+    on a GPU too: the decoded state of the whole model is never held at once. Sharded params' state too
+    (`CODED_FUSED` takes whole params only): their shards' codes, the blocks they share completed across ranks."""
     name = 'quantized'
 
     def step(self, core, route, bucket, hyper, kwargs):
@@ -129,7 +130,7 @@ class Quantized:
         inner = FLOAT32 if core.rounding.in_float32(bucket.params[0]) else FOREACH
         def full(key, p): return new_state(rule, key, p, core.rounding)
         for chunk in bucket.chunks(chunk_bytes(route, bucket, True)):
-            states, coded = formats.decoded(rule, chunk.params, chunk.states, full)
+            states, coded = formats.decoded(rule, chunk.params, chunk.states, full, chunk.origins)
             inner.step_chunk(core, rule, chunk, hyper, kwargs, states)
             formats.encode(coded)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import as_like, is_sharded, local, wrap_like
+from ..distributed import as_like, is_sharded, local, whole, wrap_like
 from ..lowbit import CODES, SCALE, StateFormat, saved_format, unlike_any
 from ..precision import COMP, Rounding, correction, master_value
 from ..rules import LIKE_PARAM, StepRule
@@ -78,15 +78,18 @@ def load_param_state(rule: StepRule, p, state: dict, rounding: Rounding, formats
     for key in rule.state_keys:
         nonnegative, fmt = rule.state[key].nonnegative, low.get(key)
         if key + CODES in s:
-            codes, scales = s.pop(key + CODES).to(p.device), s.pop(key + SCALE).to(p.device)
+            codes, scales = s.pop(key + CODES).to(p.device), whole(s.pop(key + SCALE)).to(p.device)
             saved = saved_format(codes, scales, p)
-            if saved == fmt:
-                s[key + CODES], s[key + SCALE] = codes.view(p.shape if fmt.bits == 8 else (-1,)), scales
+            if saved == fmt:  # a sharded param's codes laid out as it, its scales whole (see `lowbit.py`)
+                codes = as_like(codes, p, torch.uint8) if is_sharded(p) else codes.view(p.shape if fmt.bits == 8 else (-1,))
+                s[key + CODES], s[key + SCALE] = codes, scales
                 continue
-            value = saved.decode(codes, scales, nonnegative, p.shape)
+            value = saved.decode(whole(codes), scales, nonnegative, p.shape)
         elif key in s: value = s.pop(key)
         else: continue
-        if fmt is not None: s[key + CODES], s[key + SCALE] = fmt.encode(as_like(value, p, torch.float32), nonnegative, False)
+        if fmt is not None:
+            codes, s[key + SCALE] = fmt.encode(whole(value).to(device=p.device, dtype=torch.float32), nonnegative)
+            s[key + CODES] = as_like(codes, p, torch.uint8) if is_sharded(p) else codes
         else:
             placements = rule.state[key].placements_for(p) if is_sharded(p) else None
             s[key] = as_like(value, p, state_dtype(rule, key, p, rounding), placements)
