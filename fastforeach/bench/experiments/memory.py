@@ -80,6 +80,8 @@ MEMORY_SETUPS = [
      {'fused': True, 'rounding': 'stochastic', 'state_format': '8bit-companded'}, None),
     ('fused, 24-bit masters, 8-bit state', 'Adam', _BF16, {'fused': True, 'rounding': 'master24', 'state_format': '8bit'},
      None),
+    ('fused, 24-bit masters, 8-bit companded', 'Adam', _BF16,
+     {'fused': True, 'rounding': 'master24', 'state_format': '8bit-companded'}, None),
     ('fused, 24-bit masters, 4/8-bit state', 'Adam', _BF16,
      {'fused': True, 'rounding': 'master24', 'state_format': {'grad_avg': '4bit', 'sqr_avg': '8bit'}}, None),
     ('bitsandbytes', 'AdamW8bit', torch.float32, {}, None),
