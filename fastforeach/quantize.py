@@ -163,12 +163,12 @@ def encode_rows(x: torch.Tensor, map: torch.Tensor, bins: torch.Tensor, noise: t
     scaled = torch.where(absmax > 0, scaled, 0.).clamp(-1., 1.)  # a block of zeros: the zero entry
     near = _lookup(bins, _bin_of(scaled).int().clamp(0, _BINS - 1)).int()
     mid = _lookup(map, near)
-    side = torch.where(scaled > mid, 1, -1)
+    side = (scaled > mid).int() * 2 - 1  # int32 (eagerly, half the bytes of where()'s int64)
     beside = _lookup(map, (near + side).clamp(0, map.numel() - 1))
     # The chance (value − nearest) / (beside − nearest) against the noise, without a division. No entry beside
     # (the signed map's least entry is −0.993: a value of −1 has none below it): the clamp keeps the nearest.
     up = noise.float() * (2. ** -16) * (beside - mid).abs() < (scaled - mid).abs()
-    return (near + torch.where(up, side, 0)).clamp(0, map.numel() - 1).to(torch.uint8), absmax
+    return (near + side * up.int()).clamp(0, map.numel() - 1).to(torch.uint8), absmax
 
 
 def decode_rows_4bit(codes: torch.Tensor, scales: torch.Tensor, map: torch.Tensor) -> torch.Tensor:
