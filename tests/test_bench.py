@@ -75,6 +75,19 @@ def test_compile_times_cold_and_warm(tmp_path, capsys):
     assert row['optimizer'] == 'RMSProp' and row['warm_s'] < row['cold_s'] and row['step_ms'] > 0
 
 
+def test_compile_times_with_state_format_time_every_optimizer_in_it(monkeypatch):
+    """With `state_format`, each optimizer named is timed (its fused step compiles the few-bit loop, even where
+    its float32 step is PyTorch's kernel), its first steps made with that format (the fresh processes stubbed)."""
+    import subprocess
+    from types import SimpleNamespace
+    from fastforeach.bench.experiments.compile_times import compile_times
+    codes = []
+    monkeypatch.setattr(subprocess, 'run', lambda args, **kw: (codes.append(args[-1]), SimpleNamespace(stdout='2.0 0.01'))[1])
+    (row,) = compile_times(['Adam'], model='mlp', state_format='8bit-companded')
+    assert row['optimizer'] == 'Adam 8bit-companded' and row['cold_s'] == 2.0 and len(codes) == 2
+    assert all("'state_format': '8bit-companded'" in code and "make('fused'" in code for code in codes)
+
+
 def test_memory_floor_times_plain_passes_beside_sgd(tmp_path, capsys):
     out_json = tmp_path / 'r.json'
     assert bench.main(['--models', 'mlp', '--optimizers', 'SGD', '--steps', '2', '--check-steps', '2',

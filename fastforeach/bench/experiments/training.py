@@ -88,6 +88,7 @@ STATE_FORMATS = [
     ('pure bf16 (Kahan), 8-bit companded', 'bfloat16', {'state_format': '8bit-companded'}),
     ('pure bf16, 24-bit masters', 'bfloat16', {'rounding': 'master24'}),
     ('pure bf16, 24-bit masters, 8-bit', 'bfloat16', {'rounding': 'master24', 'state_format': '8bit'}),
+    ('pure bf16, 24-bit masters, 8-bit companded', 'bfloat16', {'rounding': 'master24', 'state_format': '8bit-companded'}),
     ('pure bf16, 24-bit masters, 4/8-bit', 'bfloat16',
      {'rounding': 'master24', 'state_format': {'grad_avg': '4bit', 'sqr_avg': '8bit'}}),
 ]
