@@ -121,12 +121,16 @@ class LowBit:
         return largest if self.bits == 8 else largest.clamp_min(1e-12)
 
     # A run of a param's flat order (a shard of it, or all of it) that starts `head` elements into a block.
-    in_runs = property(lambda self: self.bits == 8)  # 4-bit codes pack two elements a byte, flat: whole params only
+    @property
+    def in_runs(self) -> bool:
+        "Whether a run that starts inside a block can keep state in this format (4-bit codes pack two a byte: no)."
+        return self.bits == 8
 
-    def blocks_of(self, start: int, numel: int) -> tuple[int, int]:
-        "(first, count): the blocks that elements `start` … `start + numel − 1` of a flat order touch."
-        if numel == 0: return start // self.blocksize, 0
-        return start // self.blocksize, (start + numel - 1) // self.blocksize - start // self.blocksize + 1
+    def run_blocks(self, start: int, numel: int) -> tuple[int, int, int]:
+        """(head, first, count) of elements `start` … `start + numel − 1` of a flat order: how far into its
+        first block the run starts, and the blocks it touches."""
+        head, first = start % self.blocksize, start // self.blocksize
+        return head, first, -(-(head + numel) // self.blocksize)
 
     def decode_run(self, codes: torch.Tensor, scales: torch.Tensor, nonnegative: bool, head: int = 0) -> torch.Tensor:
         """The float32 values (flat) of the codes of a run of elements starting `head` elements into its first
@@ -140,13 +144,13 @@ class LowBit:
         rows = _padded_rows(x.reshape(-1).float(), self.blocksize, head)
         return rows, rows.abs().amax(dim=1, keepdim=True)
 
-    def encode_run(self, rows: torch.Tensor, largest: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None,
+    def encode_run(self, rows: torch.Tensor, scale: torch.Tensor, nonnegative: bool, noise: torch.Tensor | None,
                    head: int, numel: int) -> torch.Tensor:
         """The codes (flat) of a run of `numel` elements starting `head` elements into its first block: `run_rows`
-        and their blocks' `largest`, completed across the ranks that share them; stochastically given `noise`
-        (16 random bits an element of the run)."""
+        and their blocks' `scale` (a column: `scale_of` their largest values over every rank that shares them);
+        stochastically given `noise` (16 random bits an element of the run)."""
         if noise is not None: noise = _padded_rows(noise.reshape(-1), self.blocksize, head)
-        codes, _ = self.encode_rows(rows, nonnegative, noise, self.scale_of(largest, nonnegative))
+        codes, _ = self.encode_rows(rows, nonnegative, noise, scale)
         return codes.reshape(-1)[self.n_codes(head):self.n_codes(head + numel)]
 
     def prepare_rows(self, nonnegative: bool, device) -> None:
@@ -281,9 +285,9 @@ class StateFormat:
                     continue
                 nonnegative = rule.state[key].nonnegative
                 if key + CODES in state:
-                    first, count = fmt.blocks_of(start, p.numel())
+                    head, first, count = fmt.run_blocks(start, p.numel())
                     x = fmt.decode_run(local(state[key + CODES]), state[key + SCALE][first:first + count], nonnegative,
-                                       start % fmt.blocksize).view(p.shape).to(dtype)
+                                       head).view(p.shape).to(dtype)
                 else: x = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 xs.append(x)
                 coded.append((state, key, fmt, nonnegative, x, p, origin))
@@ -294,23 +298,22 @@ class StateFormat:
         stochastically with noise hashed from each value and its param's new value (see `precision.hashed_noise`:
         a resumed run codes as the run straight through did). The blocks that sharded params' shards share are
         scaled by their largest value over every rank (one all-reduce), so the codes are those of one process."""
-        runs, whole = [], []
+        runs, shared = [], []
         for state, key, fmt, nonnegative, x, p, origin in coded:
-            start = flat_start(origin)
-            rows, largest = fmt.run_rows(x, start % fmt.blocksize)
-            first, count = fmt.blocks_of(start, p.numel())
-            if is_sharded(origin):  # every block's largest, this rank's ones in place
+            head, first, count = fmt.run_blocks(flat_start(origin), p.numel())
+            rows, largest = fmt.run_rows(x, head)
+            if is_sharded(origin):  # every block's largest, this rank's ones in place, completed below
                 full = largest.new_zeros(fmt.n_scales(origin.numel()))
                 full[first:first + count] = largest.view(-1)
-                whole.append((full, origin))
-                largest = full[first:first + count].view(-1, 1)  # a view: completed in place below
+                shared.append((full, origin))
             else: full = largest.view(-1)
-            runs.append((rows, largest, full))
-        if whole: complete_max(*map(list, zip(*whole)))
-        for (state, key, fmt, nonnegative, x, p, origin), (rows, largest, full) in zip(coded, runs):
+            runs.append((rows, full, head, first, count))
+        if shared: complete_max(*map(list, zip(*shared)))
+        for (state, key, fmt, nonnegative, x, p, origin), (rows, full, head, first, count) in zip(coded, runs):
+            scales = fmt.scale_of(full, nonnegative)  # the whole param's: this run's blocks are some of them
             noise = hashed_noise(x.float().reshape(-1), p.float().reshape(-1)) if self.rounding == 'stochastic' else None
-            codes = fmt.encode_run(rows, largest, nonnegative, noise, flat_start(origin) % fmt.blocksize, p.numel())
-            codes, scales = codes.view(p.shape if fmt.bits == 8 else (-1,)), fmt.scale_of(full, nonnegative)
+            codes = fmt.encode_run(rows, scales[first:first + count].view(-1, 1), nonnegative, noise, head, p.numel())
+            codes = codes.view(p.shape if fmt.bits == 8 else (-1,))
             if key + CODES in state:
                 local(state[key + CODES]).copy_(codes); state[key + SCALE].copy_(scales)
             else:

@@ -113,14 +113,13 @@ class Core:
         "Take note of the params this core will step: whether any is a DTensor (FSDP2), which its rules must allow."
         self.sharded = any(is_sharded(p) for p in params)
         for p in params: self.rounding.check(p)
-        if self.sharded and self.state_format is not None:
-            for p in params:
-                formats = {fmt for route in self.routes for fmt in self.state_format.keys(route.rule, p).values()}
-                why = run_error(p) if is_sharded(p) and formats else None
-                if why is None and is_sharded(p) and any(not fmt.in_runs for fmt in formats):
-                    why = f"state_format {sorted(f.name for f in formats if not f.in_runs)} (its codes pack two elements a byte)"
-                if why: raise ValueError(f"Invalid params: a DTensor of shape {tuple(p.shape)} with state in few bits "
-                                         f"cannot be sharded so: {why}")
+        for p in params if self.state_format is not None else ():
+            formats = {fmt for route in self.routes for fmt in self.state_format.keys(route.rule, p).values()}
+            if not (formats and is_sharded(p)): continue
+            unsharded = sorted(f.name for f in formats if not f.in_runs)
+            why = run_error(p) or (f"state_format {unsharded} (its codes pack two elements a byte)" if unsharded else None)
+            if why: raise ValueError(f"Invalid params: a DTensor of shape {tuple(p.shape)} with state in few bits "
+                                     f"cannot be sharded so: {why}")
         for route in self.routes:
             odd = [k for k, spec in route.rule.state.items() if not spec.shardable]
             if self.sharded and odd:
