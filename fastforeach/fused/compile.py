@@ -76,21 +76,24 @@ _GOLDEN = 0x9E3779B9  # seeds of the tensors of one call, far apart
 
 
 def hashed_bits(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """16 random bits per element of `like` (in its shape), from a hash of each flat index and `seed` (one
-    element; a murmur3 finaliser in int64 arithmetic kept to 32 bits): inside a compiled loop, several times
+    """16 random bits per element of `like` (in its shape), from a hash of each flat index and `seed` (a 0-d
+    tensor; a murmur3 finaliser in int64 arithmetic kept to 32 bits): inside a compiled loop, several times
     faster than a random number generator on CPU (stochastic rounding of 4M elements, 2 threads: 3 ms,
     against 17 ms with `randint`)."""
     mask = 0xFFFFFFFF
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    x = (index + seed.view([1] * like.dim())) & mask
+    x = (index + seed) & mask
     x = ((x ^ (x >> 16)) * 0x85EBCA6B) & mask
     x = ((x ^ (x >> 13)) * 0xC2B2AE35) & mask
     return (x ^ (x >> 16)) & 0xFFFF
 
 
 def _seeds(like: torch.Tensor, n: int) -> list[torch.Tensor]:
-    "One fresh seed (from torch's generator for `like`'s device), as the list of `n` a chunk's call takes."
-    seed = torch.randint(0, 1 << 31, (1,), dtype=torch.int64, device=like.device)
+    """One fresh seed (from torch's generator for `like`'s device), as the list of `n` a chunk's call takes.
+    A 0-d tensor: a one-element seed has a size of its own, left symbolic (`_size_configs`), and inductor
+    then read it as if it had one element per element of the tensor it was broadcast to (seen in the 2nd
+    to 8th tensors of a chunk: reads past its end, a crash or noise from whatever memory lay there)."""
+    seed = torch.randint(0, 1 << 31, (), dtype=torch.int64, device=like.device)
     return [seed] * n
 
 
