@@ -89,7 +89,7 @@ def test_every_tensor_of_a_chunk_draws_its_noise_from_the_seed():
     originals = [p.clone() for p in params]
     dtypes = (torch.bfloat16, torch.bfloat16, torch.int8)
     with torch.no_grad():
-        assert fused.compiles(phases, params[0], 2, 1, n, rounding, dtypes)
+        assert fused.compiles(phases, params[0], len(dtypes), 1, n, rounding, dtypes)
         eager = [[t.clone() for t in xs] for xs in (params, grads, comps)]
         torch.manual_seed(1)
         compiling._runner(_add_update, fused.PLAIN, rounding)([*eager, compiling._seeds(params[0], n)], torch.zeros(1))

@@ -113,13 +113,14 @@ class Core:
         "Take note of the params this core will step: whether any is a DTensor (FSDP2), which its rules must allow."
         self.sharded = any(is_sharded(p) for p in params)
         for p in params: self.rounding.check(p)
-        for p in params if self.state_format is not None else ():
-            formats = {fmt for route in self.routes for fmt in self.state_format.keys(route.rule, p).values()}
-            if not (formats and is_sharded(p)): continue
-            unsharded = sorted(f.name for f in formats if not f.in_runs)
-            why = run_error(p) or (f"state_format {unsharded} (its codes pack two elements a byte)" if unsharded else None)
-            if why: raise ValueError(f"Invalid params: a DTensor of shape {tuple(p.shape)} with state in few bits "
-                                     f"cannot be sharded so: {why}")
+        if self.state_format is not None:  # few-bit state of a shard: a run of the flat order, 8-bit codes
+            for p in filter(is_sharded, params):
+                formats = {fmt for route in self.routes for fmt in self.state_format.keys(route.rule, p).values()}
+                if not formats: continue
+                unsharded = sorted(f.name for f in formats if not f.in_runs)
+                why = run_error(p) or (f"state_format {unsharded} (its codes pack two elements a byte)" if unsharded else None)
+                if why: raise ValueError(f"Invalid params: a DTensor of shape {tuple(p.shape)} with state in few bits "
+                                         f"cannot be sharded so: {why}")
         for route in self.routes:
             odd = [k for k, spec in route.rule.state.items() if not spec.shardable]
             if self.sharded and odd:
