@@ -1,7 +1,10 @@
 """Averages kept in 8 or 4 bits (`state_format`, `lowbit.py`): the plumbing against fastai, the formats' steps
 against bitsandbytes' and torchao's optimizers, unbiased rounding, checkpoints, bad input, memory."""
 import copy
+import importlib.util
 import io
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from fastforeach.precision import master_value
 from fastforeach.registry import REGISTRY
 from fastforeach.testing.oracle import Twins, compare_states, oracle_layers
 from test_oracle import TOLERANCES
+
+ROOT = Path(__file__).parent.parent
 
 
 class Lossless(LowBit):
@@ -496,3 +501,14 @@ def test_eight_bit_averages_train_as_float32():
     rows = {r['setup']: r for r in state_format_table(seeds=(0, 1), epochs=3, setups=setups)['rows']}
     base = rows.pop('float32')['accuracy']
     assert base > 0.9 and all(abs(r['accuracy'] - base) <= 0.01 for r in rows.values()), (base, rows)
+
+
+@pytest.mark.skipif(shutil.which('gcc') is None, reason="the bound's C loop is compiled by gcc")
+def test_the_hand_written_bound_steps_as_the_companded_step_does(tmp_path):
+    """`scripts/few_bit_bound.py` times a C loop as the bound of the fused companded step's speed: it is one only
+    while it does the same work, so one step of each from the same state must agree bit for bit."""
+    spec = importlib.util.spec_from_file_location('few_bit_bound', ROOT / 'scripts' / 'few_bit_bound.py')
+    bound = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bound)
+    steps = bound.contenders(bound.build(tmp_path), 4 * 4096, threads=1)  # raises unless they agree
+    assert list(steps) == ['torch fused float32 Adam', 'fastforeach fused, 8-bit companded', 'C loop, 8-bit companded']
