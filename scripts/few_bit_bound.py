@@ -35,11 +35,12 @@ static float bf16_up(float x) {  /* rounded up to bfloat16, as companded scales 
 static float bf16_value(uint16_t h) { uint32_t b = (uint32_t)h << 16; float x; memcpy(&x, &b, 4); return x; }
 static uint16_t bf16_bits(float x) { uint32_t b; memcpy(&b, &x, 4); return (uint16_t)(b >> 16); }
 
-/* c: mom, damp, sqr_mom, sqr_damp, 1/debias1, 1/debias2, lr, eps, decay (p *= decay: AdamW's weight decay). */
+/* c: the compiled loop's coefficients (`CompiledStep.coefficient_vector`, Adam's layout `ADAM`): decay (p *= decay:
+   AdamW's weight decay), l2 (g += l2 * p), mom, damp, sqr_mom, sqr_damp, 1/debias1, 1/debias2, lr, eps. */
 void step(float *p, const float *g, uint8_t *m_codes, uint16_t *m_scales, uint8_t *v_codes, uint16_t *v_scales,
           int64_t blocks, const float *c, int threads) {
-  const float mom = c[0], damp = c[1], sqr_mom = c[2], sqr_damp = c[3], ib1 = c[4], ib2 = c[5], lr = c[6],
-              eps = c[7], decay = c[8];
+  const float decay = c[0], l2 = c[1], mom = c[2], damp = c[3], sqr_mom = c[4], sqr_damp = c[5], ib1 = c[6],
+              ib2 = c[7], lr = c[8], eps = c[9];
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < blocks; b++) {
     float m[64], v[64], w[64], m_max = 0.f, v_max = 0.f;
@@ -47,7 +48,8 @@ void step(float *p, const float *g, uint8_t *m_codes, uint16_t *m_scales, uint8_
     float *pb = p + b * 64; const float *gb = g + b * 64; uint8_t *mb = m_codes + b * 64, *vb = v_codes + b * 64;
     for (int i = 0; i < 64; i++) {  /* decode, update, keep the new values */
       float l = ((float)mb[i] - 127.f) * (1.f / 127.f), q = ((float)vb[i] + 1.f) * (1.f / 256.f) * s2;
-      float mm = mom * (l * fabsf(l) * s1) + damp * gb[i], vv = sqr_mom * (q * q) + sqr_damp * gb[i] * gb[i];
+      float gg = gb[i] + l2 * pb[i];
+      float mm = mom * (l * fabsf(l) * s1) + damp * gg, vv = sqr_mom * (q * q) + sqr_damp * gg * gg;
       float pp = pb[i] * decay - lr * (mm * ib1) / (sqrtf(vv * ib2) + eps);
       m[i] = mm; v[i] = vv; w[i] = pp; pb[i] = pp;
       m_max = fmaxf(m_max, fabsf(mm)); v_max = fmaxf(v_max, vv);
@@ -60,10 +62,12 @@ void step(float *p, const float *g, uint8_t *m_codes, uint16_t *m_scales, uint8_
       int32_t hm = ((int32_t)((uint32_t)(mi[i] ^ salt) * 0x2C1B3C6Du) >> 16) & 0xFFFF;
       int32_t hv = ((int32_t)((uint32_t)(vi[i] ^ salt) * 0x2C1B3C6Du) >> 16) & 0xFFFF;
       float x = m[i] * i1, level = sqrtf(fabsf(x)) * 127.f, below = fminf(floorf(level), 126.f);
-      float k = below + (((float)hm * ((2.f * below + 1.f) * (1.f / 65536.f)) < level * level - below * below) ? 1.f : 0.f);
+      float k = below + (((float)hm * ((2.f * below + 1.f) * (1.f / 65536.f)) < level * level - below * below)
+                         ? 1.f : 0.f);
       mb[i] = (uint8_t)(int32_t)((x < 0.f ? -k : k) + 127.f);
       float lv = sqrtf(v[i]) * i2 - 1.f, bv = fminf(fmaxf(floorf(lv), 0.f), 254.f);
-      float up = ((float)hv * ((2.f * bv + 3.f) * (1.f / 65536.f)) < (lv + 1.f) * (lv + 1.f) - (bv + 1.f) * (bv + 1.f)) ? 1.f : 0.f;
+      float up = ((float)hv * ((2.f * bv + 3.f) * (1.f / 65536.f)) < (lv + 1.f) * (lv + 1.f) - (bv + 1.f) * (bv + 1.f))
+                 ? 1.f : 0.f;
       vb[i] = (uint8_t)(int32_t)(bv + up);
     }
     m_scales[b] = bf16_bits(S1); v_scales[b] = bf16_bits(S2);
@@ -91,9 +95,9 @@ def contenders(lib: ctypes.CDLL, numel: int, threads: int) -> dict:
     """Three steps of one `numel`-element param, each after a first step (state made, loops compiled), from
     equal params and gradients: torch's fused float32 Adam, fastforeach's fused companded step, and the C loop
     from a copy of the companded step's state. Then checks that one more step of the last two agrees bit for
-    bit (raises `AssertionError` if not); returns the three steps by name."""
+    bit (raises `RuntimeError` if not); returns the three steps by name."""
     import fastforeach
-    from fastforeach.optimizers.adam import adam_coefficients
+    from fastforeach.optimizers.adam import fused_adam_step
 
     def adam(**options):
         gen = torch.Generator().manual_seed(0)
@@ -105,10 +109,11 @@ def contenders(lib: ctypes.CDLL, numel: int, threads: int) -> dict:
 
     (_, float32), (p8, companded) = adam(), adam(state_format='8bit-companded')
     w, mine = p8.detach().clone(), [t.clone() for t in _coded(companded.state[p8])]  # the C loop's copy
-    h = companded.hypers[0]
-    c = adam_coefficients(step=2, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], eps=h['eps'])
-    vector = torch.tensor([c['mom'], c['damp'], c['sqr_mom'], c['sqr_damp'], c['inv_debias1'], c['inv_debias2'], c['lr'],
-                           c['eps'], 1 - h['lr'] * h['wd']], dtype=torch.float32)
+    # The second step's coefficients, as the compiled loop takes them.
+    h, compiled = companded.hypers[0], fused_adam_step.compiled
+    rule_c = compiled.layout.values(compiled.coefficients(step=2, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'],
+                                                          eps=h['eps']))
+    vector, _ = compiled.coefficient_vector(rule_c, p8, h['lr'], h['wd'], decouple_wd=True)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())
     m, m_scales, v, v_scales = mine
 
@@ -117,8 +122,8 @@ def contenders(lib: ctypes.CDLL, numel: int, threads: int) -> dict:
                  ctypes.c_int64(numel // 64), ptr(vector), ctypes.c_int(threads))
 
     hand(); companded.step()
-    assert torch.equal(w, p8.detach()) and all(map(torch.equal, mine, _coded(companded.state[p8]))), \
-        "the C loop does not step as fastforeach's companded step does"
+    if not (torch.equal(w, p8.detach()) and all(map(torch.equal, mine, _coded(companded.state[p8])))):
+        raise RuntimeError("the C loop does not step as fastforeach's companded step does")
     return {'torch fused float32 Adam': float32.step, 'fastforeach fused, 8-bit companded': companded.step,
             'C loop, 8-bit companded': hand}
 
